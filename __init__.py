@@ -1,0 +1,8 @@
+"""Diff-Privacy nodes: diffusion-based face privacy for ComfyUI.
+
+ComfyUI imports this file from custom_nodes/. Everything below is relative imports; no
+model is loaded and nothing is downloaded at import time.
+"""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

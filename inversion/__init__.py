@@ -1,0 +1,1 @@
+"""DDIM inversion and recovery, the MSI module and its training, and key files."""

