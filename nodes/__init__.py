@@ -15,6 +15,8 @@ log = logging.getLogger("diffprivacy")
 
 NODE_MODULES = (
     "schedule_nodes",
+    "key_nodes",
+    "face_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

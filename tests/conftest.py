@@ -52,3 +52,87 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def shared():
     return shared_path
+
+
+# -- tiny models, in-process -------------------------------------------------------------------
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]  # tests only: fixtures, harness, builder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_path():
+    import comfy_test_pack  # noqa: F401  (registers the tiny model type)
+    import tiny_models
+    return tiny_models.tiny_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_vision_path():
+    import comfy_test_pack  # noqa: F401
+    import tiny_models
+    return tiny_models.tiny_clip_vision_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_checkpoint_path):
+    """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded by ComfyUI as CheckpointLoaderSimple does."""
+    import comfy.sd
+    with torch.inference_mode():  # as ComfyUI runs a node: the weights become inference tensors
+        out = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True, output_clip=True)
+    return out[0], out[1], out[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_vision(tiny_clip_vision_path):
+    import comfy.clip_vision
+    with torch.inference_mode():
+        return comfy.clip_vision.load(str(tiny_clip_vision_path))
+
+
+# -- the live server -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_checkpoint_path, tiny_clip_vision_path):
+    """A real ComfyUI 0.3.75 with this pack, the tiny models under the names the shipped
+    workflows use, and a real face photo as input/face.png. Stopped at the end of the session."""
+    from harness import ComfyServer
+    server = ComfyServer(tmp_path_factory.mktemp("comfy"))
+    server.put_model("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_checkpoint_path)
+    server.put_model("clip_vision", "clip-vit-large-patch14.safetensors", tiny_clip_vision_path)
+    face = SHARED / "data" / "photos" / "obama.jpg"
+    if face.exists():
+        small_face_image(face).save(server.base / "input" / "face.png")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def workflow_api(comfy_server):
+    """API-format prompt of a shipped workflow (example_workflows/<name>.json), converted as the front end does."""
+    import json as _json
+    from workflow_builder import ui_to_api  # scripts/
+
+    def load(name: str) -> dict:
+        ui = _json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+        return ui_to_api(ui, comfy_server.object_info)
+    return load
+
+
+def small_face_image(path, size: int = 256):
+    """A real photo cropped to its upper square (where a portrait's face is) and shrunk: the tiny
+    models run at pixel resolution on a 2-core CPU, so workflow tests use small inputs."""
+    from PIL import Image
+    img = Image.open(path).convert("RGB")
+    side = min(img.size)
+    left = (img.width - side) // 2
+    return img.crop((left, 0, left + side, side)).resize((size, size), Image.LANCZOS)
+
+
+def nodes_of(api: dict, class_type: str) -> list[dict]:
+    return [n for n in api.values() if n["class_type"] == class_type]
+
+
+@pytest.fixture(scope="session")
+def full_sd15_path():
+    """The full-size SD 1.5-layout random checkpoint (~2 GB), built once and cached outside the clone."""
+    import tiny_models
+    return tiny_models.full_sd15_checkpoint_path()

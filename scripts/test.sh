@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's test command. On a fresh machine it installs everything (scripts/setup_env.sh: the
+# Python environment and the ComfyUI 0.3.75 host, cached outside the clone), then runs the whole
+# suite: unit tests in-process, and workflows in a real ComfyUI server it starts and stops.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k schedule`).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+cd "$DP_REPO"
+# Two busy torch threads on a 2-core machine slow small convolutions a hundredfold; the server
+# and the in-process tests each get one.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "$DP_PYTHON" -m pytest -p no:cacheprovider -rs --durations=15 tests "$@"
