@@ -33,6 +33,13 @@ def test_every_shipped_workflow_is_valid_json_for_the_front_end(comfy_server, wo
         assert api
 
 
+def test_template_browser_lists_each_workflow_once(comfy_server):
+    templates = comfy_server.get_json("/workflow_templates")
+    ours = templates.get("diff-privacy-nodes", [])
+    shipped = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    assert sorted(ours) == shipped
+
+
 def test_embedding_schedule_workflow_runs_and_saves_an_image(comfy_server, workflow_api):
     api = workflow_api("embedding-schedule")
     entry = comfy_server.run(api, timeout=600)
