@@ -16,6 +16,7 @@ log = logging.getLogger("diffprivacy")
 NODE_MODULES = (
     "schedule_nodes",
     "key_nodes",
+    "key_e_nodes",
     "face_nodes",
 )
 
