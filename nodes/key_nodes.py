@@ -171,6 +171,10 @@ class DiffPrivacySaveKey:
         }}
 
     def save(self, key_i, key_e, model, clip, steps, tau, strength, filename_prefix, password):
+        made_with = (key_i.get("diffprivacy_key_i") or {}).get("steps")  # set by Make Key-I
+        if made_with is not None and int(made_with) != steps:
+            raise ValueError(f"this Key-I was made with {made_with} DDIM steps but steps is {steps}: recovery from a "
+                             f"key saved this way would start at the wrong noise level. Set steps to {made_with}.")
         tensors = key_tensors_from_comfy(key_i, key_e)
         _, _, h, w = tensors[KEY_I].shape
         metadata = key_bundle_metadata(steps=steps, tau=tau, strength=strength, image_width=w * LATENT_SCALE,

@@ -168,6 +168,17 @@ def test_save_then_load_sealed_key(output_dir):
         DiffPrivacyLoadKey().load("key_00001_.safetensors", "guess")
 
 
+def test_save_refuses_a_step_count_other_than_the_key_i_was_made_with(output_dir):
+    model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
+    key_i, key_e = comfy_keys()
+    key_i["diffprivacy_key_i"] = {"steps": 100, "sigma": 3.0}  # as Make Key-I records it
+    with pytest.raises(ValueError, match="made with 100 DDIM steps"):
+        DiffPrivacySaveKey().save(key_i, key_e, model, clip, 50, 0.4, 0.6, "diffprivacy/key", "")
+    assert not list(output_dir.rglob("*.safetensors"))
+    (path,) = DiffPrivacySaveKey().save(key_i, key_e, model, clip, 100, 0.4, 0.6, "diffprivacy/key", "")["result"]
+    assert read_key_file(path)[1]["steps"] == "100"
+
+
 def test_ten_entry_key_e_is_saved_like_a_batch_of_ten(output_dir):
     model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
     key_i, key_e = comfy_keys()
