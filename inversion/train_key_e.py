@@ -253,6 +253,11 @@ def _check_compatible(msi: MSI, options: KeyETrainingOptions, data: TrainingImag
                          f"tokens; these models give {data.features.shape[-1]} and {encoder.width}")
 
 
+def unet_compute_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI's UNet actually computes in (its weights', or the manual-cast dtype)."""
+    return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+
+
 def _optimise(model, clip, msi, encoder, data, options, state, on_step, check_interrupt, on_checkpoint):
     """The training loop proper (inside gradients_enabled). Returns the final Key-E."""
     for m in (model, clip.cond_stage_model):
@@ -263,6 +268,11 @@ def _optimise(model, clip, msi, encoder, data, options, state, on_step, check_in
     state.interrupted = False
     optimizer = torch.optim.AdamW(msi.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     autocast_dtype = torch.bfloat16 if options.precision == "bf16" else None
+    # ComfyUI runs an SD 1.5 UNet in fp16 on most GPUs whatever we ask: the loss gradient
+    # (2(eps_hat - eps)/N per element) then falls into fp16's subnormal range and the MSI's
+    # gradients come out quantised or zero. Scale the loss, as mixed-precision training does.
+    scaler = torch.amp.GradScaler(data.latents.device.type, enabled=unet_compute_dtype(model) == torch.float16
+                                  and autocast_dtype is None)
     best = {k: v.detach().clone() for k, v in msi.state_dict().items()}
     smoothed = None
     try:
@@ -277,8 +287,9 @@ def _optimise(model, clip, msi, encoder, data, options, state, on_step, check_in
             if not torch.isfinite(loss):
                 raise RuntimeError(f"the Key-E loss became {loss.item()} at step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
             value = float(loss.detach())
             state.losses.append(value)

@@ -120,7 +120,7 @@ class DiffPrivacyLearnKeyE:
             "lr_schedule": (list(LR_SCHEDULES), {"tooltip": "constant (reference) or cosine decay to zero."}),
             "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 10000,
                                      "tooltip": "Linear learning-rate warm-up steps (reference: 0)."}),
-            "precision": (list(PRECISION_CHOICES), {"tooltip": "fp32 as the reference, or bf16 autocast."}),
+            "precision": (list(PRECISION_CHOICES), {"tooltip": "fp32: the model's own precision, as the reference (an fp16 UNet, ComfyUI's default on most GPUs, gets loss scaling so small gradients survive); bf16: autocast, faster on recent GPUs."}),
             "random_flip": ("BOOLEAN", {"default": True, "tooltip": "Random horizontal flip of the image "
                                                                     "(reference: p = 0.5)."}),
             "resolution": ("INT", {"default": 512, "min": 0, "max": 2048, "step": 8,

@@ -180,3 +180,23 @@ def test_learned_key_e_recovers_the_image_better_than_uc_as_key_e(models, image)
     err_right = float(torch.mean((right - z0) ** 2))
     err_wrong = float(torch.mean((wrong - z0) ** 2))
     assert err_right < 0.5 * err_wrong, (err_right, err_wrong)
+
+
+def test_fp16_unet_gets_loss_scaling_and_fp32_does_not():
+    """On GPUs ComfyUI computes SD 1.5 in fp16: its Key-E gradients need a loss scale."""
+    from diffprivacy.inversion.train_key_e import unet_compute_dtype
+
+    class Model:
+        def __init__(self, weights, cast):
+            self.manual_cast_dtype, self._w = cast, weights
+
+        def get_dtype(self):
+            return self._w
+
+    assert unet_compute_dtype(Model(torch.float16, None)) == torch.float16
+    assert unet_compute_dtype(Model(torch.float8_e4m3fn, torch.float16)) == torch.float16
+    assert unet_compute_dtype(Model(torch.float32, None)) == torch.float32
+    # what the scaler protects: a loss gradient of the reference's size underflows in fp16 unscaled
+    tiny = torch.full((4,), 2 * 0.01 / 16384)  # a 0.01 error in one of 4x64x64 latent elements
+    assert (tiny.half().float() - tiny).abs().max() / tiny.max() > 0.02
+    assert ((tiny * 2**16).half().float() / 2**16 - tiny).abs().max() / tiny.max() < 0.001
