@@ -18,6 +18,8 @@ NODE_MODULES = (
     "key_nodes",
     "key_e_nodes",
     "face_nodes",
+    "eval_nodes",
+    "baseline_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -1,0 +1,114 @@
+"""Classic anonymization baselines as nodes: blur, pixelate or mosaic the detected faces."""
+from __future__ import annotations
+
+import torch
+
+from ..evaluation.baselines import apply_baseline
+from ..guidance.face.base import choose_faces
+
+CATEGORY = "Diff-Privacy/evaluation"
+
+_COMMON = {
+    "face_model": ("FACE_MODEL", {"tooltip": "Finds the faces to cover (any FACE_MODEL: its detector is used)."}),
+    "image": ("IMAGE", {"tooltip": "Images whose faces are covered; each image of the batch separately."}),
+}
+_OPTIONS = {
+    "margin": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.05,
+                         "tooltip": "Grow each face box by this fraction of its size on every side (detector boxes "
+                                    "are tight: 0.2 also covers forehead and chin)."}),
+    "faces": (["all", "largest"], {"default": "all", "tooltip": "Cover every detected face or only the largest."}),
+    "if_no_face": (["pass through", "error"], {
+        "default": "pass through",
+        "tooltip": "pass through: an image without a detected face is returned unchanged (and its mask is empty); "
+                   "error: stop with a message naming the image."}),
+}
+
+
+def _rgb_batch(image: torch.Tensor) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image must be an IMAGE batch (B, H, W, 3), got "
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    if image.shape[-1] == 1:
+        return image.expand(-1, -1, -1, 3).float()
+    return image[..., :3].float()
+
+
+def cover_faces(face_model, image: torch.Tensor, method: str, strength: float, margin: float, faces: str,
+                if_no_face: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a baseline to the faces of every image of a batch: (images, masks (B, H, W))."""
+    image = _rgb_batch(image)
+    outs, masks = [], []
+    for i, img in enumerate(image):
+        found = face_model.detect(img)
+        if not found and if_no_face == "pass through":
+            outs.append(img)
+            masks.append(torch.zeros(img.shape[:2]))
+            continue
+        chosen = choose_faces(found, "all" if faces == "all" else "largest", batch_index=i)
+        out, mask = apply_baseline(img, [f.box for f in chosen], method, strength, margin, seed)
+        outs.append(out)
+        masks.append(mask)
+    return torch.stack(outs), torch.stack(masks)
+
+
+class _BaselineNode:
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    OUTPUT_TOOLTIPS = ("The images with their faces covered.", "1 where pixels were changed (the grown face boxes).")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+
+class DiffPrivacyBlurFaces(_BaselineNode):
+    DESCRIPTION = "Baseline: Gaussian blur of the detected face regions (paper Fig. 3)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**_COMMON, "sigma_percent": ("FLOAT", {
+            "default": 10.0, "min": 0.5, "max": 50.0, "step": 0.5,
+            "tooltip": "Blur sigma in percent of the face width (resolution-independent). 2 weak, 5 medium, 10 strong "
+                       "(dlib no longer matches most faces from about 5)."}), **_OPTIONS}}
+
+    def apply(self, face_model, image, sigma_percent, margin, faces, if_no_face):
+        return cover_faces(face_model, image, "blur", sigma_percent, margin, faces, if_no_face)
+
+
+class DiffPrivacyPixelateFaces(_BaselineNode):
+    DESCRIPTION = "Baseline: pixelation (square blocks of mean colour) of the detected face regions."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**_COMMON, "blocks": ("INT", {
+            "default": 6, "min": 2, "max": 128,
+            "tooltip": "Blocks across the face width: fewer is stronger. 24 weak, 12 medium, 6 strong."}), **_OPTIONS}}
+
+    def apply(self, face_model, image, blocks, margin, faces, if_no_face):
+        return cover_faces(face_model, image, "pixelate", float(blocks), margin, faces, if_no_face)
+
+
+class DiffPrivacyMosaicFaces(_BaselineNode):
+    DESCRIPTION = ("Baseline: mosaic of the detected face regions: irregular (Voronoi) tiles, each the mean colour "
+                   "of its pixels.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**_COMMON, "tile_percent": ("FLOAT", {
+            "default": 16.0, "min": 1.0, "max": 50.0, "step": 0.5,
+            "tooltip": "Tile spacing in percent of the face width: larger is stronger. 4 weak, 8 medium, 16 strong."}),
+            **_OPTIONS, "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
+                                         "tooltip": "Places the tiles; the same seed gives the same mosaic."})}}
+
+    def apply(self, face_model, image, tile_percent, margin, faces, if_no_face, seed):
+        return cover_faces(face_model, image, "mosaic", tile_percent, margin, faces, if_no_face, seed)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DiffPrivacyBlurFaces": DiffPrivacyBlurFaces,
+    "DiffPrivacyPixelateFaces": DiffPrivacyPixelateFaces,
+    "DiffPrivacyMosaicFaces": DiffPrivacyMosaicFaces,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffPrivacyBlurFaces": "Diff-Privacy Blur Faces (baseline)",
+    "DiffPrivacyPixelateFaces": "Diff-Privacy Pixelate Faces (baseline)",
+    "DiffPrivacyMosaicFaces": "Diff-Privacy Mosaic Faces (baseline)",
+}
