@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .align import ARCFACE_TEMPLATE_112
-from .base import Recognizer
+from .iresnet import ArcFaceRecognizer
 
 
 class SEModule(nn.Module):
@@ -101,20 +100,12 @@ def load_irse(path: str | Path) -> IRSEBackbone:
     return net.eval().requires_grad_(False)
 
 
-class IRSERecognizer(Recognizer):
-    metric = "cosine"
-    # pSp/e4e-style ID losses use 1 - cos; ArcFace-family models separate identities around
-    # cos 0.3-0.4 (the IR-SE50 MS1M model: LFW 99.5%); same choice as the IResNet recognizers.
-    threshold = 0.68
-    crop_size = 112
+class IRSERecognizer(ArcFaceRecognizer):
+    """Same template, metric and threshold as the other ArcFace-family recognizers; the pSp/TreB1eN
+    IR-SE50 takes [-1, 1] input instead of insightface's [0, 255] graphs."""
 
     def __init__(self, net: IRSEBackbone, name: str = "arcface-ir-se50"):
-        super().__init__()
-        self.net = net.eval().requires_grad_(False)
-        self.name = name
-
-    def template(self) -> torch.Tensor:
-        return ARCFACE_TEMPLATE_112.clone()
+        super().__init__(net, name)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         return self.net((crops - 0.5) / 0.5)
