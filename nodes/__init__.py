@@ -14,6 +14,8 @@ import logging
 log = logging.getLogger("diffprivacy")
 
 NODE_MODULES = (
+    "encrypt_nodes",
+    "recover_nodes",
     "schedule_nodes",
     "key_nodes",
     "key_e_nodes",

@@ -1,0 +1,203 @@
+"""Identity-guided deterministic DDIM (paper Eq. 12, Alg. 1 lines 4-8) as a k-diffusion sampler.
+
+Each step predicts x0_hat, decodes it, embeds the face, evaluates an identity energy and
+corrects the DDIM update against the energy's gradient.
+
+The correction in ComfyUI's parameterisation. The paper corrects the VP latent,
+z'_{t-1} = z_{t-1} - lambda_t * grad, where x = z * sqrt(1 + sigma^2) (see ``inversion/ddim.py``).
+Multiplying by sqrt(1 + sigma_next^2):
+
+    x'_next = DDIM(x, x0_hat) - lambda_t * sqrt(1 + sigma_next^2) * grad
+
+* ``through_unet=False`` (the reference's cheap path): grad = d E(Dec(x0_hat)) / d x0_hat with
+  x0_hat detached, so no backward pass through the UNet. x0_hat is in the same scaled latent
+  space as the reference's z0_hat, so lambda means the same as in the reference.
+* ``through_unet=True`` (Eq. 9 literally): grad = d E / d z_t through the UNet's prediction.
+  Since x = z_t sqrt(1 + sigma^2), d E / d z_t = sqrt(1 + sigma^2) * d E / d x.
+
+Gradients are taken inside ``gradients_enabled()``: ComfyUI runs nodes under inference mode and
+its loaders produce inference tensors, which are thawed once (values unchanged).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..inversion.ddim import check_interrupt, ddim_step, vp_scale
+from .autograd import gradients_enabled, thaw, thaw_inference_tensors
+from .energy import Energy
+from .face.base import choose_faces
+
+
+@dataclass
+class GuidanceScale:
+    """lambda_t: ``above`` where sigma > ``sigma_switch`` (the Key-E stages), ``below`` elsewhere (UC)."""
+
+    above: float = 1.0
+    below: float | None = None  # None: the same as above (a constant lambda)
+    sigma_switch: float = 0.0
+
+    def __call__(self, sigma) -> float:
+        below = self.above if self.below is None else self.below
+        return float(self.above) if float(sigma) > self.sigma_switch else float(below)
+
+
+def stage_guidance_scale(model_sampling, tau: float, above: float, below: float | None = None) -> GuidanceScale:
+    """lambda per schedule stage: ``above`` on DDPM timesteps t > tau*T, ``below`` on t <= tau*T.
+
+    The switch sits half-way (in log sigma) between the last UC timestep and the next one, so it
+    splits the integer timesteps exactly as the embedding schedule does.
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    num = len(model_sampling.sigmas)
+    t_half = min(math.floor(tau * num), num - 1) + 0.5
+    switch = float(model_sampling.sigma(torch.tensor(float(t_half)))) if t_half < num - 1 else float("inf")
+    return GuidanceScale(above=above, below=below, sigma_switch=switch)
+
+
+class IdentityGuidance:
+    """Energy of a batch of sampling-space latents: decode -> align (fixed landmarks) -> embed -> energy.
+
+    ``decode``: latent (B, C, h, w) -> image (B, 3, H, W) in [0, 1], differentiable (see ``vae_decode``).
+    ``reference``: the original face's embedding (D,). ``landmarks``: its 5 points (5, 2) in pixels of
+    an ``image_size`` (H, W) image; the predicted images keep the original's layout, so the same
+    points align them (rescaled if the decoded size differs). ``chunk`` > 0 back-propagates that many
+    samples at a time (exact, since the energy sees a sample only through its embedding): less memory
+    for one extra forward pass.
+    """
+
+    def __init__(self, face_model, decode: Callable, reference: torch.Tensor, landmarks: torch.Tensor,
+                 energy: Energy, image_size: tuple[int, int] | None = None, chunk: int = 0):
+        if not getattr(face_model, "differentiable", False):
+            raise ValueError(f"identity guidance needs a differentiable face model; {face_model!r} is not "
+                             "(use a FaceNet/ArcFace FACE_MODEL for guidance, dlib only for evaluation)")
+        if landmarks.shape != (5, 2):
+            raise ValueError(f"landmarks must be (5, 2), got {tuple(landmarks.shape)}")
+        self.face_model = face_model
+        self.decode = decode
+        self.reference = reference.detach().reshape(-1)
+        self.landmarks = landmarks.detach().float()
+        self.energy = energy
+        self.image_size = image_size
+        self.chunk = int(chunk)
+        self._thawed = False
+
+    @classmethod
+    def from_image(cls, face_model, decode: Callable, image: torch.Tensor, energy: Energy,
+                   face_index: int | None = None, chunk: int = 0) -> "IdentityGuidance":
+        """Detect the face in ``image`` ((H, W, 3) or (1, H, W, 3), [0, 1]) and embed it as the reference."""
+        if image.dim() == 4:
+            if image.shape[0] != 1:
+                raise ValueError(f"the reference must be one image, got a batch of {image.shape[0]}")
+            image = image[0]
+        image = image[..., :3].float()
+        faces = face_model.detect(image)
+        mode = "largest" if face_index is None else "index"
+        face = choose_faces(faces, mode, face_index or 0)[0]
+        with torch.no_grad():
+            ref = face_model.embed(image.permute(2, 0, 1)[None].contiguous(), face.landmarks[None].float())
+        return cls(face_model, decode, ref[0], face.landmarks, energy, tuple(image.shape[:2]), chunk)
+
+    def _prepare(self):
+        recognizer = getattr(self.face_model, "recognizer", None)
+        if not self._thawed and isinstance(recognizer, torch.nn.Module):
+            thaw_inference_tensors(recognizer)
+        self._thawed = True
+
+    def embed(self, latent: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, D) of the decoded latents (differentiable when autograd is on)."""
+        images = self.decode(latent)
+        lms = thaw(self.landmarks).to(images.device)
+        if self.image_size is not None and tuple(images.shape[-2:]) != tuple(self.image_size):
+            h, w = self.image_size
+            lms = lms * lms.new_tensor([images.shape[-1] / w, images.shape[-2] / h])
+        return self.face_model.embed(images, lms.expand(images.shape[0], 5, 2).contiguous())
+
+    def value(self, latent: torch.Tensor) -> torch.Tensor:
+        """The energy of a batch of latents (a differentiable scalar under autograd)."""
+        self._prepare()
+        emb = self.embed(latent)
+        return self.energy(emb, thaw(self.reference).to(emb))
+
+    def energy_and_grad(self, latent: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(E, dE/d latent) at a detached latent."""
+        with gradients_enabled():
+            self._prepare()
+            z = thaw(latent).detach().float().requires_grad_(True)
+            ref = thaw(self.reference)
+            n = z.shape[0]
+            if self.chunk <= 0 or n <= self.chunk:
+                energy = self.energy(self.embed(z), ref.to(z))
+                (grad,) = torch.autograd.grad(energy, z)
+                return float(energy.detach()), grad.to(latent.dtype)
+            with torch.no_grad():
+                emb_all = self.embed(z)
+            grad = torch.zeros_like(z)
+            for s in range(0, n, self.chunk):
+                zc = z[s:s + self.chunk].detach().requires_grad_(True)
+                emb = torch.cat([emb_all[:s], self.embed(zc), emb_all[s + self.chunk:]])
+                energy = self.energy(emb, ref.to(z))
+                (grad[s:s + self.chunk],) = torch.autograd.grad(energy, zc)
+            return float(energy.detach()), grad.to(latent.dtype)
+
+
+def _thaw_diffusion_model(model) -> None:
+    """Make the UNet behind a k-diffusion model wrapper autograd-usable (ComfyUI loads inference tensors)."""
+    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)  # KSamplerX0Inpaint -> guider -> BaseModel
+    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
+    if target is not None:
+        thaw_inference_tensors(target)
+
+
+def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                       guidance: IdentityGuidance, scale: GuidanceScale | Callable | float = 1.0,
+                       through_unet: bool = False, stats: list | None = None):
+    """Identity-guided DDIM (eta = 0) over ``sigmas``; k-diffusion convention, run it as a KSAMPLER.
+
+    ``scale``: lambda_t as a number or a function of sigma. ``stats``: if a list, one dict per step
+    (sigma, lambda, energy, gradient norm) is appended, for tests and benchmarks.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    scale_of = scale if callable(scale) else (lambda _sigma: float(scale))
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        check_interrupt()
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        lam = scale_of(sigma)
+        energy, grad = float("nan"), None
+        if lam != 0.0 and through_unet:
+            with gradients_enabled():
+                _thaw_diffusion_model(model)
+                xg = thaw(x).detach().requires_grad_(True)
+                denoised = model(xg, thaw(sigma * s_in), **extra_args)
+                value = guidance.value(denoised)
+                (grad_x,) = torch.autograd.grad(value, xg)
+                energy, grad = float(value.detach()), grad_x * vp_scale(sigma)  # dE/dz_t
+                denoised = denoised.detach()
+        else:
+            with torch.no_grad():
+                denoised = model(x, sigma * s_in, **extra_args)
+            if lam != 0.0:
+                energy, grad = guidance.energy_and_grad(denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        with torch.no_grad():
+            x = ddim_step(x, denoised, sigma, sigma_next)
+            if grad is not None:
+                x = x - lam * vp_scale(sigma_next) * grad.to(x)
+        if stats is not None:
+            stats.append({"i": i, "sigma": float(sigma), "lambda": lam, "energy": energy,
+                          "grad_norm": float(grad.norm()) if grad is not None else 0.0})
+    return x
+
+
+def guided_ddim_sampler(guidance: IdentityGuidance, scale: GuidanceScale | Callable | float = 1.0,
+                        through_unet: bool = False, stats: list | None = None):
+    """A native SAMPLER (``comfy.samplers.KSAMPLER``) running :func:`sample_guided_ddim`."""
+    import comfy.samplers
+    return comfy.samplers.KSAMPLER(sample_guided_ddim, extra_options={
+        "guidance": guidance, "scale": scale, "through_unet": through_unet, "stats": stats})

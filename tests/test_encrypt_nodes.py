@@ -1,0 +1,123 @@
+"""Encrypt/recover nodes on the tiny SD checkpoint, run as ComfyUI runs nodes (inference mode)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffprivacy.inversion.ddim import ddim_sigmas
+from diffprivacy.nodes.encrypt_nodes import (DiffPrivacyAnonymize, DiffPrivacyDDIMSigmas,
+                                             DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide)
+from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
+from test_encrypt_toys import ToyFaceModel
+
+PROMPTS = [f"a portrait photo, stage {i}, {w}" for i, w in enumerate("red orange yellow green blue indigo violet "
+                                                                      "black white grey".split())]
+OTHER_PROMPTS = [f"a landscape painting number {i}" for i in range(10)]
+
+
+def _cond(clip, texts):
+    with torch.inference_mode():
+        tensors = [clip.encode_from_tokens_scheduled(clip.tokenize(t))[0][0] for t in texts]
+    return [[torch.cat(tensors), {}]]
+
+
+def _image(seed=0, size=64):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 8, 8, generator=g)
+    return F.interpolate(low, size=size, mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sd):
+    model, clip, vae = tiny_sd
+    return model, clip, vae, _cond(clip, PROMPTS), _cond(clip, [""])
+
+
+def test_recovery_with_the_right_keys_beats_every_wrong_key(parts):
+    model, clip, vae, key_e, uc = parts
+    wrong_e, uc_as_key_e = _cond(clip, OTHER_PROMPTS), [[uc[0][0].repeat(10, 1, 1), {}]]
+    with torch.inference_mode():
+        original = vae.encode(_image(1))
+        steps = 50
+        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, {"samples": original}, steps)
+        ki = key_i["samples"]  # a wrong Key-I: noise of the same size and spread (as in the paper's Fig. 7)
+        wrong_i = {"samples": torch.randn(ki.shape, generator=torch.Generator().manual_seed(5)) * ki.std()}
+
+        def err(e, i):
+            (rec,) = DiffPrivacyRecover().recover(model, e, i, steps)
+            return float((rec["samples"] - original).pow(2).mean().sqrt())
+        right = err(key_e, key_i)
+        wrong = {"Key-I": err(key_e, wrong_i), "Key-E": err(wrong_e, key_i), "UC": err(uc_as_key_e, key_i)}
+    scale = float(original.std())
+    assert right < 0.3 * scale, (right, scale)
+    for name, e in wrong.items():  # paper Fig. 7: every wrong key fails
+        assert e > 2.5 * right, (name, e, right)
+    assert key_i["diffprivacy_key_i"]["steps"] == steps
+    with pytest.raises(ValueError, match="made with 50 DDIM steps"):
+        DiffPrivacyRecover().recover(model, key_e, key_i, 25)
+
+
+def _identity_distance(face, images, reference_image):
+    ref = face.embed(reference_image.permute(0, 3, 1, 2), None)
+    emb = face.embed(images.permute(0, 3, 1, 2), None)
+    return (1 - F.cosine_similarity(emb, ref)).mean().item()
+
+
+def test_anonymize_node_gives_distinct_outputs_further_from_the_original(parts):
+    model, clip, vae, key_e, uc = parts
+    face, image = ToyFaceModel(), _image(3)
+    with torch.inference_mode():
+        def run(lam):
+            return DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 7, 10, 0.6, 0.4, 4, lam, 1.0)
+        plain, guided = run(0.0), run(20.0)
+    images, latents, sampler, sigmas, schedule = guided
+    assert images.shape == (4, 64, 64, 3) and latents["samples"].shape == (4, 4, 8, 8)
+    assert (images[0] - images[1]).abs().max() > 1e-3  # four different noisings
+    assert torch.equal(sigmas, ddim_sigmas(model.get_model_object("model_sampling"), 10, 0.6))
+    assert {e[1]["diffprivacy_stage"] for e in schedule} >= {-1, 4, 5, 9}
+    assert _identity_distance(face, guided[0], image) > _identity_distance(face, plain[0], image) + 0.02
+
+
+def test_hide_node_keeps_identity_closer_and_sampler_plugs_into_sampler_custom(parts):
+    import comfy_extras.nodes_custom_sampler as ncs
+    model, clip, vae, key_e, uc = parts
+    face, image = ToyFaceModel(), _image(4)
+    with torch.inference_mode():
+        def run(lam):
+            return DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 3, 10, 0.8, 0.6, 1, lam, lam)
+        plain, guided = run(0.0), run(20.0)
+        assert _identity_distance(face, guided[0], image) < _identity_distance(face, plain[0], image) - 0.02
+        # the exposed parts rewire into the stock SamplerCustom, including the through-UNet gradient
+        (sampler,) = DiffPrivacyGuidedDDIMSampler().sampler(model, vae, face, image, "hide", 0.6, 20.0, 20.0, 1.0,
+                                                            "through UNet")
+        (sigmas,) = DiffPrivacyDDIMSigmas().sigmas(model, 10, 0.8)
+        latent = {"samples": vae.encode(image)}
+        out = ncs.SamplerCustom.execute(model, True, 3, 1.0, guided[4], guided[4], sampler, sigmas, latent)
+    samples = (out.result if hasattr(out, "result") else out)[0]["samples"]
+    assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
+    assert not torch.allclose(samples, plain[1]["samples"], atol=1e-4)
+
+
+def test_batches_are_rejected_clearly(parts):
+    model, clip, vae, key_e, uc = parts
+    with torch.inference_mode(), pytest.raises(ValueError, match="one image at a time"):
+        DiffPrivacyAnonymize().anonymize(model, vae, ToyFaceModel(), _image(0).repeat(2, 1, 1, 1), key_e, uc,
+                                         0, 10, 0.6, 0.4, 4, 1.0, 1.0)
+
+
+def test_text_key_e_is_ten_stages_the_key_file_accepts(tiny_sd):
+    from diffprivacy.nodes.encrypt_nodes import DiffPrivacyTextKeyE
+    from diffprivacy.nodes.key_nodes import comfy_from_key_tensors, key_tensors_from_comfy
+    _, clip, _ = tiny_sd
+    with torch.inference_mode():
+        one, uc = DiffPrivacyTextKeyE().encode(clip, "a photo of a person")
+        ten, _ = DiffPrivacyTextKeyE().encode(clip, "\n".join(PROMPTS))
+        with pytest.raises(ValueError, match="10 lines"):
+            DiffPrivacyTextKeyE().encode(clip, "one\ntwo\nthree")
+    expected = _cond(clip, PROMPTS)[0][0]
+    assert one[0][0].shape == (10,) + tuple(uc[0][0].shape[1:])
+    assert torch.equal(one[0][0][0], one[0][0][9])  # one line: the same prompt at every stage
+    assert torch.allclose(ten[0][0], expected) and not torch.allclose(ten[0][0][0], ten[0][0][1])
+    assert not torch.allclose(uc[0][0][0], one[0][0][0])
+    key_i = {"samples": torch.zeros(1, 4, 8, 8)}
+    _, back = comfy_from_key_tensors(key_tensors_from_comfy(key_i, ten), {})  # what Save/Load Key do
+    assert torch.allclose(back[0][0], ten[0][0])
