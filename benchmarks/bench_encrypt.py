@@ -84,19 +84,19 @@ def main():
     with torch.inference_mode():
         def anon(lam):
             return lambda: DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, sa, 0.6, 0.4, 4,
-                                                            lam, 1.0)
+                                                            lam, 1.0, resolution=size)
 
         def hide(lam):
-            return lambda: DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 0, sh, 0.8, 0.6, 1, lam, lam)
+            return lambda: DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 0, sh, 0.8, 0.6, 1, lam, lam,
+                                            resolution=size)
         # warm-up, untimed: model loading, the face model's first detection and embedding, allocator
-        DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, 2, 1.0, 0.4, 4, 1.0, 1.0)
+        DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, 2, 1.0, 0.4, 4, 1.0, 1.0, resolution=size)
         _, base = _timed(f"unguided DDIM, batch 4, {na} steps", anon(0.0))
         _timed(f"anonymize, batch 4, {na} of {sa} steps", anon(1.0), base)
         _, base = _timed(f"unguided DDIM, batch 1, {nh} steps", hide(0.0))
         _timed(f"hide, batch 1, {nh} of {sh} steps", hide(1.5), base)
-        latent = {"samples": vae.encode(image)}
         (key_i,), _ = _timed(f"Key-I (inversion, {sk} steps)",
-                             lambda: DiffPrivacyMakeKeyI().make_key_i(model, key_e, latent, sk))
+                             lambda: DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, image, sk, resolution=size))
         _timed(f"recovery ({sk} steps)", lambda: DiffPrivacyRecover().recover(model, key_e, key_i, sk))
 
 if __name__ == "__main__":

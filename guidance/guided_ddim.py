@@ -60,23 +60,32 @@ def stage_guidance_scale(model_sampling, tau: float, above: float, below: float 
 
 
 class IdentityGuidance:
-    """Energy of a batch of sampling-space latents: decode -> align (fixed landmarks) -> embed -> energy.
+    """Energy of a batch of sampling-space latents: decode -> align -> embed -> energy.
 
-    ``decode``: latent (B, C, h, w) -> image (B, 3, H, W) in [0, 1], differentiable (see ``vae_decode``).
+    ``decode``: latent (B, C, h, w) -> image (B, 3, H, W), differentiable (see ``vae_decode``).
     ``reference``: the original face's embedding (D,). ``landmarks``: its 5 points (5, 2) in pixels of
-    an ``image_size`` (H, W) image; the predicted images keep the original's layout, so the same
-    points align them (rescaled if the decoded size differs). ``chunk`` > 0 back-propagates that many
-    samples at a time (exact, since the energy sees a sample only through its embedding): less memory
-    for one extra forward pass.
+    an ``image_size`` (H, W) image (rescaled if the decoded size differs). ``chunk`` > 0 back-propagates
+    that many samples at a time (exact, since the energy sees a sample only through its embedding):
+    less memory for one extra forward pass.
+
+    ``redetect_every``: 0 aligns every prediction with the original's landmarks (the predictions keep
+    the original's layout). k > 0, for tasks that move the face: on sampler steps k, 2k, ... the face
+    model detects faces on each decoded x0_hat (no gradient, largest face) and those landmarks align
+    that sample until the next re-detection; a sample with no face found keeps its previous landmarks.
+    The step is the sampler's index passed to :meth:`value` / :meth:`energy_and_grad`; :meth:`reset`
+    (called when a sampling run starts) goes back to the original's landmarks.
     """
 
     def __init__(self, face_model, decode: Callable, reference: torch.Tensor, landmarks: torch.Tensor,
-                 energy: Energy, image_size: tuple[int, int] | None = None, chunk: int = 0):
+                 energy: Energy, image_size: tuple[int, int] | None = None, chunk: int = 0,
+                 redetect_every: int = 0):
         if not getattr(face_model, "differentiable", False):
             raise ValueError(f"identity guidance needs a differentiable face model; {face_model!r} is not "
                              "(use a FaceNet/ArcFace FACE_MODEL for guidance, dlib only for evaluation)")
         if landmarks.shape != (5, 2):
             raise ValueError(f"landmarks must be (5, 2), got {tuple(landmarks.shape)}")
+        if int(redetect_every) < 0:
+            raise ValueError(f"redetect_every must be 0 (never) or a number of steps, got {redetect_every}")
         self.face_model = face_model
         self.decode = decode
         self.reference = reference.detach().reshape(-1)
@@ -84,11 +93,13 @@ class IdentityGuidance:
         self.energy = energy
         self.image_size = image_size
         self.chunk = int(chunk)
+        self.redetect_every = int(redetect_every)
+        self._tracked = None  # (B, 5, 2) landmarks last re-detected on x0_hat, decoded pixels; None: the original's
         self._thawed = False
 
     @classmethod
     def from_image(cls, face_model, decode: Callable, image: torch.Tensor, energy: Energy,
-                   face_index: int | None = None, chunk: int = 0) -> "IdentityGuidance":
+                   face_index: int | None = None, chunk: int = 0, redetect_every: int = 0) -> "IdentityGuidance":
         """Detect the face in ``image`` ((H, W, 3) or (1, H, W, 3), [0, 1]) and embed it as the reference."""
         if image.dim() == 4:
             if image.shape[0] != 1:
@@ -100,7 +111,7 @@ class IdentityGuidance:
         face = choose_faces(faces, mode, face_index or 0)[0]
         with torch.no_grad():
             ref = face_model.embed(image.permute(2, 0, 1)[None].contiguous(), face.landmarks[None].float())
-        return cls(face_model, decode, ref[0], face.landmarks, energy, tuple(image.shape[:2]), chunk)
+        return cls(face_model, decode, ref[0], face.landmarks, energy, tuple(image.shape[:2]), chunk, redetect_every)
 
     def _prepare(self):
         recognizer = getattr(self.face_model, "recognizer", None)
@@ -108,22 +119,49 @@ class IdentityGuidance:
             thaw_inference_tensors(recognizer)
         self._thawed = True
 
-    def embed(self, latent: torch.Tensor) -> torch.Tensor:
-        """Embeddings (B, D) of the decoded latents (differentiable when autograd is on)."""
-        images = self.decode(latent)
+    def reset(self) -> None:
+        """Forget re-detected landmarks: a new sampling run starts from the original's."""
+        self._tracked = None
+
+    def _original_landmarks(self, images: torch.Tensor) -> torch.Tensor:
         lms = thaw(self.landmarks).to(images.device)
         if self.image_size is not None and tuple(images.shape[-2:]) != tuple(self.image_size):
             h, w = self.image_size
             lms = lms * lms.new_tensor([images.shape[-1] / w, images.shape[-2] / h])
-        return self.face_model.embed(images, lms.expand(images.shape[0], 5, 2).contiguous())
+        return lms.expand(images.shape[0], 5, 2)
 
-    def value(self, latent: torch.Tensor) -> torch.Tensor:
+    def landmarks_for(self, images: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The landmarks (B, 5, 2) aligning decoded ``images`` at sampler step ``step``, re-detected when due."""
+        tracked = self._tracked
+        if tracked is None or tracked.shape[0] != images.shape[0] or tracked.device != images.device:
+            tracked = self._original_landmarks(images)
+        if self.redetect_every > 0 and step and step % self.redetect_every == 0:
+            tracked = tracked.detach().clone()
+            with torch.no_grad():
+                for b, image in enumerate(images.detach()):
+                    faces = self.face_model.detect(image[:3].permute(1, 2, 0).clamp(0, 1).float())
+                    if faces:  # none found: keep the previous landmarks
+                        tracked[b] = choose_faces(faces)[0].landmarks.to(tracked)
+            self._tracked = tracked
+        return tracked
+
+    def _embed(self, latent: torch.Tensor, step: int | None = None, landmarks: torch.Tensor | None = None):
+        images = self.decode(latent)
+        if landmarks is None:
+            landmarks = self.landmarks_for(images, step)
+        return self.face_model.embed(images, thaw(landmarks).contiguous()), landmarks
+
+    def embed(self, latent: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Embeddings (B, D) of the decoded latents (differentiable when autograd is on)."""
+        return self._embed(latent, step)[0]
+
+    def value(self, latent: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """The energy of a batch of latents (a differentiable scalar under autograd)."""
         self._prepare()
-        emb = self.embed(latent)
+        emb = self.embed(latent, step)
         return self.energy(emb, thaw(self.reference).to(emb))
 
-    def energy_and_grad(self, latent: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def energy_and_grad(self, latent: torch.Tensor, step: int | None = None) -> tuple[float, torch.Tensor]:
         """(E, dE/d latent) at a detached latent."""
         with gradients_enabled():
             self._prepare()
@@ -131,15 +169,16 @@ class IdentityGuidance:
             ref = thaw(self.reference)
             n = z.shape[0]
             if self.chunk <= 0 or n <= self.chunk:
-                energy = self.energy(self.embed(z), ref.to(z))
+                energy = self.energy(self.embed(z, step), ref.to(z))
                 (grad,) = torch.autograd.grad(energy, z)
                 return float(energy.detach()), grad.to(latent.dtype)
             with torch.no_grad():
-                emb_all = self.embed(z)
+                emb_all, lms = self._embed(z, step)
             grad = torch.zeros_like(z)
             for s in range(0, n, self.chunk):
                 zc = z[s:s + self.chunk].detach().requires_grad_(True)
-                emb = torch.cat([emb_all[:s], self.embed(zc), emb_all[s + self.chunk:]])
+                emb = torch.cat([emb_all[:s], self._embed(zc, landmarks=lms[s:s + self.chunk])[0],
+                                 emb_all[s + self.chunk:]])
                 energy = self.energy(emb, ref.to(z))
                 (grad[s:s + self.chunk],) = torch.autograd.grad(energy, zc)
             return float(energy.detach()), grad.to(latent.dtype)
@@ -164,6 +203,7 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
     extra_args = {} if extra_args is None else extra_args
     scale_of = scale if callable(scale) else (lambda _sigma: float(scale))
     s_in = x.new_ones([x.shape[0]])
+    guidance.reset()
     for i in range(len(sigmas) - 1):
         check_interrupt()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -174,7 +214,7 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
                 _thaw_diffusion_model(model)
                 xg = thaw(x).detach().requires_grad_(True)
                 denoised = model(xg, thaw(sigma * s_in), **extra_args)
-                value = guidance.value(denoised)
+                value = guidance.value(denoised, step=i)
                 (grad_x,) = torch.autograd.grad(value, xg)
                 energy, grad = float(value.detach()), grad_x * vp_scale(sigma)  # dE/dz_t
                 denoised = denoised.detach()
@@ -182,7 +222,7 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
             with torch.no_grad():
                 denoised = model(x, sigma * s_in, **extra_args)
             if lam != 0.0:
-                energy, grad = guidance.energy_and_grad(denoised)
+                energy, grad = guidance.energy_and_grad(denoised, step=i)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         with torch.no_grad():

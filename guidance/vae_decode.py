@@ -4,6 +4,11 @@
 calls the VAE's ``first_stage_model`` directly. The sampler's latent (x0_hat) is in the model's
 sampling space (for SD 1.x: the VAE latent times 0.18215); ``latent_format.process_out`` turns it
 into the VAE's own latent first, which is what ``VAE.decode`` expects of a LATENT.
+
+No clamp: ComfyUI's SD VAEs (and TAESD, whose ``decode`` also returns [-1, 1]) map the decoder's
+output with ``clamp((x + 1) / 2, 0, 1)``, which zeroes the gradient of every saturated pixel. The
+reference feeds the unclamped decode to the recognizer, so guidance uses ``(x + 1) / 2`` for such
+VAEs and keeps any other ``process_output`` as it is.
 """
 from __future__ import annotations
 
@@ -14,8 +19,25 @@ import torch
 from .autograd import thaw_inference_tensors
 
 
+def unclamped_output(process_output: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``process_output`` without its clamp when it is ComfyUI's ``clamp((x + 1) / 2, 0, 1)``; else itself.
+
+    Recognised by probing: it must give (x + 1) / 2 inside [-1, 1] and clip to [0, 1] outside.
+    """
+    probe = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0])
+    try:
+        out = process_output(probe)
+    except (TypeError, ValueError, RuntimeError):  # a mapping that cannot take a 1-D tensor: keep it
+        return process_output
+    if isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.allclose(
+            out.float(), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])):
+        return lambda x: (x + 1.0) / 2.0
+    return process_output
+
+
 class VaeDecoder:
-    """Callable: sampling-space latent (B, C, h, w) -> image (B, 3, H, W) in [0, 1], differentiable.
+    """Callable: sampling-space latent (B, C, h, w) -> image (B, 3, H, W), [0, 1] up to the VAE's
+    overshoot (unclamped, see the module doc), differentiable.
 
     Must be called inside ``gradients_enabled()`` when gradients are wanted; the VAE's weights are
     thawed (made autograd-usable, values unchanged) on first use.
@@ -27,6 +49,7 @@ class VaeDecoder:
                 raise ValueError(f"expected a ComfyUI VAE (missing {attr!r}), got {type(vae).__name__}")
         self.vae = vae
         self.process_out = process_out
+        self.process_output = unclamped_output(vae.process_output)
         self._thawed = False
 
     def __call__(self, latent: torch.Tensor) -> torch.Tensor:
@@ -41,7 +64,7 @@ class VaeDecoder:
             self._thawed = True
         raw = self.process_out(latent)
         out = vae.first_stage_model.decode(raw.to(device=vae.device, dtype=vae.vae_dtype))
-        image = vae.process_output(out.float())
+        image = self.process_output(out.float())
         return image[:, :3].to(latent.device)
 
 

@@ -16,10 +16,15 @@ from ..guidance.guided_ddim import IdentityGuidance, guided_ddim_sampler, stage_
 from ..guidance.schedule import scheduled_conditioning, split_stage_conditioning
 from ..guidance.vae_decode import make_vae_decoder
 from ..inversion.ddim import ddim_sigmas
+from ..inversion.train_key_e import resize_for_training
 from .schedule_nodes import encode_text, stage_texts
 
 CATEGORY = "Diff-Privacy"
 GRADIENT_MODES = ("predicted x0 (fast)", "through UNet")
+RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
+                  "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
+                  "image's own size, cropped to a multiple of 8. Protection and Make Key-I must use the same value "
+                  "for recovery to match.")
 
 
 def _tip(text, **kw):
@@ -52,10 +57,24 @@ def single_image(image: torch.Tensor) -> torch.Tensor:
     return image[..., :3]
 
 
-def build_guidance(model, vae, face_model, image, energy, gradient_chunk: int = 0) -> IdentityGuidance:
-    image = crop_to_latent_grid(single_image(image), vae)
+def resolution_input(what: str):
+    return ("INT", _tip(RESOLUTION_TIP.format(what=what), default=512, min=0, max=4096, step=8))
+
+
+def working_image(image: torch.Tensor, vae, resolution: int) -> torch.Tensor:
+    """The one image protection, guidance and Key-I work on, resized as Key-E learning resizes it."""
+    resolution = int(resolution)
+    if resolution and (resolution < 64 or resolution % 8):
+        raise ValueError(f"resolution must be 0 (keep the image's size) or a multiple of 8 of at least 64, "
+                         f"got {resolution}")
+    return crop_to_latent_grid(resize_for_training(single_image(image), resolution), vae)
+
+
+def build_guidance(model, vae, face_model, image, energy, gradient_chunk: int = 0,
+                   redetect_every: int = 0) -> IdentityGuidance:
+    """Identity guidance with the face of ``image`` (a working image, see :func:`working_image`) as reference."""
     return IdentityGuidance.from_image(face_model, make_vae_decoder(vae, model), image[0], energy,
-                                       chunk=gradient_chunk)
+                                       chunk=gradient_chunk, redetect_every=redetect_every)
 
 
 def stage_conditionings(key_e):
@@ -73,12 +92,11 @@ def task_schedule(key_e, uncond, tau):
 
 
 def run_guided_task(model, vae, image, sampler, sigmas, schedule, seed, num_outputs):
-    """Noise the original's latent num_outputs times to sigmas[0] (seeded) and denoise with ``sampler``."""
+    """Noise the working image's latent num_outputs times to sigmas[0] (seeded) and denoise with ``sampler``."""
     import comfy.sample
     import comfy.utils
     import latent_preview
 
-    image = crop_to_latent_grid(single_image(image), vae)
     latent = vae.encode(image)
     batch = latent.repeat(num_outputs, 1, 1, 1)
     noise = comfy.sample.prepare_noise(batch, seed)  # one independent noising per output (paper: 4)
@@ -87,6 +105,11 @@ def run_guided_task(model, vae, image, sampler, sigmas, schedule, seed, num_outp
                                          callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
                                          seed=seed)
     return vae.decode(samples), {"samples": samples}
+
+
+REDETECT_TIP = ("Every k guided steps, find the face again on each predicted image (largest face) and align with "
+                "those landmarks until the next search; a prediction with no face found keeps its previous ones. "
+                "0: always the original's landmarks. Default {default}.")
 
 
 class DiffPrivacyDDIMSigmas:
@@ -138,6 +161,10 @@ class DiffPrivacyGuidedDDIMSampler:
                                                default=1.0, min=0.0, max=100.0, step=0.05)),
             "gradient": (GRADIENT_MODES, _tip("Gradient with respect to the predicted clean latent (the reference, "
                                               "fast) or through the UNet (paper Eq. 9, slower, more memory).")),
+            "redetect_every": ("INT", _tip(REDETECT_TIP.format(default="0 (anonymize keeps the layout)"),
+                                           default=0, min=0, max=1000)),
+            "resolution": resolution_input("The reference face is found at this size; its landmarks are rescaled to "
+                                           "the sampled latent's size (VAE-encode the image at the same size)."),
         }}
 
     RETURN_TYPES = ("SAMPLER",)
@@ -146,9 +173,10 @@ class DiffPrivacyGuidedDDIMSampler:
     CATEGORY = CATEGORY + "/sampling"
 
     def sampler(self, model, vae, face_model, image, task, tau, lambda_above, lambda_below, diversity_weight,
-                gradient):
+                gradient, redetect_every=0, resolution=512):
         energy = anonymize_energy(1.0, diversity_weight) if task == "anonymize" else hide_energy()
-        guidance = build_guidance(model, vae, face_model, image, energy)
+        guidance = build_guidance(model, vae, face_model, working_image(image, vae, resolution), energy,
+                                  redetect_every=redetect_every)
         scale = stage_guidance_scale(_model_sampling(model), tau, lambda_above, lambda_below)
         return (guided_ddim_sampler(guidance, scale, through_unet=gradient == GRADIENT_MODES[1]),)
 
@@ -172,6 +200,7 @@ def _task_inputs(steps, strength, tau, outputs):
                               default=tau, min=0.0, max=1.0, step=0.01)),
         "num_outputs": ("INT", _tip("Independent noisings of the original, denoised together "
                                     f"(paper: {outputs}).", default=outputs, min=1, max=16)),
+        "resolution": resolution_input("The output images and latents come out at this size."),
     }
 
 
@@ -202,7 +231,8 @@ class DiffPrivacyAnonymize:
     CATEGORY = CATEGORY
 
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
-                  guidance_scale, diversity_weight):
+                  guidance_scale, diversity_weight, resolution=512):
+        image = working_image(image, vae, resolution)
         guidance = build_guidance(model, vae, face_model, image, anonymize_energy(1.0, diversity_weight))
         sampler = guided_ddim_sampler(guidance, float(guidance_scale))
         sigmas = ddim_sigmas(_model_sampling(model), steps, strength)
@@ -223,6 +253,10 @@ class DiffPrivacyHide:
                                              default=1.5, min=0.0, max=100.0, step=0.05))
         req["lambda_below"] = ("FLOAT", _tip("Guidance scale where t <= tau*T (reference: 2.5).",
                                              default=2.5, min=0.0, max=100.0, step=0.05))
+        req["redetect_every"] = ("INT", _tip(REDETECT_TIP.format(
+            default="10: hiding noises to 0.8 T, so the face can move from the original's place; 7 detections "
+                    "per output over the 80 steps run, little next to the UNet"),
+            default=10, min=0, max=1000))
         return {"required": req}
 
     RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS
@@ -232,8 +266,9 @@ class DiffPrivacyHide:
     CATEGORY = CATEGORY
 
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
-             lambda_above, lambda_below):
-        guidance = build_guidance(model, vae, face_model, image, hide_energy())
+             lambda_above, lambda_below, redetect_every=10, resolution=512):
+        image = working_image(image, vae, resolution)
+        guidance = build_guidance(model, vae, face_model, image, hide_energy(), redetect_every=redetect_every)
         scale = stage_guidance_scale(_model_sampling(model), tau, lambda_above, lambda_below)
         sampler = guided_ddim_sampler(guidance, scale)
         sigmas = ddim_sigmas(_model_sampling(model), steps, strength)

@@ -1,7 +1,8 @@
 """Key-I and identity recovery (paper Sec. 2.4, Alg. 1 lines 9-11).
 
-- DiffPrivacyMakeKeyI: DDIM inversion of the ORIGINAL latent under Key-E (C^{t//100} at every step),
-  as the reference does; Key-I does not depend on the protected image.
+- DiffPrivacyMakeKeyI: DDIM inversion of the ORIGINAL image's latent under Key-E (C^{t//100} at every
+  step), as the reference does; Key-I does not depend on the protected image. The image is resized to the
+  working resolution exactly as the protection nodes resize it (``encrypt_nodes.working_image``).
 - DiffPrivacyRecover: DDIM from Key-I under Key-E. Needs only the two keys and the step count.
 
 Key-I is a LATENT in ComfyUI's "latent with leftover noise" convention (what KSamplerAdvanced
@@ -16,7 +17,7 @@ import torch
 
 from ..guidance.schedule import scheduled_conditioning
 from ..inversion.ddim import ddim_invert, ddim_sigmas, sample_ddim
-from .encrypt_nodes import stage_conditionings
+from .encrypt_nodes import resolution_input, stage_conditionings, working_image
 
 CATEGORY = "Diff-Privacy/keys"
 KEY_I_INFO = "diffprivacy_key_i"  # LATENT entry: {"steps", "sigma"} of the grid Key-I lies on
@@ -51,15 +52,18 @@ def _steps_tip(what):
 
 class DiffPrivacyMakeKeyI:
     DESCRIPTION = ("Key-I: DDIM inversion (paper Eq. 4) of the original image's latent under Key-E, over the "
-                   "full DDIM grid of `steps`. Keep it secret with Key-E: together they recover the original.")
+                   "full DDIM grid of `steps`, at the protection's working resolution. Keep it secret with Key-E: "
+                   "together they recover the original.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The SD 1.5 model Key-E belongs to."}),
             "key_e": ("CONDITIONING", {"tooltip": "Key-E: the ten stage conditionings C^0..C^9 (or one text conditioning)."}),
-            "latent": ("LATENT", {"tooltip": "The ORIGINAL image's latent (VAE Encode of the unprotected image)."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE: encodes the original image."}),
+            "image": ("IMAGE", {"tooltip": "The ORIGINAL (unprotected) image, one, as given to the protection node."}),
             "steps": ("INT", _steps_tip("recovery must use the same number")),
+            "resolution": resolution_input("Key-I, and so the recovered image, come out at this size."),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -68,10 +72,8 @@ class DiffPrivacyMakeKeyI:
     FUNCTION = "make_key_i"
     CATEGORY = CATEGORY
 
-    def make_key_i(self, model, key_e, latent, steps):
-        samples = latent["samples"]
-        if samples.shape[0] != 1:
-            raise ValueError(f"Key-I is made for one image; the latent holds a batch of {samples.shape[0]}")
+    def make_key_i(self, model, key_e, vae, image, steps, resolution=512):
+        samples = vae.encode(working_image(image, vae, resolution))
         sigmas = ddim_sigmas(model.get_model_object("model_sampling"), steps, 1.0)
         key_i = run_ddim(model, key_e, samples, sigmas, ddim_invert)
         return ({"samples": key_i, KEY_I_INFO: {"steps": int(steps), "sigma": float(sigmas[0])}},)

@@ -2,9 +2,9 @@
 
 anonymize / hide load a Key-E file written by the learn-key-e workflow; each protects one face photo,
 saves the protected images without metadata, makes Key-I and seals Key-I + Key-E into one key file.
-recover reads that key file and recovers the original. The step count S, the noise strength S_ns and
-tau are one shared widget each (Int / Float primitives), since protection, Key-I and the key file must
-agree on them. Settings are the paper's for a real SD 1.5 (tests shrink them in the API prompt).
+recover reads that key file and recovers the original. The step count S, the noise strength S_ns, tau
+and the working resolution are one shared widget each (Int / Float primitives), since protection, Key-I
+and the key file must agree on them. Settings are the paper's for a real SD 1.5 (tests shrink them in the API prompt).
 """
 from workflow_builder import Graph
 
@@ -17,19 +17,20 @@ FACE = {"detector": "mtcnn", "recognizer": "facenet-casia"}
 def _settings(g, steps, strength, tau):
     return (g.node("PrimitiveInt", title="S: DDIM steps (protection, Key-I, key file)", value=steps),
             g.node("PrimitiveFloat", title="S_ns: noise strength", value=strength),
-            g.node("PrimitiveFloat", title="tau: UC where t <= tau*T", value=tau))
+            g.node("PrimitiveFloat", title="tau: UC where t <= tau*T", value=tau),
+            g.node("PrimitiveInt", title="working resolution (protection, Key-I; 0: the photo's size)", value=512))
 
 
 def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, **task_settings):
     """The task node, its clean saver, Key-I and the key file, all on the shared S / S_ns / tau."""
-    s, ns, t = _settings(g, steps, strength, tau)
+    s, ns, t, res = _settings(g, steps, strength, tau)
     face = g.node("DiffPrivacyFaceModelLoader", **FACE)
     node = g.node(task, model=ckpt.out(0), vae=ckpt.out(2), face_model=face.out(0), image=image.out(0),
                   key_e=key_e, uncond=uncond, seed=0, steps=s.out(0), strength=ns.out(0), tau=t.out(0),
-                  **task_settings)
+                  resolution=res.out(0), **task_settings)
     g.node("DiffPrivacySaveImageClean", images=node.out(0), filename_prefix=f"diffprivacy/{prefix}")
-    latent = g.node("VAEEncode", pixels=image.out(0), vae=ckpt.out(2))
-    key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=key_e, latent=latent.out(0), steps=s.out(0))
+    key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=key_e, vae=ckpt.out(2), image=image.out(0),
+                   steps=s.out(0), resolution=res.out(0))
     g.node("DiffPrivacySaveKey", key_i=key_i.out(0), key_e=key_e, model=ckpt.out(0), clip=ckpt.out(1),
            steps=s.out(0), tau=t.out(0), strength=ns.out(0), filename_prefix="diffprivacy/key", password="")
     return node
@@ -58,7 +59,7 @@ def workflows():
         "Diff-Privacy visual identity hiding of face.png with its learnt Key-E (run learn-key-e first). Reference "
         "defaults: 100 DDIM steps, noising to 0.8 T, tau 0.6, lambda 1.5 above tau and 2.5 below, L_is; saved "
         "without metadata. Also makes Key-I and seals Key-I + Key-E into output/diffprivacy/key_*.safetensors.",
-        num_outputs=1, lambda_above=1.5, lambda_below=2.5)
+        num_outputs=1, lambda_above=1.5, lambda_below=2.5, redetect_every=10)
 
     recover = Graph("recover", "Diff-Privacy identity recovery from a key file (Key-I + Key-E, written by "
                                "anonymize / hide): needs neither the protected nor the original image. Enter the "

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from diffprivacy.inversion.ddim import ddim_sigmas
 from diffprivacy.nodes.encrypt_nodes import (DiffPrivacyAnonymize, DiffPrivacyDDIMSigmas,
-                                             DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide)
+                                             DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide, working_image)
 from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
 from test_encrypt_toys import ToyFaceModel
 
@@ -36,9 +36,9 @@ def test_recovery_with_the_right_keys_beats_every_wrong_key(parts):
     model, clip, vae, key_e, uc = parts
     wrong_e, uc_as_key_e = _cond(clip, OTHER_PROMPTS), [[uc[0][0].repeat(10, 1, 1), {}]]
     with torch.inference_mode():
-        original = vae.encode(_image(1))
+        original = vae.encode(working_image(_image(1), vae, 64))
         steps = 50
-        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, {"samples": original}, steps)
+        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, _image(1), steps, resolution=64)
         ki = key_i["samples"]  # a wrong Key-I: noise of the same size and spread (as in the paper's Fig. 7)
         wrong_i = {"samples": torch.randn(ki.shape, generator=torch.Generator().manual_seed(5)) * ki.std()}
 
@@ -67,7 +67,8 @@ def test_anonymize_node_gives_distinct_outputs_further_from_the_original(parts):
     face, image = ToyFaceModel(), _image(3)
     with torch.inference_mode():
         def run(lam):
-            return DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 7, 10, 0.6, 0.4, 4, lam, 1.0)
+            return DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 7, 10, 0.6, 0.4, 4, lam, 1.0,
+                                              resolution=64)
         plain, guided = run(0.0), run(20.0)
     images, latents, sampler, sigmas, schedule = guided
     assert images.shape == (4, 64, 64, 3) and latents["samples"].shape == (4, 4, 8, 8)
@@ -83,12 +84,13 @@ def test_hide_node_keeps_identity_closer_and_sampler_plugs_into_sampler_custom(p
     face, image = ToyFaceModel(), _image(4)
     with torch.inference_mode():
         def run(lam):
-            return DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 3, 10, 0.8, 0.6, 1, lam, lam)
+            return DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 3, 10, 0.8, 0.6, 1, lam, lam,
+                                          resolution=64)
         plain, guided = run(0.0), run(20.0)
         assert _identity_distance(face, guided[0], image) < _identity_distance(face, plain[0], image) - 0.02
         # the exposed parts rewire into the stock SamplerCustom, including the through-UNet gradient
         (sampler,) = DiffPrivacyGuidedDDIMSampler().sampler(model, vae, face, image, "hide", 0.6, 20.0, 20.0, 1.0,
-                                                            "through UNet")
+                                                            "through UNet", resolution=64)
         (sigmas,) = DiffPrivacyDDIMSigmas().sigmas(model, 10, 0.8)
         latent = {"samples": vae.encode(image)}
         out = ncs.SamplerCustom.execute(model, True, 3, 1.0, guided[4], guided[4], sampler, sigmas, latent)

@@ -27,7 +27,8 @@ def _only(api, class_type):
 
 
 def _shrink(api, size=SIZE, steps=STEPS):
-    """Scale the loaded photo to size x size and set the shared steps primitive(s) to ``steps``."""
+    """Scale the loaded photo to size x size, set the shared working resolution to ``size`` and the shared
+    steps primitive to ``steps``."""
     load = _only(api, "LoadImage")
     api["9001"] = {"class_type": "ImageScale", "inputs": {"image": [load, 0], "upscale_method": "area",
                                                           "width": size, "height": size, "crop": "center"}}
@@ -35,8 +36,11 @@ def _shrink(api, size=SIZE, steps=STEPS):
         for name, value in node["inputs"].items():
             if nid != "9001" and value == [load, 0]:
                 node["inputs"][name] = ["9001", 0]
-    for node in nodes_of(api, "PrimitiveInt"):
-        node["inputs"]["value"] = steps
+    resolution = {v[0] for n in api.values() for k, v in n["inputs"].items()
+                  if k == "resolution" and isinstance(v, list)}  # the primitive(s) wired to a resolution input
+    for nid, node in api.items():
+        if node["class_type"] == "PrimitiveInt":
+            node["inputs"]["value"] = size if nid in resolution else steps
     return api
 
 
@@ -74,8 +78,9 @@ def text_key_run(comfy_server, workflow_api):
     VAE reconstruction added."""
     api = _shrink(workflow_api("anonymize-text-key"))
     nodes_of(api, "DiffPrivacySaveKey")[0]["inputs"]["password"] = "correct horse"
-    ckpt, encode = _only(api, "CheckpointLoaderSimple"), _only(api, "VAEEncode")
-    api["9002"] = {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": [ckpt, 2]}}
+    ckpt = _only(api, "CheckpointLoaderSimple")
+    api["9005"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["9001", 0], "vae": [ckpt, 2]}}
+    api["9002"] = {"class_type": "VAEDecode", "inputs": {"samples": ["9005", 0], "vae": [ckpt, 2]}}
     _preview(api, "9003", ["9001", 0])
     _preview(api, "9004", ["9002", 0])
     entry = comfy_server.run(api, timeout=300)
