@@ -108,7 +108,7 @@ class IdentityGuidance:
         image = image[..., :3].float()
         faces = face_model.detect(image)
         mode = "largest" if face_index is None else "index"
-        face = choose_faces(faces, mode, face_index or 0)[0]
+        face = choose_faces(faces, mode, face_index or 0, batch_index=0)[0]
         with torch.no_grad():
             ref = face_model.embed(image.permute(2, 0, 1)[None].contiguous(), face.landmarks[None].float())
         return cls(face_model, decode, ref[0], face.landmarks, energy, tuple(image.shape[:2]), chunk, redetect_every)

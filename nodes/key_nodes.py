@@ -168,9 +168,13 @@ class DiffPrivacySaveKey:
             "password": ("STRING", {"default": "", "tooltip": "Password sealing the key file (AES-256-GCM under "
                                                               "scrypt). Leave empty for an unsealed key that anyone "
                                                               "holding the file can use. " + WORKFLOW_WARNING}),
+        }, "optional": {
+            "protected": ("IMAGE", {"tooltip": "Connect the protected images: the key is then written only after "
+                                               "protection succeeded, so a failed run (no face found, interrupted) "
+                                               "leaves no key behind. Nothing of these images goes into the file."}),
         }}
 
-    def save(self, key_i, key_e, model, clip, steps, tau, strength, filename_prefix, password):
+    def save(self, key_i, key_e, model, clip, steps, tau, strength, filename_prefix, password, protected=None):
         made_with = (key_i.get("diffprivacy_key_i") or {}).get("steps")  # set by Make Key-I
         if made_with is not None and int(made_with) != steps:
             raise ValueError(f"this Key-I was made with {made_with} DDIM steps but steps is {steps}: recovery from a "

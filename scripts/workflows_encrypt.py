@@ -35,7 +35,8 @@ def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, 
     key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=key_e, vae=ckpt.out(2), image=image.out(0),
                    steps=s.out(0), resolution=res.out(0))
     g.node("DiffPrivacySaveKey", key_i=key_i.out(0), key_e=key_e, model=ckpt.out(0), clip=ckpt.out(1),
-           steps=s.out(0), tau=t.out(0), strength=ns.out(0), filename_prefix="diffprivacy/key", password="")
+           steps=s.out(0), tau=t.out(0), strength=ns.out(0), filename_prefix="diffprivacy/key", password="",
+           protected=node.out(0))  # written only once protection has succeeded
     return node
 
 

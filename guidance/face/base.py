@@ -47,8 +47,8 @@ class NoFaceError(ValueError):
         msg = f"No face was detected in {where}"
         if detail:
             msg += f" ({detail})"
-        msg += (". Use a photo with a clearly visible, roughly frontal face, lower the detector's "
-                "score threshold, or choose the node's pass-through option for images without faces.")
+        msg += (". Use a photo with a clearly visible, roughly frontal face, or another detector in the "
+                "face model loader; analysis nodes also offer to pass images without faces through.")
         super().__init__(msg)
 
 
