@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Inputs the front end adds to the prompt that /object_info does not list: PreviewAny's read-only
+# "preview" text (a widget of its front-end extension, not stored in the workflow), posted empty.
+FRONT_END_INPUTS = {"PreviewAny": {"preview": ""}}
 
 
 def input_specs(info: dict):
@@ -159,6 +162,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 del values[:len(extra_widget_values(name, type_, opts))]
                 if link is None:
                     inputs[name] = value
+        inputs.update(FRONT_END_INPUTS.get(node["type"], {}))
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
                                 "_meta": {"title": node.get("title", node["type"])}}
     return api
