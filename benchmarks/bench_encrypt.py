@@ -10,14 +10,15 @@ on a GPU). Prints wall time, peak memory and the ratio to unguided DDIM of the s
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests")]  # a dev script: the fixtures and the pack as `diffprivacy`
 
-import conftest  # noqa: E402,F401  (host on the path, the pack importable as diffprivacy)
+try:  # scripts/dev.sh puts the host and tests/ on PYTHONPATH
+    import conftest  # noqa: F401  (the pack importable as diffprivacy, the fixtures' helpers)
+except ImportError as e:
+    raise SystemExit(f"run through `bash scripts/dev.sh python benchmarks/bench_encrypt.py` ({e})")
 import torch  # noqa: E402
 
 

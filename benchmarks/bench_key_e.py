@@ -26,8 +26,10 @@ def _host():
     comfy = os.environ.get("DP_COMFY")
     if not comfy:
         raise SystemExit("DP_COMFY is not set: run through scripts/dev.sh (or source scripts/setup_env.sh)")
-    sys.path[:0] = [comfy, str(REPO / "tests")]  # a dev script: the host and the test fixtures
-    import comfy.cli_args
+    try:  # scripts/dev.sh puts the host and tests/ on PYTHONPATH
+        import comfy.cli_args
+    except ImportError as e:
+        raise SystemExit(f"run through `bash scripts/dev.sh python benchmarks/bench_key_e.py` ({e})")
     import torch
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True

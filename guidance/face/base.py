@@ -18,6 +18,8 @@ Conventions shared by every implementation:
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 
 import torch
@@ -78,16 +80,17 @@ def choose_faces(faces: list[Face], mode: str = "largest", index: int = 0,
     return [faces[index]]
 
 
-class Detector:
+class Detector(abc.ABC):
     """Finds faces. Subclasses implement :meth:`detect`."""
 
     name: str = "detector"
 
+    @abc.abstractmethod
     def detect(self, image: torch.Tensor) -> list[Face]:
-        raise NotImplementedError
+        """All faces in one (H, W, 3) [0, 1] image, largest first."""
 
 
-class Recognizer(torch.nn.Module):
+class Recognizer(torch.nn.Module, metaclass=abc.ABCMeta):
     """A frozen embedding network plus what is needed to align faces for it.
 
     ``template`` is the (5, 2) landmark template in pixels of a ``crop_size`` square crop;
@@ -101,8 +104,9 @@ class Recognizer(torch.nn.Module):
     crop_size: int = 112
     normalize_output: bool = True  # L2-normalise embeddings (both metrics here compare unit vectors)
 
+    @abc.abstractmethod
     def template(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The (5, 2) landmark template in pixels of a ``crop_size`` square crop."""
 
 
 def pairwise_distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
@@ -147,13 +151,13 @@ class FaceModel:
     def detect(self, image: torch.Tensor) -> list[Face]:
         """All faces in one (H, W, 3) [0, 1] image, largest first."""
         if self.detector is None:
-            raise NotImplementedError(f"{self.name} has no detector")
+            raise ValueError(f"{self.name} has no detector: use a face model that detects faces")
         return self.detector.detect(image)
 
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """Align ``images`` (B, 3, H, W) by ``landmarks`` (B, 5, 2) and embed them: (B, D)."""
         if self.recognizer is None:
-            raise NotImplementedError(f"{self.name} has no recognizer")
+            raise ValueError(f"{self.name} has no recognizer: use a face model with a recognizer")
         from .align import align_faces  # local: align imports this module
         rec = self.recognizer
         crops = align_faces(images, landmarks, rec.template().to(images.device), rec.crop_size)
