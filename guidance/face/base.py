@@ -19,7 +19,6 @@ Conventions shared by every implementation:
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass
 
 import torch
