@@ -15,8 +15,10 @@ ln -sfn "$DP_REPO" "$home/custom_nodes/diff-privacy-nodes"
 
 comfy_args=()
 models_yaml=()
+port=8188
 while [ $# -gt 0 ]; do
   case "$1" in
+    --port) port="$2"; shift 2 ;;
     --models) "$DP_PYTHON" "$DP_REPO/scripts/check_models.py" --write-yaml "$home/extra_model_paths.yaml" "$2"
               models_yaml=(--extra-model-paths-config "$home/extra_model_paths.yaml"); shift 2 ;;
     --extra-model-paths) models_yaml=(--extra-model-paths-config "$(realpath "$2")"); shift 2 ;;
@@ -31,7 +33,7 @@ if ! "$DP_PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available()
   comfy_args+=(--cpu)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 fi
-echo "[diff-privacy] open http://127.0.0.1:8188 (workflows: Workflow > Browse Templates > diff-privacy-nodes)"
+echo "[diff-privacy] open http://127.0.0.1:$port (workflows: Workflow > Browse Templates > diff-privacy-nodes)"
 cd "$DP_COMFY"
-exec "$DP_PYTHON" main.py --base-directory "$home" --listen 127.0.0.1 --port 8188 \
+exec "$DP_PYTHON" main.py --base-directory "$home" --listen 127.0.0.1 --port "$port" \
   --database-url "sqlite:///$home/user/comfyui.db" "${models_yaml[@]}" "${comfy_args[@]}"

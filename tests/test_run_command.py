@@ -1,0 +1,44 @@
+"""The README's run command: a ComfyUI with this pack, its nodes listed, no import errors, and a clear
+list of the model files a user still has to place."""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+
+from conftest import REPO
+from harness import _free_port
+
+
+def test_run_command_starts_comfyui_with_the_pack_and_says_which_models_are_missing(tmp_path):
+    port = _free_port()
+    env = dict(os.environ, DIFFPRIVACY_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "run.sh"), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        info = None
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=30) as r:
+                    info = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        text = log.read_text(errors="replace")
+        assert info is not None, f"the run command did not serve /object_info:\n{text[-4000:]}"
+        from diffprivacy.nodes import NODE_CLASS_MAPPINGS
+        assert set(NODE_CLASS_MAPPINGS) <= set(info)
+        assert re.search(r"IMPORT FAILED.*diff-privacy-nodes", text) is None, text[-4000:]
+        assert re.search(r"seconds: .*custom_nodes/diff-privacy-nodes", text), "the pack is not in ComfyUI's import list"
+        assert f"open http://127.0.0.1:{port}" in text
+        # an empty models folder: the user is told exactly what goes where
+        assert "v1-5-pruned-emaonly.safetensors" in text and str(tmp_path / "home" / "models" / "checkpoints") in text
+        assert (tmp_path / "home" / "custom_nodes" / "diff-privacy-nodes").resolve() == REPO
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
