@@ -5,6 +5,7 @@ import torch
 
 from ..evaluation.baselines import apply_baseline
 from ..guidance.face.base import choose_faces
+from .images import rgb_batch
 
 CATEGORY = "Diff-Privacy/evaluation"
 
@@ -24,19 +25,10 @@ _OPTIONS = {
 }
 
 
-def _rgb_batch(image: torch.Tensor) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image must be an IMAGE batch (B, H, W, 3), got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    if image.shape[-1] == 1:
-        return image.expand(-1, -1, -1, 3).float()
-    return image[..., :3].float()
-
-
 def cover_faces(face_model, image: torch.Tensor, method: str, strength: float, margin: float, faces: str,
                 if_no_face: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply a baseline to the faces of every image of a batch: (images, masks (B, H, W))."""
-    image = _rgb_batch(image)
+    image = rgb_batch(image)
     outs, masks = [], []
     for i, img in enumerate(image):
         found = face_model.detect(img)

@@ -17,6 +17,7 @@ from ..evaluation.images import match_size
 from ..evaluation.key_security import key_security_figure, key_security_table
 from ..evaluation.pixel_metrics import all_pixel_metrics
 from ..evaluation.utility import utility_pair
+from .images import rgb_batch
 
 CATEGORY = "Diff-Privacy/evaluation"
 REQUIRES = {"DiffPrivacyDlibFaceModel": ("dlib", "face_recognition_models"),
@@ -29,15 +30,6 @@ _FACE_MODEL = ("FACE_MODEL", {"tooltip": "Recognizer (and detector) to measure w
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def rgb_batch(image, name: str) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} must be an IMAGE batch (B, H, W, 3), got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    if image.shape[-1] == 1:
-        return image.expand(-1, -1, -1, 3).float()
-    return image[..., :3].float()
-
-
 def paired(a, b, name_a: str, name_b: str) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = rgb_batch(a, name_a), rgb_batch(b, name_b)
     if a.shape[0] != b.shape[0]:

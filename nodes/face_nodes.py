@@ -12,6 +12,7 @@ import torch
 
 from ..guidance.face.base import CHOOSE_MODES, FaceModel, NoFaceError, choose_faces
 from ..guidance.face import loader
+from .images import rgb_batch
 
 CATEGORY = "Diff-Privacy/face"
 NO_FACE_MODES = ("error", "pass through")
@@ -44,20 +45,11 @@ def _progress(total: int):
 
 
 def check_image(image: torch.Tensor, name: str = "image") -> torch.Tensor:
-    """A ComfyUI IMAGE as (B, H, W, 3) float; grayscale is repeated, alpha dropped, other shapes refused."""
-    if not isinstance(image, torch.Tensor) or image.dim() != 4:
-        raise ValueError(f"{name} must be an IMAGE batch (B, H, W, C), got "
-                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
-    c = image.shape[-1]
-    if c == 1:
-        image = image.expand(-1, -1, -1, 3)
-    elif c == 4:
-        image = image[..., :3]
-    elif c != 3:
-        raise ValueError(f"{name} has {c} channels; expected RGB (3), RGBA (4) or grayscale (1)")
+    """rgb_batch, refusing images too small to find a face in."""
+    image = rgb_batch(image, name)
     if image.shape[1] < 16 or image.shape[2] < 16:
         raise ValueError(f"{name} is {image.shape[2]}x{image.shape[1]} pixels: too small to find a face in")
-    return image.float()
+    return image
 
 
 def _draw(image: torch.Tensor, faces, chosen) -> torch.Tensor:
