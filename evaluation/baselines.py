@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..guidance.face.base import choose_faces
+
 METHODS = ("blur", "pixelate", "mosaic")
 # Named strengths for scripts/make_baselines.py and the README table.
 PRESETS = {
@@ -148,3 +150,23 @@ def apply_baseline(image: torch.Tensor, boxes, method: str, strength: float, mar
         x1, y1, x2, y2 = region
         mask[y1:y2, x1:x2] = 1.0
     return out, mask
+
+
+def cover_faces(face_model, image: torch.Tensor, method: str, strength: float, margin: float, faces: str,
+                if_no_face: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a baseline to the faces of every image of an IMAGE batch (B, H, W, 3): (images, masks (B, H, W)).
+
+    ``faces`` "all" or "largest"; ``if_no_face`` "pass through" (image unchanged, empty mask) or "error".
+    """
+    outs, masks = [], []
+    for i, img in enumerate(image):
+        found = face_model.detect(img)
+        if not found and if_no_face == "pass through":
+            outs.append(img)
+            masks.append(torch.zeros(img.shape[:2]))
+            continue
+        chosen = choose_faces(found, "all" if faces == "all" else "largest", batch_index=i)
+        out, mask = apply_baseline(img, [f.box for f in chosen], method, strength, margin, seed)
+        outs.append(out)
+        masks.append(mask)
+    return torch.stack(outs), torch.stack(masks)

@@ -5,10 +5,11 @@ ComfyUI IMAGE (1, H, W, 3) and :func:`save_figure` writes a PNG.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
+
+from .formatting import format_value
 
 
 def _figure(w: float, h: float):
@@ -27,24 +28,21 @@ def figure_to_image(fig) -> torch.Tensor:
     return torch.from_numpy(rgba.copy()).unsqueeze(0)
 
 
+def stack_figures(figs) -> torch.Tensor:
+    """Figures -> one IMAGE batch, each padded with white to the largest size."""
+    imgs = [figure_to_image(f)[0] for f in figs]
+    h = max(i.shape[0] for i in imgs)
+    w = max(i.shape[1] for i in imgs)
+    out = torch.ones(len(imgs), h, w, 3)
+    for k, i in enumerate(imgs):
+        out[k, :i.shape[0], :i.shape[1]] = i
+    return out
+
+
 def save_figure(fig, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
     fig.savefig(str(path), dpi=100, bbox_inches="tight")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "∞"
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    return str(v)
 
 
 def table_figure(title: str, header: list[str], rows: list[list]):
@@ -56,7 +54,7 @@ def table_figure(title: str, header: list[str], rows: list[list]):
     ax.axis("off")
     ax.set_title(title, fontsize=11, loc="left")
     if rows:
-        t = ax.table(cellText=[[_fmt(v) for v in r] for r in rows], colLabels=header, loc="upper center",
+        t = ax.table(cellText=[[format_value(v) for v in r] for r in rows], colLabels=header, loc="upper center",
                      cellLoc="center")
         t.auto_set_font_size(False)
         t.set_fontsize(9)

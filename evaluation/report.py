@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .formatting import format_value, json_safe
 from .images import list_images, load_image, pair_names
 from .run import Item, evaluate
 
@@ -171,25 +170,31 @@ def report_figures(report: dict, models: dict) -> dict[str, object]:
     return figs
 
 
+def batch_report(originals: torch.Tensor, protected: torch.Tensor, models: dict, labels: list | None = None,
+                 recovered: torch.Tensor | None = None, progress=None) -> tuple[dict, list]:
+    """The folder report's metrics over IMAGE batches (what the report node shows): (report, figures).
+
+    ``models``: name -> FACE_MODEL; ``labels``: one identity per image or None; ``progress(done, total,
+    name)`` as :func:`.run.evaluate` calls it. Figures: the summary tables, the plots, and the problems.
+    """
+    from .plots import table_figure
+    n = originals.shape[0]
+    labels = labels if labels is not None else [None] * n
+    items = [Item(f"image {i}", (lambda i=i: originals[i]), (lambda i=i: protected[i]),
+                  (lambda i=i: recovered[i]) if recovered is not None else None, labels[i]) for i in range(n)]
+    rep = evaluate(items, models, progress=progress)
+    figs = [table_figure(*t) for t in summary_tables(rep)]
+    figs += list(report_figures(rep, models).values())
+    if rep["problems"]:
+        figs.append(table_figure(f"Problems ({len(rep['problems'])})", ["image", "input", "problem"],
+                                 [[p["file"], p["folder"], p["problem"][:90]] for p in rep["problems"]]))
+    return rep, figs
+
+
 # -- writing ------------------------------------------------------------------------------------
-def _json_safe(v):
-    if isinstance(v, float):
-        return v if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items() if not str(k).startswith("_")}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (np.floating, np.integer, np.bool_)):
-        return _json_safe(v.item())
-    if isinstance(v, torch.Tensor):
-        return _json_safe(v.tolist())
-    return v
-
-
 def _html_table(title, header, rows) -> str:
-    from .plots import _fmt
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_value(v))}</td>" for v in r) + "</tr>" for r in rows)
     return f"<h2>{html.escape(title)}</h2><table><tr>{head}</tr>{body}</table>"
 
 
@@ -204,12 +209,12 @@ def write_report(report: dict, out_dir: str | Path, models: dict | None = None) 
         paths[name] = out / f"{name}.png"
         save_figure(fig, paths[name])
     paths["json"] = out / "report.json"
-    paths["json"].write_text(json.dumps(_json_safe(report), indent=1))
+    paths["json"].write_text(json.dumps(json_safe(report), indent=1))
     parts = ["<!doctype html><meta charset='utf-8'><title>Diff-Privacy evaluation</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1em}"
              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:center}</style>",
              "<h1>Diff-Privacy evaluation</h1>",
-             f"<p>{html.escape(json.dumps(_json_safe(report.get('inputs', {}))))}</p>"]
+             f"<p>{html.escape(json.dumps(json_safe(report.get('inputs', {}))))}</p>"]
     if not report.get("lpips", {}).get("available"):
         parts.append(f"<p>LPIPS: {html.escape(str(report.get('lpips', {}).get('reason', 'absent')))}</p>")
     parts += [_html_table(*t) for t in summary_tables(report)]

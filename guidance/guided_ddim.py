@@ -4,7 +4,7 @@ Each step predicts x0_hat, decodes it, embeds the face, evaluates an identity en
 corrects the DDIM update against the energy's gradient.
 
 The correction in ComfyUI's parameterisation. The paper corrects the VP latent,
-z'_{t-1} = z_{t-1} - lambda_t * grad, where x = z * sqrt(1 + sigma^2) (see ``inversion/ddim.py``).
+z'_{t-1} = z_{t-1} - lambda_t * grad, where x = z * sqrt(1 + sigma^2) (see ``guidance/ddim.py``).
 Multiplying by sqrt(1 + sigma_next^2):
 
     x'_next = DDIM(x, x0_hat) - lambda_t * sqrt(1 + sigma_next^2) * grad
@@ -20,13 +20,14 @@ its loaders produce inference tensors, which are thawed once (values unchanged).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..inversion.ddim import check_interrupt, ddim_step, vp_scale
+from .ddim import ddim_step, vp_scale
+from .host import check_interrupt
+from .schedule import last_uncond_timestep
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .energy import Energy
 from .face.base import choose_faces
@@ -51,10 +52,8 @@ def stage_guidance_scale(model_sampling, tau: float, above: float, below: float 
     The switch sits half-way (in log sigma) between the last UC timestep and the next one, so it
     splits the integer timesteps exactly as the embedding schedule does.
     """
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
     num = len(model_sampling.sigmas)
-    t_half = min(math.floor(tau * num), num - 1) + 0.5
+    t_half = last_uncond_timestep(tau, num) + 0.5
     switch = float(model_sampling.sigma(torch.tensor(float(t_half)))) if t_half < num - 1 else float("inf")
     return GuidanceScale(above=above, below=below, sigma_switch=switch)
 

@@ -17,18 +17,35 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 NUM_STAGES = 10
 STAGE_WIDTH = 100  # DDPM timesteps per stage
 NUM_TIMESTEPS = 1000
 
 
-def stage_of(t: int) -> int:
-    """Stage index i = t // 100 of a DDPM timestep (paper: C^{t//100})."""
-    return min(int(t) // STAGE_WIDTH, NUM_STAGES - 1)
+def stage_of(t, num_timesteps: int = NUM_TIMESTEPS):
+    """Stage index i = t // 100 of a DDPM timestep (paper: C^{t//100}); ten equal stages for any T.
+
+    ``t`` an int (returns an int) or a tensor of timesteps (returns a tensor).
+    """
+    if isinstance(t, torch.Tensor):
+        return ((t * NUM_STAGES) // num_timesteps).clamp(max=NUM_STAGES - 1)
+    return min(int(t) * NUM_STAGES // num_timesteps, NUM_STAGES - 1)
+
+
+def last_uncond_timestep(tau: float, num_timesteps: int = NUM_TIMESTEPS) -> int:
+    """The largest integer timestep that gets UC: t <= tau*T  <=>  t <= floor(tau*T) (capped at T - 1).
+
+    The one definition of the tau switch: the schedule's ranges and the guidance scale's switch both use it.
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    return min(math.floor(tau * num_timesteps), num_timesteps - 1)
 
 
 def uses_uncond(t: int, tau: float, num_timesteps: int = NUM_TIMESTEPS) -> bool:
-    """True where the schedule uses UC: t <= tau * T."""
+    """True where the schedule uses UC: t <= tau * T, as the paper states it (tests check the ranges against it)."""
     return t <= tau * num_timesteps
 
 
@@ -37,9 +54,7 @@ def stage_timestep_ranges(tau: float, num_timesteps: int = NUM_TIMESTEPS):
 
     Intervals are inclusive, disjoint and cover 0..T-1; empty ones are left out.
     """
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
-    last_uc = min(math.floor(tau * num_timesteps), num_timesteps - 1)  # t <= tau*T  <=>  t <= floor(tau*T)
+    last_uc = last_uncond_timestep(tau, num_timesteps)
     ranges = [(None, 0, last_uc)]
     for i in range(NUM_STAGES):
         lo, hi = max(i * STAGE_WIDTH, last_uc + 1), min(i * STAGE_WIDTH + STAGE_WIDTH - 1, num_timesteps - 1)
@@ -75,19 +90,3 @@ def scheduled_conditioning(stages, uncond, tau: float):
         entry.update(start_percent=start, end_percent=end, diffprivacy_stage=-1 if stage is None else stage)
         out.append([tensor, entry])
     return out
-
-
-def split_stage_conditioning(conditioning):
-    """Ten stage entries from a CONDITIONING: either ten entries, or one entry of batch ten."""
-    if len(conditioning) == NUM_STAGES:
-        return [[c[0], dict(c[1])] for c in conditioning]
-    if len(conditioning) == 1 and conditioning[0][0].shape[0] == NUM_STAGES:
-        tensor, extra = conditioning[0]
-        entries = []
-        for i in range(NUM_STAGES):
-            e = {k: (v[i:i + 1] if hasattr(v, "shape") and v.shape[:1] == (NUM_STAGES,) else v) for k, v in extra.items()}
-            entries.append([tensor[i:i + 1], e])
-        return entries
-    sizes = [tuple(c[0].shape) for c in conditioning]
-    raise ValueError("stage conditioning must hold ten stages C^0..C^9: ten entries, or one entry with a batch "
-                     f"of ten (got {len(conditioning)} entries of shapes {sizes})")

@@ -21,7 +21,9 @@ import torch
 
 from .keyfile import (KEY_E, KEY_E_POOLED, META_CLIP_FINGERPRINT, META_MODEL_FINGERPRINT, read_key_file,
                       write_key_file)
-from .msi import MSI, NUM_STAGES
+from ..guidance.schedule import NUM_STAGES
+from .key_e import KeyE
+from .msi import MSI
 from .train_key_e import KeyETrainingOptions, KeyETrainingState
 
 KIND = "key_e_training"
@@ -49,18 +51,16 @@ class KeyEFile:
 
     def conditioning(self):
         """Key-E as ComfyUI CONDITIONING: one entry with a batch of ten stages."""
-        extra = {"pooled_output": self.pooled.clone()} if self.pooled is not None else {}
-        return [[self.cond.clone(), extra]]
+        return self.key_e().to_conditioning()
+
+    def key_e(self) -> KeyE:
+        return KeyE.from_stages(self.cond.clone(), self.pooled.clone() if self.pooled is not None else None)
 
 
 def write_key_e_file(path, state: KeyETrainingState, cond: torch.Tensor, pooled, options: KeyETrainingOptions, *,
                      model_fingerprint: str, clip_fingerprint: str, password: str | None = None,
                      overwrite: bool = False) -> Path:
-    if cond.ndim != 3 or cond.shape[0] != NUM_STAGES:
-        raise ValueError(f"Key-E must be [{NUM_STAGES}, tokens, width], got {tuple(cond.shape)}")
-    tensors = {KEY_E: cond.detach().float().cpu().contiguous()}
-    if pooled is not None:
-        tensors[KEY_E_POOLED] = pooled.detach().float().cpu().reshape(NUM_STAGES, -1).contiguous()
+    tensors = KeyE.from_stages(cond, pooled).to_tensors()
     for name, value in state.msi.state_dict().items():
         tensors[MSI_PREFIX + name] = value.detach().float().cpu().contiguous()
     tensors[LOSS_CURVE] = torch.tensor(state.losses or [float("nan")], dtype=torch.float32)

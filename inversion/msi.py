@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_STAGES = 10
+from ..guidance.schedule import NUM_STAGES
+
 VARIANT_MULTI_SCALE = "multi_scale"
 VARIANT_ONE_EMBEDDING = "one_embedding"
 VARIANTS = (VARIANT_MULTI_SCALE, VARIANT_ONE_EMBEDDING)

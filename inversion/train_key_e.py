@@ -4,7 +4,7 @@ Loss (paper Eq. 7):  L = || eps - eps_theta(z_t, t, C^{t//100}) ||^2,  t ~ U{0..
 z_0 from the user's VAE, C^i = CLIP-text("*" with the MSI's vector for stage i). Only the MSI
 is trained; UNet, VAE, CLIP text and CLIP vision are frozen.
 
-ComfyUI samples in the variance-exploding form x = z_0 + sigma_t * eps (see inversion/ddim.py);
+ComfyUI samples in the variance-exploding form x = z_0 + sigma_t * eps (see guidance/ddim.py);
 ``apply_model(x, sigma)`` feeds the UNet z_t = x / sqrt(1 + sigma^2) (the paper's z_t, Eq. 1) at
 the integer timestep t and returns x0_hat, so eps_theta = (x - x0_hat) / sigma exactly.
 
@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance.autograd import gradients_enabled, thaw_inference_tensors
+from ..guidance.host import interrupt_exceptions
+from ..guidance.working_image import resize_for_training
 from .clip_features import DEFAULT_LAYERS, clip_layer_features, parse_layers, vision_width
-from .msi import NUM_STAGES, VARIANT_MULTI_SCALE, VARIANT_ONE_EMBEDDING, MSI
+from ..guidance.schedule import NUM_STAGES, stage_of
+from .msi import VARIANT_MULTI_SCALE, VARIANT_ONE_EMBEDDING, MSI
 from .text_injection import PLACEHOLDER, PseudoTokenEncoder
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -95,20 +98,6 @@ class KeyETrainingState:
     interrupted: bool = False
 
 
-def resize_for_training(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Bicubic squash to resolution² (reference), or crop to a multiple of 8 when resolution is 0."""
-    if image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an IMAGE [B, H, W, 3], got {tuple(image.shape)}")
-    image = image[..., :3].float()
-    if resolution:
-        x = F.interpolate(image.movedim(-1, 1), size=(resolution, resolution), mode="bicubic", antialias=True)
-        return x.clamp(0, 1).movedim(1, -1)
-    h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
-    if h < 64 or w < 64:
-        raise ValueError(f"the image is too small ({image.shape[1]}x{image.shape[2]}); at least 64x64 is needed")
-    return image[:, :h, :w]
-
-
 @torch.no_grad()
 def prepare_training_image(model_patcher, vae, clip_vision, image: torch.Tensor, options: KeyETrainingOptions) -> TrainingImage:
     """Encode the first image of the batch (and its mirror image when flips are on) once."""
@@ -123,11 +112,6 @@ def prepare_training_image(model_patcher, vae, clip_vision, image: torch.Tensor,
 def new_msi(clip_vision, encoder: PseudoTokenEncoder, options: KeyETrainingOptions) -> MSI:
     """A freshly initialised MSI (seeded by the caller)."""
     return MSI(vision_width(clip_vision), encoder.width, options.layers, variant=options.variant)
-
-
-def stages_of(t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """Stage i = t // 100 for T = 1000 (ten equal stages for any T)."""
-    return (t * NUM_STAGES) // num_timesteps
 
 
 @torch.no_grad()
@@ -163,7 +147,7 @@ def epsilon_loss(model, msi, encoder, data: TrainingImage, t, flip_index, noise,
     sigma = ms.sigma(t).to(device=device, dtype=torch.float32)
     x = ms.noise_scaling(sigma, noise, z0)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        vectors = msi(data.features[flip_index], stages_of(t, ms.num_timesteps).to(device))
+        vectors = msi(data.features[flip_index], stage_of(t, ms.num_timesteps).to(device))
         cond, _ = encoder.encode(vectors, prepare=False)
         denoised = model.apply_model(x, sigma, c_crossattn=cond)
     eps_pred = (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
@@ -178,14 +162,6 @@ def _draw(step: int, options: KeyETrainingOptions, num_timesteps: int, latent_sh
     flip = (torch.rand(k, generator=g) < 0.5).long() if options.random_flip else torch.zeros(k, dtype=torch.long)
     noise = torch.randn((k,) + tuple(latent_shape), generator=g)
     return t.to(device), flip.to(device), noise.to(device)
-
-
-def _interrupt_exceptions():
-    try:
-        import comfy.model_management as mm
-        return (mm.InterruptProcessingException, KeyboardInterrupt)
-    except ImportError:
-        return (KeyboardInterrupt,)
 
 
 def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, options: KeyETrainingOptions, *,
@@ -304,7 +280,7 @@ def _optimise(model, clip, msi, encoder, data, options, state, on_step, check_in
             if (on_checkpoint is not None and options.checkpoint_every
                     and state.steps_done % options.checkpoint_every == 0 and state.steps_done < options.steps):
                 on_checkpoint(state, *compute_key_e(msi, data.features, encoder))
-    except _interrupt_exceptions():
+    except interrupt_exceptions():
         state.interrupted = True
         msi.load_state_dict(best)
         if on_checkpoint is not None:

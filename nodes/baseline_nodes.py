@@ -1,11 +1,8 @@
 """Classic anonymization baselines as nodes: blur, pixelate or mosaic the detected faces."""
 from __future__ import annotations
 
-import torch
-
-from ..evaluation.baselines import apply_baseline
-from ..guidance.face.base import choose_faces
-from .images import rgb_batch
+from ..evaluation.baselines import cover_faces
+from .common import rgb_batch
 
 CATEGORY = "Diff-Privacy/evaluation"
 
@@ -23,24 +20,6 @@ _OPTIONS = {
         "tooltip": "pass through: an image without a detected face is returned unchanged (and its mask is empty); "
                    "error: stop with a message naming the image."}),
 }
-
-
-def cover_faces(face_model, image: torch.Tensor, method: str, strength: float, margin: float, faces: str,
-                if_no_face: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a baseline to the faces of every image of a batch: (images, masks (B, H, W))."""
-    image = rgb_batch(image)
-    outs, masks = [], []
-    for i, img in enumerate(image):
-        found = face_model.detect(img)
-        if not found and if_no_face == "pass through":
-            outs.append(img)
-            masks.append(torch.zeros(img.shape[:2]))
-            continue
-        chosen = choose_faces(found, "all" if faces == "all" else "largest", batch_index=i)
-        out, mask = apply_baseline(img, [f.box for f in chosen], method, strength, margin, seed)
-        outs.append(out)
-        masks.append(mask)
-    return torch.stack(outs), torch.stack(masks)
 
 
 class _BaselineNode:
@@ -62,7 +41,7 @@ class DiffPrivacyBlurFaces(_BaselineNode):
                        "(dlib no longer matches most faces from about 5)."}), **_OPTIONS}}
 
     def apply(self, face_model, image, sigma_percent, margin, faces, if_no_face):
-        return cover_faces(face_model, image, "blur", sigma_percent, margin, faces, if_no_face)
+        return cover_faces(face_model, rgb_batch(image), "blur", sigma_percent, margin, faces, if_no_face)
 
 
 class DiffPrivacyPixelateFaces(_BaselineNode):
@@ -75,7 +54,7 @@ class DiffPrivacyPixelateFaces(_BaselineNode):
             "tooltip": "Blocks across the face width: fewer is stronger. 24 weak, 12 medium, 6 strong."}), **_OPTIONS}}
 
     def apply(self, face_model, image, blocks, margin, faces, if_no_face):
-        return cover_faces(face_model, image, "pixelate", float(blocks), margin, faces, if_no_face)
+        return cover_faces(face_model, rgb_batch(image), "pixelate", float(blocks), margin, faces, if_no_face)
 
 
 class DiffPrivacyMosaicFaces(_BaselineNode):
@@ -91,7 +70,7 @@ class DiffPrivacyMosaicFaces(_BaselineNode):
                                          "tooltip": "Places the tiles; the same seed gives the same mosaic."})}}
 
     def apply(self, face_model, image, tile_percent, margin, faces, if_no_face, seed):
-        return cover_faces(face_model, image, "mosaic", tile_percent, margin, faces, if_no_face, seed)
+        return cover_faces(face_model, rgb_batch(image), "mosaic", tile_percent, margin, faces, if_no_face, seed)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -9,102 +9,21 @@
 """
 from __future__ import annotations
 
-import torch
+from ..guidance import diff_privacy
+from ..guidance.ddim import ddim_sigmas
+from ..guidance.diff_privacy import model_sampling
+from ..guidance.working_image import working_image
+from ..inversion.key_e import KeyE, encode_text
+from .common import CATEGORY, resolution_input, tip
 
-from ..guidance.energy import anonymize_energy, hide_energy
-from ..guidance.guided_ddim import IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
-from ..guidance.schedule import scheduled_conditioning, split_stage_conditioning
-from ..guidance.vae_decode import make_vae_decoder
-from ..inversion.ddim import ddim_sigmas
-from ..inversion.train_key_e import resize_for_training
-from .schedule_nodes import encode_text, stage_texts
-
-CATEGORY = "Diff-Privacy"
 GRADIENT_MODES = ("predicted x0 (fast)", "through UNet")
-RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
-                  "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
-                  "image's own size, cropped to a multiple of 8. Protection and Make Key-I must use the same value "
-                  "for recovery to match.")
-
-
-def _tip(text, **kw):
-    return dict(kw, tooltip=text)
-
-
-def _model_sampling(model):
-    return model.get_model_object("model_sampling")
-
-
-def crop_to_latent_grid(image: torch.Tensor, vae) -> torch.Tensor:
-    """Centre-crop an IMAGE to a multiple of the VAE's downscale, exactly as VAE.encode does,
-    so that face landmarks found on the crop line up with the decoded predictions."""
-    ratio = getattr(vae, "downscale_ratio", 8)
-    ratio = ratio if isinstance(ratio, int) else 8
-    for dim in (1, 2):
-        size = image.shape[dim]
-        keep = (size // ratio) * ratio
-        if keep == 0:
-            raise ValueError(f"the image ({image.shape[1]}x{image.shape[2]}) is smaller than one latent cell")
-        image = image.narrow(dim, (size % ratio) // 2, keep)
-    return image
-
-
-def single_image(image: torch.Tensor) -> torch.Tensor:
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"Diff-Privacy protects one image at a time (its Key-E belongs to one image); got a batch of "
-                         f"{image.shape[0] if image.dim() == 4 else '?'} images. Split the batch and run each image "
-                         "with its own Key-E.")
-    return image[..., :3]
-
-
-def resolution_input(what: str):
-    return ("INT", _tip(RESOLUTION_TIP.format(what=what), default=512, min=0, max=4096, step=8))
-
-
-def working_image(image: torch.Tensor, vae, resolution: int) -> torch.Tensor:
-    """The one image protection, guidance and Key-I work on, resized as Key-E learning resizes it."""
-    resolution = int(resolution)
-    if resolution and (resolution < 64 or resolution % 8):
-        raise ValueError(f"resolution must be 0 (keep the image's size) or a multiple of 8 of at least 64, "
-                         f"got {resolution}")
-    return crop_to_latent_grid(resize_for_training(single_image(image), resolution), vae)
-
-
-def build_guidance(model, vae, face_model, image, energy, gradient_chunk: int = 0,
-                   redetect_every: int = 0) -> IdentityGuidance:
-    """Identity guidance with the face of ``image`` (a working image, see :func:`working_image`) as reference."""
-    return IdentityGuidance.from_image(face_model, make_vae_decoder(vae, model), image[0], energy,
-                                       chunk=gradient_chunk, redetect_every=redetect_every)
-
-
-def stage_conditionings(key_e):
-    """C^0..C^9 from Key-E (ten entries or a batch of ten), or ten copies of one plain conditioning:
-    a text prompt standing in for Key-E (nothing learnt; recovery is then only approximate)."""
-    if len(key_e) == 1 and key_e[0][0].shape[0] == 1:
-        return [[key_e[0][0], dict(key_e[0][1])] for _ in range(10)]
-    return split_stage_conditioning(key_e)
 
 
 def task_schedule(key_e, uncond, tau):
+    """The embedding schedule of a Key-E (or a text stand-in) and UC."""
     if len(uncond) != 1:
         raise ValueError(f"uncond must be one conditioning (UC, the empty prompt), got {len(uncond)} entries")
-    return scheduled_conditioning(stage_conditionings(key_e), uncond[0], tau)
-
-
-def run_guided_task(model, vae, image, sampler, sigmas, schedule, seed, num_outputs):
-    """Noise the working image's latent num_outputs times to sigmas[0] (seeded) and denoise with ``sampler``."""
-    import comfy.sample
-    import comfy.utils
-    import latent_preview
-
-    latent = vae.encode(image)
-    batch = latent.repeat(num_outputs, 1, 1, 1)
-    noise = comfy.sample.prepare_noise(batch, seed)  # one independent noising per output (paper: 4)
-    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-    samples = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, schedule, schedule, batch,
-                                         callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-                                         seed=seed)
-    return vae.decode(samples), {"samples": samples}
+    return KeyE.from_conditioning(key_e).schedule(uncond[0], tau)
 
 
 REDETECT_TIP = ("Every k guided steps, find the face again on each predicted image (largest face) and align with "
@@ -120,10 +39,10 @@ class DiffPrivacyDDIMSigmas:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", _tip("The diffusion model (SD 1.x): its noise schedule gives the sigmas.")),
-            "steps": ("INT", _tip("S, DDIM steps over the whole schedule (paper: 50 anonymize, 100 hide).",
+            "model": ("MODEL", tip("The diffusion model (SD 1.x): its noise schedule gives the sigmas.")),
+            "steps": ("INT", tip("S, DDIM steps over the whole schedule (paper: 50 anonymize, 100 hide).",
                                   default=50, min=1, max=1000)),
-            "strength": ("FLOAT", _tip("S_ns, the noise strength: the fraction of the steps actually run "
+            "strength": ("FLOAT", tip("S_ns, the noise strength: the fraction of the steps actually run "
                                        "(paper: 0.6 anonymize, 0.8 hide; 1.0 for Key-I/recovery).",
                                        default=1.0, min=0.01, max=1.0, step=0.01)),
         }}
@@ -134,7 +53,7 @@ class DiffPrivacyDDIMSigmas:
     CATEGORY = CATEGORY + "/sampling"
 
     def sigmas(self, model, steps, strength):
-        return (ddim_sigmas(_model_sampling(model), steps, strength),)
+        return (ddim_sigmas(model_sampling(model), steps, strength),)
 
 
 class DiffPrivacyGuidedDDIMSampler:
@@ -145,23 +64,23 @@ class DiffPrivacyGuidedDDIMSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", _tip("The diffusion model the sampler will run (for its noise schedule).")),
-            "vae": ("VAE", _tip("Decodes the predicted clean latent for the face recognizer.")),
-            "face_model": ("FACE_MODEL", _tip("A differentiable face recognizer with a detector (FaceNet, ArcFace).")),
-            "image": ("IMAGE", _tip("The original image (one): its face is the identity reference.")),
-            "task": (("anonymize", "hide"), _tip("anonymize: L_Idis + L_div (away from the original, outputs apart); "
+            "model": ("MODEL", tip("The diffusion model the sampler will run (for its noise schedule).")),
+            "vae": ("VAE", tip("Decodes the predicted clean latent for the face recognizer.")),
+            "face_model": ("FACE_MODEL", tip("A differentiable face recognizer with a detector (FaceNet, ArcFace).")),
+            "image": ("IMAGE", tip("The original image (one): its face is the identity reference.")),
+            "task": (("anonymize", "hide"), tip("anonymize: L_Idis + L_div (away from the original, outputs apart); "
                                                  "hide: L_is (stay recognisable to machines).")),
-            "tau": ("FLOAT", _tip("Where the schedule switches to UC (t <= tau*T); lambda_above applies above it.",
+            "tau": ("FLOAT", tip("Where the schedule switches to UC (t <= tau*T); lambda_above applies above it.",
                                   default=0.4, min=0.0, max=1.0, step=0.01)),
-            "lambda_above": ("FLOAT", _tip("Guidance scale on steps with t > tau*T (Key-E stages). Paper: 1 "
+            "lambda_above": ("FLOAT", tip("Guidance scale on steps with t > tau*T (Key-E stages). Paper: 1 "
                                            "anonymize, 1.5 hide.", default=1.0, min=0.0, max=100.0, step=0.05)),
-            "lambda_below": ("FLOAT", _tip("Guidance scale on steps with t <= tau*T (UC). Paper: 1 anonymize, "
+            "lambda_below": ("FLOAT", tip("Guidance scale on steps with t <= tau*T (UC). Paper: 1 anonymize, "
                                            "2.5 hide.", default=1.0, min=0.0, max=100.0, step=0.05)),
-            "diversity_weight": ("FLOAT", _tip("Weight of L_div against L_Idis (anonymize only).",
+            "diversity_weight": ("FLOAT", tip("Weight of L_div against L_Idis (anonymize only).",
                                                default=1.0, min=0.0, max=100.0, step=0.05)),
-            "gradient": (GRADIENT_MODES, _tip("Gradient with respect to the predicted clean latent (the reference, "
+            "gradient": (GRADIENT_MODES, tip("Gradient with respect to the predicted clean latent (the reference, "
                                               "fast) or through the UNet (paper Eq. 9, slower, more memory).")),
-            "redetect_every": ("INT", _tip(REDETECT_TIP.format(default="0 (anonymize keeps the layout)"),
+            "redetect_every": ("INT", tip(REDETECT_TIP.format(default="0 (anonymize keeps the layout)"),
                                            default=0, min=0, max=1000)),
             "resolution": resolution_input("The reference face is found at this size; its landmarks are rescaled to "
                                            "the sampled latent's size (VAE-encode the image at the same size)."),
@@ -174,34 +93,32 @@ class DiffPrivacyGuidedDDIMSampler:
 
     def sampler(self, model, vae, face_model, image, task, tau, lambda_above, lambda_below, diversity_weight,
                 gradient, redetect_every=0, resolution=512):
-        energy = anonymize_energy(1.0, diversity_weight) if task == "anonymize" else hide_energy()
-        guidance = build_guidance(model, vae, face_model, working_image(image, vae, resolution), energy,
-                                  redetect_every=redetect_every)
-        scale = stage_guidance_scale(_model_sampling(model), tau, lambda_above, lambda_below)
-        return (guided_ddim_sampler(guidance, scale, through_unet=gradient == GRADIENT_MODES[1]),)
+        return (diff_privacy.guided_sampler(model, vae, face_model, working_image(image, vae, resolution), task, tau,
+                                            lambda_above, lambda_below, diversity_weight,
+                                            through_unet=gradient == GRADIENT_MODES[1], redetect_every=redetect_every),)
 
 
 def _task_inputs(steps, strength, tau, outputs):
     return {
-        "model": ("MODEL", _tip("Your SD 1.5 model (the one Key-E was learned with).")),
-        "vae": ("VAE", _tip("The model's VAE: encodes the original, decodes predictions for the recognizer.")),
-        "face_model": ("FACE_MODEL", _tip("A differentiable face recognizer with a detector (FaceNet, ArcFace).")),
-        "image": ("IMAGE", _tip("The original image, a batch of one. Guidance steers the largest face "
+        "model": ("MODEL", tip("Your SD 1.5 model (the one Key-E was learned with).")),
+        "vae": ("VAE", tip("The model's VAE: encodes the original, decodes predictions for the recognizer.")),
+        "face_model": ("FACE_MODEL", tip("A differentiable face recognizer with a detector (FaceNet, ArcFace).")),
+        "image": ("IMAGE", tip("The original image, a batch of one. Guidance steers the largest face "
                                      "away from (anonymize) or towards (hide) its identity; other faces in a group "
                                      "photo are re-generated by the diffusion but not steered, so crop group photos "
                                      "to one face per run for full protection.")),
-        "key_e": ("CONDITIONING", _tip("Key-E: the ten stage conditionings C^0..C^9 of this image, or one text "
+        "key_e": ("CONDITIONING", tip("Key-E: the ten stage conditionings C^0..C^9 of this image, or one text "
                                        "conditioning used for every stage (nothing learnt).")),
-        "uncond": ("CONDITIONING", _tip("UC, the empty-prompt conditioning, used where t <= tau*T.")),
-        "seed": ("INT", _tip("Seed of the noising (one noise per output).", default=0, min=0,
+        "uncond": ("CONDITIONING", tip("UC, the empty-prompt conditioning, used where t <= tau*T.")),
+        "seed": ("INT", tip("Seed of the noising (one noise per output).", default=0, min=0,
                              max=0xffffffffffffffff, control_after_generate=True)),
-        "steps": ("INT", _tip(f"S, DDIM steps over the whole schedule (paper: {steps}).", default=steps,
+        "steps": ("INT", tip(f"S, DDIM steps over the whole schedule (paper: {steps}).", default=steps,
                               min=1, max=1000)),
-        "strength": ("FLOAT", _tip(f"S_ns, noise strength: int(S_ns*S) steps are run (paper: {strength}).",
+        "strength": ("FLOAT", tip(f"S_ns, noise strength: int(S_ns*S) steps are run (paper: {strength}).",
                                    default=strength, min=0.01, max=1.0, step=0.01)),
-        "tau": ("FLOAT", _tip(f"UC where t <= tau*T, Key-E stage C^(t//100) above (paper: {tau}).",
+        "tau": ("FLOAT", tip(f"UC where t <= tau*T, Key-E stage C^(t//100) above (paper: {tau}).",
                               default=tau, min=0.0, max=1.0, step=0.01)),
-        "num_outputs": ("INT", _tip("Independent noisings of the original, denoised together "
+        "num_outputs": ("INT", tip("Independent noisings of the original, denoised together "
                                     f"(paper: {outputs}).", default=outputs, min=1, max=16)),
         "resolution": resolution_input("The output images and latents come out at this size."),
     }
@@ -221,9 +138,9 @@ class DiffPrivacyAnonymize:
     @classmethod
     def INPUT_TYPES(cls):
         req = _task_inputs(50, 0.6, 0.4, 4)
-        req["guidance_scale"] = ("FLOAT", _tip("lambda, the identity guidance scale (paper: 1).",
+        req["guidance_scale"] = ("FLOAT", tip("lambda, the identity guidance scale (paper: 1).",
                                                default=1.0, min=0.0, max=100.0, step=0.05))
-        req["diversity_weight"] = ("FLOAT", _tip("Weight of L_div (outputs apart) against L_Idis (paper: 1).",
+        req["diversity_weight"] = ("FLOAT", tip("Weight of L_div (outputs apart) against L_Idis (paper: 1).",
                                                  default=1.0, min=0.0, max=100.0, step=0.05))
         return {"required": req}
 
@@ -235,13 +152,11 @@ class DiffPrivacyAnonymize:
 
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
                   guidance_scale, diversity_weight, resolution=512):
-        image = working_image(image, vae, resolution)
-        guidance = build_guidance(model, vae, face_model, image, anonymize_energy(1.0, diversity_weight))
-        sampler = guided_ddim_sampler(guidance, float(guidance_scale))
-        sigmas = ddim_sigmas(_model_sampling(model), steps, strength)
         schedule = task_schedule(key_e, uncond, tau)
-        images, latents = run_guided_task(model, vae, image, sampler, sigmas, schedule, seed, num_outputs)
-        return images, latents, sampler, sigmas, schedule
+        run = diff_privacy.anonymize(model, vae, face_model, working_image(image, vae, resolution), schedule,
+                                     seed=seed, steps=steps, strength=strength, num_outputs=num_outputs,
+                                     guidance_scale=guidance_scale, diversity_weight=diversity_weight)
+        return run.images, run.latents, run.sampler, run.sigmas, schedule
 
 
 class DiffPrivacyHide:
@@ -252,11 +167,11 @@ class DiffPrivacyHide:
     @classmethod
     def INPUT_TYPES(cls):
         req = _task_inputs(100, 0.8, 0.6, 1)
-        req["lambda_above"] = ("FLOAT", _tip("Guidance scale where t > tau*T (reference: 1.5).",
+        req["lambda_above"] = ("FLOAT", tip("Guidance scale where t > tau*T (reference: 1.5).",
                                              default=1.5, min=0.0, max=100.0, step=0.05))
-        req["lambda_below"] = ("FLOAT", _tip("Guidance scale where t <= tau*T (reference: 2.5).",
+        req["lambda_below"] = ("FLOAT", tip("Guidance scale where t <= tau*T (reference: 2.5).",
                                              default=2.5, min=0.0, max=100.0, step=0.05))
-        req["redetect_every"] = ("INT", _tip(REDETECT_TIP.format(
+        req["redetect_every"] = ("INT", tip(REDETECT_TIP.format(
             default="10: hiding noises to 0.8 T, so the face can move from the original's place; 7 detections "
                     "per output over the 80 steps run, little next to the UNet"),
             default=10, min=0, max=1000))
@@ -270,14 +185,11 @@ class DiffPrivacyHide:
 
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
              lambda_above, lambda_below, redetect_every=10, resolution=512):
-        image = working_image(image, vae, resolution)
-        guidance = build_guidance(model, vae, face_model, image, hide_energy(), redetect_every=redetect_every)
-        scale = stage_guidance_scale(_model_sampling(model), tau, lambda_above, lambda_below)
-        sampler = guided_ddim_sampler(guidance, scale)
-        sigmas = ddim_sigmas(_model_sampling(model), steps, strength)
         schedule = task_schedule(key_e, uncond, tau)
-        images, latents = run_guided_task(model, vae, image, sampler, sigmas, schedule, seed, num_outputs)
-        return images, latents, sampler, sigmas, schedule
+        run = diff_privacy.hide(model, vae, face_model, working_image(image, vae, resolution), schedule, seed=seed,
+                                tau=tau, steps=steps, strength=strength, num_outputs=num_outputs,
+                                lambda_above=lambda_above, lambda_below=lambda_below, redetect_every=redetect_every)
+        return run.images, run.latents, run.sampler, run.sigmas, schedule
 
 
 class DiffPrivacyTextKeyE:
@@ -289,8 +201,8 @@ class DiffPrivacyTextKeyE:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP", _tip("The text encoder of your SD 1.5 checkpoint.")),
-            "stage_text": ("STRING", _tip("One line for all ten stages, or ten lines for C^0 (t 0-99) ... C^9 "
+            "clip": ("CLIP", tip("The text encoder of your SD 1.5 checkpoint.")),
+            "stage_text": ("STRING", tip("One line for all ten stages, or ten lines for C^0 (t 0-99) ... C^9 "
                                           "(t 900-999).", multiline=True, default="a photo of a person")),
         }}
 
@@ -302,17 +214,7 @@ class DiffPrivacyTextKeyE:
     CATEGORY = CATEGORY + "/keys"
 
     def encode(self, clip, stage_text):
-        encoded: dict[str, list] = {}
-        stages = [encoded.setdefault(t, encode_text(clip, t)) for t in stage_texts(stage_text)]
-        shapes = {tuple(s[0].shape) for s in stages}
-        if len(shapes) != 1:
-            raise ValueError(f"the stage prompts encode to different shapes {sorted(shapes)} (a prompt longer than "
-                             "75 tokens takes more than one chunk): shorten the long ones")
-        extra = {}
-        pooled = [s[1].get("pooled_output") for s in stages]
-        if all(isinstance(p, torch.Tensor) for p in pooled):
-            extra["pooled_output"] = torch.cat([p.reshape(1, -1) for p in pooled])
-        return [[torch.cat([s[0] for s in stages]), extra]], [encode_text(clip, "")]
+        return KeyE.from_texts(clip, stage_text).to_conditioning(), [encode_text(clip, "")]
 
 
 NODE_CLASS_MAPPINGS = {

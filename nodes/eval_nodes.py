@@ -6,18 +6,12 @@ without a detectable face are reported in that STRING, not raised.
 """
 from __future__ import annotations
 
-import json
-import math
+import copy
 
-import torch
-
-from ..evaluation.analysis import analyse_face, embed_at
-from ..evaluation.identity import cos_ie, diversity_summary, identity_distance, leave_one_out_identification
-from ..evaluation.images import match_size
+from ..evaluation.formatting import to_json
 from ..evaluation.key_security import key_security_figure, key_security_table
-from ..evaluation.pixel_metrics import all_pixel_metrics
-from ..evaluation.utility import utility_pair
-from .images import rgb_batch
+from ..evaluation import protocols
+from .common import StepProgress, paired_batches, parse_labels, rgb_batch
 
 CATEGORY = "Diff-Privacy/evaluation"
 REQUIRES = {"DiffPrivacyDlibFaceModel": ("dlib", "face_recognition_models"),
@@ -29,59 +23,8 @@ _FACE_MODEL = ("FACE_MODEL", {"tooltip": "Recognizer (and detector) to measure w
                                          "dlib L2 0.6, FaceNet L2 1.1, ArcFace cosine."})
 
 
-# -- helpers ------------------------------------------------------------------------------------
-def paired(a, b, name_a: str, name_b: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = rgb_batch(a, name_a), rgb_batch(b, name_b)
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"{name_a} has {a.shape[0]} image(s) but {name_b} has {b.shape[0]}: image i of one is "
-                         f"compared with image i of the other, so the batches must be equally long")
-    return a, b
-
-
-def parse_labels(text: str, n: int) -> list[str]:
-    """One identity label per image, separated by commas or new lines."""
-    labels = [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
-    if len(labels) != n:
-        raise ValueError(f"identities lists {len(labels)} label(s) but there are {n} image(s): give one label per "
-                         f"image, in batch order, separated by commas (e.g. 'anna, anna, ben')")
-    return labels
-
-
-def _progress(total: int):
-    try:
-        import comfy.utils
-        return comfy.utils.ProgressBar(total)
-    except Exception:  # no server (plain-function use)
-        return None
-
-
-def _interrupted():
-    try:
-        import comfy.model_management
-        comfy.model_management.throw_exception_if_processing_interrupted()
-    except ImportError:
-        pass
-
-
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
-
-
-def _dump(obj) -> str:
-    from ..evaluation.report import _json_safe
-    return json.dumps(_json_safe(obj), indent=1)
-
-
-def stack_figures(figs) -> torch.Tensor:
-    """Figures -> one IMAGE batch, each padded with white to the largest size."""
-    from ..evaluation.plots import figure_to_image
-    imgs = [figure_to_image(f)[0] for f in figs]
-    h = max(i.shape[0] for i in imgs)
-    w = max(i.shape[1] for i in imgs)
-    out = torch.ones(len(imgs), h, w, 3)
-    for k, i in enumerate(imgs):
-        out[k, :i.shape[0], :i.shape[1]] = i
-    return out
 
 
 # -- nodes --------------------------------------------------------------------------------------
@@ -106,7 +49,6 @@ class DiffPrivacyDlibFaceModel:
     CATEGORY = CATEGORY
 
     def load(self, detect_size, threshold):
-        import copy
         from ..guidance.face.dlib_face import load_dlib_face_model
         model = load_dlib_face_model(detect_size)
         if abs(threshold - model.threshold) > 1e-9:
@@ -140,32 +82,9 @@ class DiffPrivacyProtectionRate:
     CATEGORY = CATEGORY
 
     def measure(self, face_model, original, protected, alignment):
-        original, protected = paired(original, protected, "original", "protected")
-        rows, outcomes = [], []
-        bar = _progress(original.shape[0])
-        for i, (o, p) in enumerate(zip(original, protected)):
-            _interrupted()
-            p = match_size(p, o)
-            ao = analyse_face(face_model, o)
-            if not ao.detected:
-                rows.append({"index": i, "skipped": "no face detected in the original"})
-            else:
-                if alignment == "own detection":
-                    ap = analyse_face(face_model, p)
-                    e = ap.embedding
-                else:
-                    e = embed_at(face_model, p, ao.landmarks)
-                d = None if e is None else identity_distance(face_model, ao.embedding, e)
-                ok = d is None or d >= face_model.threshold
-                outcomes.append(ok)
-                rows.append({"index": i, "distance": d, "protected": ok,
-                             **({"note": "no face detected in the protected image"} if d is None else {})})
-            if bar:
-                bar.update(1)
-        rate = sum(outcomes) / len(outcomes) if outcomes else float("nan")
-        return rate, _dump({"success_rate": rate, "recognizer": face_model.name, "threshold": face_model.threshold,
-                            "faces": len(outcomes), "images": rows})
-
+        original, protected = paired_batches(original, protected, "original", "protected")
+        result = protocols.protection_rate(face_model, original, protected, alignment, StepProgress(len(original)))
+        return result["success_rate"], to_json(result)
 
 class DiffPrivacyIdentificationAccuracy:
     DESCRIPTION = ("Identification accuracy (paper §3.2.1, Table 3): each original in turn is the probe; a pair "
@@ -193,29 +112,11 @@ class DiffPrivacyIdentificationAccuracy:
     CATEGORY = CATEGORY
 
     def measure(self, face_model, originals, evaluated, identities):
-        originals, evaluated = paired(originals, evaluated, "originals", "evaluated")
+        originals, evaluated = paired_batches(originals, evaluated, "originals", "evaluated")
         labels = parse_labels(identities, originals.shape[0])
-        orig, ev, skipped = {}, {}, []
-        bar = _progress(originals.shape[0])
-        for i, (o, e) in enumerate(zip(originals, evaluated)):
-            _interrupted()
-            ao = analyse_face(face_model, o)
-            if not ao.detected:
-                skipped.append({"index": i, "problem": "no face detected in the original"})
-            else:
-                orig[i] = ao.embedding
-                ae = analyse_face(face_model, match_size(e, o))
-                ev[i] = ae.embedding if ae.detected else embed_at(face_model, match_size(e, o), ao.landmarks)
-            if bar:
-                bar.update(1)
-        lab = dict(enumerate(labels))
-        acc, pairs = leave_one_out_identification(face_model, orig, ev, lab)
-        acc0, _ = leave_one_out_identification(face_model, orig, orig, lab)
-        if pairs == 0:
-            raise ValueError("no probe has another photo of the same person with a detected face, and someone else's "
-                             "photo to compare with: give at least two people with two photos each")
-        return acc, acc0, _dump({"accuracy": acc, "accuracy_originals": acc0, "pairs": pairs, "skipped": skipped})
-
+        result = protocols.identification_accuracy(face_model, originals, evaluated, labels,
+                                                   StepProgress(len(originals)))
+        return result["accuracy"], result["accuracy_originals"], to_json(result)
 
 class DiffPrivacyImageQuality:
     DESCRIPTION = ("Recovery quality (paper Table 2, DIFP): MSE, RMSE, MAE, PSNR (inf for identical images), SSIM; "
@@ -239,37 +140,15 @@ class DiffPrivacyImageQuality:
 
     def measure(self, original, other, face_model=None):
         from ..evaluation.lpips import LPIPSUnavailable, load_lpips
-        original, other = paired(original, other, "original", "other")
+        original, other = paired_batches(original, other, "original", "other")
         try:
-            lp = load_lpips()
-            lp_note = None
+            lp, lp_note = load_lpips(), None
         except LPIPSUnavailable as e:
             lp, lp_note = None, str(e)
-        rows = []
-        for i, (o, x) in enumerate(zip(original, other)):
-            _interrupted()
-            x = match_size(x, o)
-            row = {"index": i, **all_pixel_metrics(o, x)}
-            if lp is not None:
-                row["lpips"] = lp.distance(o, x)
-            if face_model is not None:
-                ao = analyse_face(face_model, o)
-                if ao.detected:
-                    e = embed_at(face_model, x, ao.landmarks)
-                    row["cos_ie"] = cos_ie(ao.embedding, e)
-                    row["same_person"] = identity_distance(face_model, ao.embedding, e) < face_model.threshold
-                else:
-                    row["cos_ie"] = None
-                    row["note"] = "no face detected in the original"
-            rows.append(row)
-        means = {}
-        for k in ("mse", "rmse", "mae", "psnr", "ssim", "lpips", "cos_ie"):
-            vals = [r[k] for r in rows if r.get(k) is not None]
-            if vals:
-                means[k] = sum(vals) / len(vals) if all(math.isfinite(v) for v in vals) else float("inf")
+        result = protocols.image_quality(original, other, face_model, lp, StepProgress(len(original)))
+        means = result["mean"]
         return (_num(means.get("psnr")), _num(means.get("ssim")), _num(means.get("mse")),
-                _dump({"mean": means, "lpips": lp_note or "present", "images": rows}))
-
+                to_json({"mean": means, "lpips": lp_note or "present", "images": result["images"]}))
 
 class DiffPrivacyFaceUtility:
     DESCRIPTION = ("Face utility (paper Table 4): is the original's face still detected in the protected image, and "
@@ -292,23 +171,10 @@ class DiffPrivacyFaceUtility:
     CATEGORY = CATEGORY
 
     def measure(self, face_model, original, protected):
-        original, protected = paired(original, protected, "original", "protected")
-        rows = []
-        bar = _progress(original.shape[0])
-        for i, (o, p) in enumerate(zip(original, protected)):
-            _interrupted()
-            rows.append({"index": i, **utility_pair(analyse_face(face_model, o, embed=False),
-                                                    analyse_face(face_model, match_size(p, o), embed=False))})
-            if bar:
-                bar.update(1)
-        det = [r["detected"] for r in rows if r["detected"] is not None]
-        if not det:
-            raise ValueError("no face was detected in any original image, so detection cannot be compared")
-        mean = lambda k: (lambda v: sum(v) / len(v) if v else float("nan"))(  # noqa: E731
-            [r[k] for r in rows if r[k] is not None])
-        rate = sum(det) / len(det)
-        return rate, mean("box_distance"), mean("landmark_distance"), _dump({"detection_rate": rate, "images": rows})
-
+        original, protected = paired_batches(original, protected, "original", "protected")
+        result = protocols.face_utility(face_model, original, protected, StepProgress(len(original)))
+        return (result["detection_rate"], result["box_distance"], result["landmark_distance"],
+                to_json({"detection_rate": result["detection_rate"], "images": result["images"]}))
 
 class DiffPrivacyIdentityDiversity:
     DESCRIPTION = ("Diversity of identities (paper Fig. 9): pairwise identity distances among a set of outputs "
@@ -332,28 +198,16 @@ class DiffPrivacyIdentityDiversity:
     CATEGORY = CATEGORY
 
     def measure(self, face_model, images, identities):
-        from ..evaluation.plots import table_figure, tsne_figure
+        from ..evaluation.plots import stack_figures, table_figure, tsne_figure
         images = rgb_batch(images, "images")
         labels = parse_labels(identities, images.shape[0]) if identities.strip() else ["outputs"] * images.shape[0]
-        embs, labs, skipped = [], [], []
-        for i, img in enumerate(images):
-            _interrupted()
-            a = analyse_face(face_model, img)
-            if a.detected:
-                embs.append(a.embedding)
-                labs.append(labels[i])
-            else:
-                skipped.append(i)
-        if len(embs) < 2:
-            raise ValueError(f"diversity needs at least two images with a detected face; {len(embs)} had one")
-        e = torch.stack(embs)
-        summary = diversity_summary(face_model, e)
-        if len(embs) >= 3:
-            fig = tsne_figure(face_model.name, e.numpy(), labs)
+        result = protocols.identity_diversity(face_model, images, labels, StepProgress(len(images)))
+        summary = {k: v for k, v in result.items() if k not in ("skipped_no_face", "_embeddings", "_labels")}
+        if len(result["_labels"]) >= 3:
+            fig = tsne_figure(face_model.name, result["_embeddings"].numpy(), result["_labels"])
         else:
             fig = table_figure("Diversity", list(summary), [list(summary.values())])
-        return summary["mean_distance"], stack_figures([fig]), _dump({**summary, "skipped_no_face": skipped})
-
+        return result["mean_distance"], stack_figures([fig]), to_json(result)
 
 class DiffPrivacyKeySecurity:
     DESCRIPTION = ("Key security (paper A.3.1, Fig. 7): compares recoveries made with a wrong Key-I, a wrong Key-E, "
@@ -379,7 +233,7 @@ class DiffPrivacyKeySecurity:
 
     def measure(self, original, correct_key, wrong_key_i=None, wrong_key_e=None, uc_as_key_e=None, wrong_keys=None,
                 face_model=None):
-        from ..evaluation.plots import table_figure
+        from ..evaluation.plots import stack_figures, table_figure
         o = rgb_batch(original, "original")[0]
         rec = {"wrong Key-I": wrong_key_i, "wrong Key-E": wrong_key_e, "UC as Key-E": uc_as_key_e,
                "wrong keys": wrong_keys, "correct key": correct_key}
@@ -388,7 +242,7 @@ class DiffPrivacyKeySecurity:
         rows = key_security_table(o, rec, models)
         header = list(rows[0])
         figs = [key_security_figure(o, rec, rows), table_figure("Key security", header, [list(r.values()) for r in rows])]
-        return stack_figures(figs), _dump(rows)
+        return stack_figures(figs), to_json(rows)
 
 
 class DiffPrivacyEvaluationReport:
@@ -418,35 +272,22 @@ class DiffPrivacyEvaluationReport:
 
     def report(self, face_model, originals, protected, identities, recovered=None, face_model_2=None,
                face_model_3=None):
-        from ..evaluation.plots import table_figure
-        from ..evaluation.report import report_figures, summary_tables
-        from ..evaluation.run import Item, evaluate
-        originals, protected = paired(originals, protected, "originals", "protected")
+        from ..evaluation.plots import stack_figures
+        from ..evaluation.report import batch_report
+        originals, protected = paired_batches(originals, protected, "originals", "protected")
         if recovered is not None:
-            _, recovered = paired(originals, recovered, "originals", "recovered")
+            _, recovered = paired_batches(originals, recovered, "originals", "recovered")
         n = originals.shape[0]
-        labels = parse_labels(identities, n) if identities.strip() else [None] * n
+        labels = parse_labels(identities, n) if identities.strip() else None
         models = {}
         for m in (face_model, face_model_2, face_model_3):
             if m is not None:
                 name = m.name if m.name not in models else f"{m.name} ({len(models) + 1})"
                 models[name] = m
-        items = [Item(f"image {i}", (lambda i=i: originals[i]), (lambda i=i: protected[i]),
-                      (lambda i=i: recovered[i]) if recovered is not None else None, labels[i]) for i in range(n)]
-        bar = _progress(n)
-
-        def progress(done, total, name):
-            _interrupted()
-            if bar:
-                bar.update_absolute(done, total)
-
-        rep = evaluate(items, models, progress=progress)
-        figs = [table_figure(*t) for t in summary_tables(rep)]
-        figs += list(report_figures(rep, models).values())
-        if rep["problems"]:
-            figs.append(table_figure(f"Problems ({len(rep['problems'])})", ["image", "input", "problem"],
-                                     [[p["file"], p["folder"], p["problem"][:90]] for p in rep["problems"]]))
-        return stack_figures(figs), _dump(rep)
+        bar = StepProgress(n)
+        rep, figs = batch_report(originals, protected, models, labels, recovered,
+                                 progress=lambda done, total, name: bar(done))
+        return stack_figures(figs), to_json(rep)
 
 
 NODE_CLASS_MAPPINGS = {

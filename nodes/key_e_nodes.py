@@ -10,51 +10,35 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
-import folder_paths
 
+from ..guidance.host import check_interrupt
 from ..inversion.clip_features import DEFAULT_LAYERS, parse_layers
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
+from ..inversion.key_e import KeyE
 from ..inversion.key_e_file import read_key_e_file, write_key_e_file
 from ..inversion.keyfile import KeyFileExistsError, check_compatible
 from ..inversion.loss_curve import loss_curve_image, loss_curve_pil
 from ..inversion.msi import VARIANT_MULTI_SCALE, VARIANT_ONE_EMBEDDING
 from ..inversion.train_key_e import LR_SCHEDULES, KeyETrainingOptions, train_key_e
-from .key_nodes import KEY_SUBFOLDER, KEY_SUFFIX, list_key_files, resolve_key_path
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, claim_unused, list_key_files, resolve_key_path,
+                     write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 
 VARIANT_CHOICES = {"multi-scale MSI (paper)": VARIANT_MULTI_SCALE, "one embedding (Ours-OE ablation)": VARIANT_ONE_EMBEDDING}
 PRECISION_CHOICES = {"fp32 (reference)": "fp32", "bf16 autocast (faster on GPU)": "bf16"}
-_MAX_NAME_TRIES = 1000
 PASSWORD_TOOLTIP = ("Password sealing the Key-E file (AES-256-GCM, scrypt); empty writes an unsealed file that anyone "
-                    "holding it can use. Key-E is half of the key that undoes the protection. The password is stored "
-                    "in the workflow JSON like any widget value: do not save or share workflows that contain it.")
-_PROGRESS_TEXT_EVERY_S = 0.5
+                    "holding it can use. Key-E is half of the key that undoes the protection. " + PASSWORD_WARNING)
 _PREVIEW_EVERY_S = 5.0
 
 
-def _new_key_e_path(filename_prefix: str) -> Path:
-    output = folder_paths.get_output_directory()
-    folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    for _ in range(_MAX_NAME_TRIES):
-        path = Path(folder) / f"{name}_{counter:05}_{KEY_SUFFIX}"
-        if not path.exists():
-            return path
-        counter += 1
-    raise ValueError(f"no free Key-E file name for prefix {filename_prefix!r}")
-
-
-class _Progress:
-    """ComfyUI progress bar with the loss: bar + text, and a loss-curve preview now and then."""
+class _LossProgress:
+    """The progress bar with the loss as text, and a loss-curve preview now and then."""
 
     def __init__(self, total: int, node_id):
-        import comfy.utils
-        self.bar = comfy.utils.ProgressBar(total)
-        self.node_id = node_id
-        self.last_text = self.last_preview = 0.0
+        self.steps = StepProgress(total, node_id)
+        self.last_preview = 0.0
         self.losses = []
 
     def __call__(self, step: int, total: int, loss: float):
@@ -64,15 +48,7 @@ class _Progress:
         if now - self.last_preview > _PREVIEW_EVERY_S and len(self.losses) > 1:
             preview = ("PNG", loss_curve_pil(self.losses), 512)
             self.last_preview = now
-        self.bar.update_absolute(step, total, preview)
-        if now - self.last_text > _PROGRESS_TEXT_EVERY_S or step == total:
-            self.last_text = now
-            try:
-                from server import PromptServer
-                if PromptServer.instance is not None and self.node_id is not None:
-                    PromptServer.instance.send_progress_text(f"step {step}/{total}  loss {loss:.4f}", self.node_id)
-            except Exception:  # no server (in-process use): the bar alone
-                pass
+        self.steps(step, f"step {step}/{total}  loss {loss:.4f}", preview)
 
 
 class DiffPrivacyLearnKeyE:
@@ -146,8 +122,6 @@ class DiffPrivacyLearnKeyE:
     def learn(self, model, clip, vae, clip_vision, image, steps, learning_rate, weight_decay, seed, variant,
               timesteps_per_step, lr_schedule, warmup_steps, precision, random_flip, resolution, layers,
               filename_prefix, password, resume_path="", checkpoint_every=1000, unique_id=None):
-        import comfy.model_management
-
         if variant not in VARIANT_CHOICES or precision not in PRECISION_CHOICES:
             raise ValueError(f"unknown variant {variant!r} or precision {precision!r}")
         options = KeyETrainingOptions(
@@ -165,7 +139,7 @@ class DiffPrivacyLearnKeyE:
             state = saved.state
             log.info("[Diff-Privacy] resuming Key-E training from %s at step %d", path, state.steps_done)
         else:
-            path = _new_key_e_path(filename_prefix)
+            path, _ = write_new_output_file(filename_prefix, KEY_SUFFIX, claim_unused)
         written = {"first": state is None}
 
         def save(state_, cond, pooled):
@@ -173,17 +147,17 @@ class DiffPrivacyLearnKeyE:
                              clip_fingerprint=clip_fp, password=password or None, overwrite=not written["first"])
             written["first"] = False
 
-        progress = _Progress(steps, unique_id)
+        progress = _LossProgress(steps, unique_id)
         if state is not None:
             progress.losses = list(state.losses)
         try:
             state, cond, pooled, encoder = train_key_e(
                 model, clip, vae, clip_vision, image, options, state=state, on_step=progress,
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted, on_checkpoint=save)
+                check_interrupt=check_interrupt, on_checkpoint=save)
         except KeyFileExistsError:
             raise ValueError(f"a file appeared at {path} while training; choose another filename_prefix") from None
         uc, uc_pooled = encoder.uncond()
-        key_e = [[cond, {"pooled_output": pooled} if pooled is not None else {}]]
+        key_e = KeyE.from_stages(cond, pooled).to_conditioning()
         uncond = [[uc, {"pooled_output": uc_pooled} if uc_pooled is not None else {}]]
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use Key-E"
         text = f"{path.name}: {state.steps_done} steps, last loss {state.losses[-1]:.4f} ({note})"

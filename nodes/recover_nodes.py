@@ -2,7 +2,7 @@
 
 - DiffPrivacyMakeKeyI: DDIM inversion of the ORIGINAL image's latent under Key-E (C^{t//100} at every
   step), as the reference does; Key-I does not depend on the protected image. The image is resized to the
-  working resolution exactly as the protection nodes resize it (``encrypt_nodes.working_image``).
+  working resolution exactly as the protection nodes resize it (``guidance.working_image``).
 - DiffPrivacyRecover: DDIM from Key-I under Key-E. Needs only the two keys and the step count.
 
 Key-I is a LATENT in ComfyUI's "latent with leftover noise" convention (what KSamplerAdvanced
@@ -13,35 +13,12 @@ The reference's z_T (``<name>_zt.pt``) is ``inversion.ddim.key_i_to_vp`` of the 
 """
 from __future__ import annotations
 
-import torch
-
-from ..guidance.schedule import scheduled_conditioning
-from ..inversion.ddim import ddim_invert, ddim_sigmas, sample_ddim
-from .encrypt_nodes import resolution_input, stage_conditionings, working_image
+from ..guidance.working_image import working_image
+from ..inversion.ddim import make_key_i, recover
+from ..inversion.key_e import KeyE
+from .common import resolution_input
 
 CATEGORY = "Diff-Privacy/keys"
-KEY_I_INFO = "diffprivacy_key_i"  # LATENT entry: {"steps", "sigma"} of the grid Key-I lies on
-
-
-def key_e_schedule(key_e):
-    """C^{t//100} at every timestep (tau = 0; t = 0, reached only with 1000 steps, also gets C^0)."""
-    stages = stage_conditionings(key_e)
-    return scheduled_conditioning(stages, stages[0], 0.0)
-
-
-def run_ddim(model, key_e, latent_samples, sigmas, sampler_fn):
-    """Run a k-diffusion DDIM function over ``sigmas`` through ComfyUI's sampling (cfg 1, no noise)."""
-    import comfy.sample
-    import comfy.samplers
-    import comfy.utils
-    import latent_preview
-
-    schedule = key_e_schedule(key_e)
-    noise = torch.zeros_like(latent_samples)
-    callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-    return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.KSAMPLER(sampler_fn), sigmas, schedule,
-                                      schedule, latent_samples, callback=callback,
-                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=0)
 
 
 def _steps_tip(what):
@@ -73,10 +50,8 @@ class DiffPrivacyMakeKeyI:
     CATEGORY = CATEGORY
 
     def make_key_i(self, model, key_e, vae, image, steps, resolution=512):
-        samples = vae.encode(working_image(image, vae, resolution))
-        sigmas = ddim_sigmas(model.get_model_object("model_sampling"), steps, 1.0)
-        key_i = run_ddim(model, key_e, samples, sigmas, ddim_invert)
-        return ({"samples": key_i, KEY_I_INFO: {"steps": int(steps), "sigma": float(sigmas[0])}},)
+        latent = vae.encode(working_image(image, vae, resolution))
+        return (make_key_i(model, KeyE.from_conditioning(key_e).schedule_every_step(), latent, steps),)
 
 
 class DiffPrivacyRecover:
@@ -99,12 +74,7 @@ class DiffPrivacyRecover:
     CATEGORY = CATEGORY
 
     def recover(self, model, key_e, key_i, steps):
-        info = key_i.get(KEY_I_INFO)
-        if info is not None and int(info["steps"]) != int(steps):
-            raise ValueError(f"this Key-I was made with {info['steps']} DDIM steps; set steps to {info['steps']} "
-                             f"(recovery with {steps} steps starts from the wrong noise level)")
-        sigmas = ddim_sigmas(model.get_model_object("model_sampling"), steps, 1.0)
-        return ({"samples": run_ddim(model, key_e, key_i["samples"], sigmas, sample_ddim)},)
+        return (recover(model, KeyE.from_conditioning(key_e).schedule_every_step(), key_i, steps),)
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyMakeKeyI": DiffPrivacyMakeKeyI, "DiffPrivacyRecover": DiffPrivacyRecover}

@@ -1,26 +1,9 @@
 """DiffPrivacyEmbeddingSchedule: C^{t//100} above tau*T, UC below, as one native CONDITIONING."""
 from __future__ import annotations
 
-from ..guidance.schedule import NUM_STAGES, scheduled_conditioning, split_stage_conditioning
+from ..inversion.key_e import KeyE, encode_text
 
 CATEGORY = "Diff-Privacy"
-
-
-def encode_text(clip, text: str):
-    """One conditioning entry [tensor, extras] for a prompt, as CLIPTextEncode makes it."""
-    tokens = clip.tokenize(text)
-    return clip.encode_from_tokens_scheduled(tokens)[0]
-
-
-def stage_texts(text: str) -> list[str]:
-    """Ten stage prompts from a multi-line string: one line for all stages, or exactly ten lines."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if len(lines) == 1:
-        return lines * NUM_STAGES
-    if len(lines) != NUM_STAGES:
-        raise ValueError(f"stage_text needs one line (used for every stage) or {NUM_STAGES} lines "
-                         f"(C^0 ... C^9, lowest noise first); it has {len(lines)} non-empty lines")
-    return lines
 
 
 class DiffPrivacyEmbeddingSchedule:
@@ -58,16 +41,15 @@ class DiffPrivacyEmbeddingSchedule:
     def schedule(self, clip, tau, stage_text, stage_conditioning=None):
         uncond = encode_text(clip, "")
         if stage_conditioning is not None:
-            stages = split_stage_conditioning(stage_conditioning)
+            key_e = KeyE.from_conditioning(stage_conditioning, allow_text=False)
         else:
-            encoded: dict[str, list] = {}
-            stages = [encoded.setdefault(t, encode_text(clip, t)) for t in stage_texts(stage_text)]
+            key_e = KeyE.from_texts(clip, stage_text)
         width = uncond[0].shape[-1]
-        for i, (tensor, _) in enumerate(stages):
+        for i, (tensor, _) in enumerate(key_e.entries):
             if tensor.shape[-1] != width:
                 raise ValueError(f"stage conditioning C^{i} has width {tensor.shape[-1]} but this CLIP encodes "
                                  f"width {width}: the Key-E was made with another text encoder")
-        return scheduled_conditioning(stages, uncond, tau), [uncond]
+        return key_e.schedule(uncond, tau), [uncond]
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyEmbeddingSchedule": DiffPrivacyEmbeddingSchedule}

@@ -22,8 +22,8 @@ from PIL import Image
 from diffprivacy.inversion import fingerprint as fp
 from diffprivacy.inversion.fingerprint import clip_fingerprint, model_fingerprint
 from diffprivacy.inversion.keyfile import is_sealed, read_key_file
-from diffprivacy.nodes.key_nodes import (DiffPrivacyLoadKey, DiffPrivacySaveImageClean, DiffPrivacySaveKey,
-                                         list_key_files)
+from diffprivacy.nodes.common import list_key_files
+from diffprivacy.nodes.key_nodes import DiffPrivacyLoadKey, DiffPrivacySaveImageClean, DiffPrivacySaveKey
 
 Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # as ModelPatcher.backup stores
 

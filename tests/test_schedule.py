@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from diffprivacy.guidance.schedule import (NUM_STAGES, scheduled_conditioning, split_stage_conditioning,
-                                           stage_of, stage_timestep_ranges, uses_uncond)
+from diffprivacy.guidance.schedule import NUM_STAGES, scheduled_conditioning, stage_of, stage_timestep_ranges, uses_uncond
+from diffprivacy.inversion.key_e import KeyE
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.05, 0.4, 0.45, 0.6, 0.999, 1.0])
@@ -26,13 +26,13 @@ def test_bad_tau_and_bad_stage_lists_are_refused():
     with pytest.raises(ValueError, match="10 stage"):
         scheduled_conditioning([c] * 9, c, 0.4)
     with pytest.raises(ValueError, match="ten stages"):
-        split_stage_conditioning([[torch.zeros(3, 77, 8), {}]])
+        KeyE.from_conditioning([[torch.zeros(3, 77, 8), {}]])
 
 
 def test_batch_of_ten_splits_into_stages_with_pooled_outputs():
     t = torch.arange(NUM_STAGES, dtype=torch.float32).view(NUM_STAGES, 1, 1).expand(NUM_STAGES, 77, 8)
     pooled = torch.arange(NUM_STAGES, dtype=torch.float32).view(NUM_STAGES, 1).expand(NUM_STAGES, 8)
-    stages = split_stage_conditioning([[t, {"pooled_output": pooled}]])
+    stages = KeyE.from_conditioning([[t, {"pooled_output": pooled}]]).stage_entries()
     assert [float(s[0][0, 0, 0]) for s in stages] == list(range(NUM_STAGES))
     assert [float(s[1]["pooled_output"][0, 0]) for s in stages] == list(range(NUM_STAGES))
 

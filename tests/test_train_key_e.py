@@ -9,11 +9,13 @@ import torch
 
 import comfy.model_management
 from diffprivacy.guidance.autograd import gradients_enabled
-from diffprivacy.inversion.ddim import ddim_invert, ddim_sigmas, sample_ddim
+from diffprivacy.guidance.schedule import stage_of
+from diffprivacy.guidance.ddim import ddim_sigmas
+from diffprivacy.inversion.ddim import ddim_invert, sample_ddim
 from diffprivacy.inversion.key_e_file import read_key_e_file, write_key_e_file
 from diffprivacy.inversion.text_injection import PseudoTokenEncoder
 from diffprivacy.inversion.train_key_e import (KeyETrainingOptions, KeyETrainingState, epsilon_loss, new_msi,
-                                               prepare_training_image, stages_of, train_key_e)
+                                               prepare_training_image, train_key_e)
 from key_e_tiny import load_tiny_models, strengthen_cross_attention
 
 RES = 64  # pixels: 8x8 latents keep the tiny UNet fast
@@ -80,10 +82,10 @@ def test_loss_is_the_papers_epsilon_mse(models, image):
             # the paper's form: z_t = sqrt(abar) z0 + sqrt(1 - abar) eps, UNet at t with C^{t//100}
             abar = 1.0 / (1.0 + m.model.model_sampling.sigma(t) ** 2)
             z_t = abar.sqrt().view(-1, 1, 1, 1) * z0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
-            cond, _ = enc.encode(msi(data.features[[0, 0, 0]], stages_of(t, 1000)))
+            cond, _ = enc.encode(msi(data.features[[0, 0, 0]], stage_of(t, 1000)))
             eps_theta = m.model.diffusion_model(z_t, t.float(), context=cond)
             expected = torch.mean((eps - eps_theta) ** 2)
-    assert stages_of(t, 1000).tolist() == [0, 2, 9]
+    assert stage_of(t, 1000).tolist() == [0, 2, 9]
     assert abs(float(loss) - float(expected)) < 1e-4 * float(expected)
 
 
@@ -169,7 +171,7 @@ def test_learned_key_e_recovers_the_image_better_than_uc_as_key_e(models, image)
 
         def denoiser(stage_conds):
             def model(x, sigma):
-                stage = int(stages_of(ms.timestep(sigma[:1]).cpu(), 1000))
+                stage = int(stage_of(ms.timestep(sigma[:1]).cpu(), 1000))
                 return m.model.apply_model(x, sigma, c_crossattn=stage_conds[stage:stage + 1])
             return model
 

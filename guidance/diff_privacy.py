@@ -1,0 +1,90 @@
+"""Diff-Privacy Stage II (paper Sec. 2.3.3-2.3.4, Alg. 1 lines 4-8): anonymization and visual identity
+hiding as one function each, on the guided DDIM sampler of :mod:`.guided_ddim`.
+
+Both noise the working image's latent to ``sigmas[0]`` (strength S_ns of an S-step DDIM grid) and
+denoise it under the embedding schedule (Key-E above tau, UC below) while identity guidance moves
+every step against an energy of the face's embedding:
+
+* anonymization: E = L_Idis + w_div * L_div (away from the original, and the outputs apart), lambda
+  constant (paper: 1), four independent noisings;
+* hiding: E = L_is (recognisers keep the identity while people do not), lambda 1.5 above tau and
+  2.5 below (reference code), the face re-detected every 10 steps since the strong noising lets it move.
+
+The schedule arrives as a native CONDITIONING (built from Key-E by the caller), so this module does not
+know where Key-E came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ddim import ddim_sigmas
+from .energy import Energy, anonymize_energy, hide_energy
+from .guided_ddim import GuidanceScale, IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
+from .sampling import sample_with_comfy
+from .vae_decode import make_vae_decoder
+
+
+@dataclass
+class Protection:
+    """What a protection run returns: images and latents, and its parts for rewiring with stock nodes."""
+    images: torch.Tensor   # IMAGE (N, H, W, 3)
+    latents: dict          # LATENT
+    sampler: object        # SAMPLER (comfy.samplers.KSAMPLER)
+    sigmas: torch.Tensor   # SIGMAS
+
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def build_guidance(model, vae, face_model, image: torch.Tensor, energy: Energy, gradient_chunk: int = 0,
+                   redetect_every: int = 0) -> IdentityGuidance:
+    """Identity guidance with the face of ``image`` (a working image, one) as the reference."""
+    return IdentityGuidance.from_image(face_model, make_vae_decoder(vae, model), image[0], energy,
+                                       chunk=gradient_chunk, redetect_every=redetect_every)
+
+
+def guided_sampler(model, vae, face_model, image: torch.Tensor, task: str, tau: float, lambda_above: float,
+                   lambda_below: float, diversity_weight: float = 1.0, through_unet: bool = False,
+                   redetect_every: int = 0):
+    """The identity-guided DDIM of a task ("anonymize" or "hide") as a native SAMPLER."""
+    if task not in ("anonymize", "hide"):
+        raise ValueError(f"task must be 'anonymize' or 'hide', got {task!r}")
+    energy = anonymize_energy(1.0, diversity_weight) if task == "anonymize" else hide_energy()
+    guidance = build_guidance(model, vae, face_model, image, energy, redetect_every=redetect_every)
+    scale = stage_guidance_scale(model_sampling(model), tau, lambda_above, lambda_below)
+    return guided_ddim_sampler(guidance, scale, through_unet=through_unet)
+
+
+def run_protection(model, vae, image: torch.Tensor, guidance: IdentityGuidance, scale: GuidanceScale | float,
+                   schedule, steps: int, strength: float, seed: int, num_outputs: int) -> Protection:
+    """Noise the working image's latent ``num_outputs`` times to sigmas[0] (seeded: one independent noising
+    per output) and denoise every copy together with the guided DDIM under ``schedule``."""
+    import comfy.sample
+
+    sampler = guided_ddim_sampler(guidance, scale)
+    sigmas = ddim_sigmas(model_sampling(model), steps, strength)
+    batch = vae.encode(image).repeat(num_outputs, 1, 1, 1)
+    noise = comfy.sample.prepare_noise(batch, seed)
+    samples = sample_with_comfy(model, sampler, sigmas, schedule, batch, noise, seed)
+    return Protection(vae.decode(samples), {"samples": samples}, sampler, sigmas)
+
+
+def anonymize(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, steps: int = 50,
+              strength: float = 0.6, num_outputs: int = 4, guidance_scale: float = 1.0,
+              diversity_weight: float = 1.0) -> Protection:
+    """Anonymization (Sec. 2.3.3) with the paper's defaults; ``image`` is the working image (one)."""
+    guidance = build_guidance(model, vae, face_model, image, anonymize_energy(1.0, diversity_weight))
+    return run_protection(model, vae, image, guidance, float(guidance_scale), schedule, steps, strength, seed,
+                          num_outputs)
+
+
+def hide(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, tau: float = 0.6, steps: int = 100,
+         strength: float = 0.8, num_outputs: int = 1, lambda_above: float = 1.5, lambda_below: float = 2.5,
+         redetect_every: int = 10) -> Protection:
+    """Visual identity hiding (Sec. 2.3.4) with the reference code's defaults; ``tau`` must be the schedule's."""
+    guidance = build_guidance(model, vae, face_model, image, hide_energy(), redetect_every=redetect_every)
+    scale = stage_guidance_scale(model_sampling(model), tau, lambda_above, lambda_below)
+    return run_protection(model, vae, image, guidance, scale, schedule, steps, strength, seed, num_outputs)

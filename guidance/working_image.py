@@ -1,0 +1,62 @@
+"""The working image: the one picture that Key-E learning, protection, guidance and Key-I all see.
+
+Key-E is learned on the photo squashed to resolution² (the reference's bicubic resize), so every
+later stage must see exactly the same pixels, or the key and the protected image disagree. One
+definition here, used by all of them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_resolution(resolution: int) -> int:
+    """0 (keep the photo's size) or a multiple of 8 of at least 64."""
+    resolution = int(resolution)
+    if resolution and (resolution < 64 or resolution % 8):
+        raise ValueError(f"resolution must be 0 (keep the image's size) or a multiple of 8 of at least 64, "
+                         f"got {resolution}")
+    return resolution
+
+
+def resize_for_training(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Bicubic squash to resolution² (reference), or crop to a multiple of 8 when resolution is 0."""
+    if image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an IMAGE [B, H, W, 3], got {tuple(image.shape)}")
+    image = image[..., :3].float()
+    if resolution:
+        x = F.interpolate(image.movedim(-1, 1), size=(resolution, resolution), mode="bicubic", antialias=True)
+        return x.clamp(0, 1).movedim(1, -1)
+    h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
+    if h < 64 or w < 64:
+        raise ValueError(f"the image is too small ({image.shape[1]}x{image.shape[2]}); at least 64x64 is needed")
+    return image[:, :h, :w]
+
+
+def crop_to_latent_grid(image: torch.Tensor, vae) -> torch.Tensor:
+    """Centre-crop an IMAGE to a multiple of the VAE's downscale, exactly as VAE.encode does,
+    so that face landmarks found on the crop line up with the decoded predictions."""
+    ratio = getattr(vae, "downscale_ratio", 8)
+    ratio = ratio if isinstance(ratio, int) else 8
+    for dim in (1, 2):
+        size = image.shape[dim]
+        keep = (size // ratio) * ratio
+        if keep == 0:
+            raise ValueError(f"the image ({image.shape[1]}x{image.shape[2]}) is smaller than one latent cell")
+        image = image.narrow(dim, (size % ratio) // 2, keep)
+    return image
+
+
+def single_image(image: torch.Tensor) -> torch.Tensor:
+    """The one image of a batch of one (RGB); a larger batch is refused with what to do instead."""
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"Diff-Privacy protects one image at a time (its Key-E belongs to one image); got a batch of "
+                         f"{image.shape[0] if image.dim() == 4 else '?'} images. Split the batch and run each image "
+                         "with its own Key-E.")
+    return image[..., :3]
+
+
+def working_image(image: torch.Tensor, vae, resolution: int) -> torch.Tensor:
+    """The one image protection, guidance and Key-I work on, resized as Key-E learning resizes it."""
+    resolution = check_resolution(resolution)
+    return crop_to_latent_grid(resize_for_training(single_image(image), resolution), vae)

@@ -1,0 +1,185 @@
+"""The ComfyUI conventions every node module of the pack shares (not a node module).
+
+- :func:`tip`: an input's options with its tooltip (every input has one);
+- :class:`StepProgress`: ComfyUI's progress bar plus a line of text, checking for Cancel;
+- :func:`list_key_files` / :func:`resolve_key_path`: key files under output/diffprivacy/, and nowhere
+  outside ComfyUI's output and input folders;
+- :func:`write_new_output_file`: output files under new names, never replacing an existing file;
+- :func:`rgb_batch` / :func:`paired_batches` / :func:`parse_labels`: IMAGE batches and per-image labels;
+- :data:`PASSWORD_WARNING`: what every password widget says about where its value travels.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..guidance.host import check_interrupt, progress_bar, send_progress_text
+
+CATEGORY = "Diff-Privacy"
+MAX_NAME_TRIES = 1000
+KEY_SUBFOLDER = "diffprivacy"  # under the output folder; the key loaders list key files from here
+KEY_SUFFIX = ".safetensors"
+
+# Widget values, passwords included, travel in the workflow JSON (and in the server's history).
+PASSWORD_WARNING = ("The password is stored in the workflow JSON like any widget value: do not save or share "
+                    "workflows that contain it, and save protected images with the no-metadata saver.")
+
+
+def tip(text: str, **options) -> dict:
+    """An input's option dict with its tooltip."""
+    return dict(options, tooltip=text)
+
+
+RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
+                  "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
+                  "image's own size, cropped to a multiple of 8. Protection and Make Key-I must use the same value "
+                  "for recovery to match.")
+
+
+def resolution_input(what: str):
+    """The shared working-resolution widget (see :mod:`guidance.working_image`)."""
+    return ("INT", tip(RESOLUTION_TIP.format(what=what), default=512, min=0, max=4096, step=8))
+
+
+class StepProgress:
+    """ComfyUI's progress bar for ``total`` steps, with an optional text line (throttled) and a Cancel check.
+
+    Call it with the number of steps done; it raises ComfyUI's interrupt exception when the user
+    pressed Cancel. Works without a server (then it only counts).
+    """
+
+    def __init__(self, total: int, node_id=None, text_every_s: float = 0.5):
+        self.total = max(int(total), 1)
+        self.bar = progress_bar(self.total)
+        self.node_id = node_id
+        self.text_every_s = text_every_s
+        self._last_text = 0.0
+
+    def __call__(self, done: int, text: str | None = None, preview=None) -> None:
+        if self.bar is not None:
+            self.bar.update_absolute(done, self.total, preview)
+        if text is not None:
+            now = time.monotonic()
+            if now - self._last_text > self.text_every_s or done >= self.total:
+                self._last_text = now
+                send_progress_text(text, self.node_id)
+        check_interrupt()
+
+
+def write_new_output_file(filename_prefix: str, suffix: str, write, image_size: tuple[int, int] | None = None
+                          ) -> tuple[Path, str]:
+    """Write a new file ``{prefix}_{counter:05}_{suffix}`` under ComfyUI's output folder; never replace one.
+
+    ``filename_prefix`` may name a subfolder ("diffprivacy/key"); ComfyUI's own rule refuses one that
+    leaves the output folder. ``write(path)`` must create the file exclusively and raise FileExistsError
+    when it exists (another run may take a name between the folder scan and the write): the counter then
+    goes up. Returns (path, the name relative to the output folder, for the UI).
+    """
+    import folder_paths
+    width, height = image_size if image_size is not None else (0, 0)
+    folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+        filename_prefix, folder_paths.get_output_directory(), width, height)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for _ in range(MAX_NAME_TRIES):
+        file = f"{name}_{counter:05}_{suffix}"
+        path = Path(folder) / file
+        try:
+            write(path)
+        except FileExistsError:
+            counter += 1
+            continue
+        return path, f"{subfolder}/{file}" if subfolder else file
+    raise ValueError(f"no free file name for prefix {filename_prefix!r} after {MAX_NAME_TRIES} tries")
+
+
+def claim_unused(path: Path) -> None:
+    """A ``write`` for :func:`write_new_output_file` that only checks the name is free (the caller writes later)."""
+    if path.exists():
+        raise FileExistsError(path)
+
+
+def rgb_batch(image, name: str = "image") -> torch.Tensor:
+    """A ComfyUI IMAGE as (B, H, W, 3) float: grayscale repeated, alpha dropped, other layouts refused."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        raise ValueError(f"{name} must be an IMAGE batch (B, H, W, C), got "
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}")
+    c = image.shape[-1]
+    if c == 1:
+        image = image.expand(-1, -1, -1, 3)
+    elif c == 4:
+        image = image[..., :3]
+    elif c != 3:
+        raise ValueError(f"{name} has {c} channels; expected RGB (3), RGBA (4) or grayscale (1)")
+    return image.float()
+
+
+def paired_batches(a, b, name_a: str, name_b: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two IMAGE batches compared image by image: both RGB, equally long."""
+    a, b = rgb_batch(a, name_a), rgb_batch(b, name_b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} has {a.shape[0]} image(s) but {name_b} has {b.shape[0]}: image i of one is "
+                         f"compared with image i of the other, so the batches must be equally long")
+    return a, b
+
+
+def parse_labels(text: str, n: int) -> list[str]:
+    """One identity label per image, separated by commas or new lines."""
+    labels = [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
+    if len(labels) != n:
+        raise ValueError(f"identities lists {len(labels)} label(s) but there are {n} image(s): give one label per "
+                         f"image, in batch order, separated by commas (e.g. 'anna, anna, ben')")
+    return labels
+
+
+def key_folder() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_output_directory()) / KEY_SUBFOLDER
+
+
+def list_key_files() -> list[str]:
+    """Key files under output/diffprivacy/, as forward-slash paths relative to it."""
+    root = key_folder()
+    if not root.is_dir():
+        return []
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if f.endswith(KEY_SUFFIX) and not f.startswith("."):
+                found.append((Path(folder) / f).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_key_path(key_file: str, key_path: str = "") -> Path:
+    """The key file to read: ``key_path`` when given (under ComfyUI's output or input folder), else
+    ``key_file`` relative to output/diffprivacy/. Reading elsewhere is refused: a server must not be
+    made to open arbitrary files."""
+    import folder_paths
+    output = Path(folder_paths.get_output_directory()).resolve()
+    if key_path and key_path.strip():
+        p = Path(key_path.strip()).expanduser()
+        p = (p if p.is_absolute() else output / p).resolve()
+        roots = (output, Path(folder_paths.get_input_directory()).resolve())
+        if not any(_inside(p, r) for r in roots):
+            raise ValueError(f"key_path must lie inside ComfyUI's output or input folder ({roots[0]} or {roots[1]}); "
+                             f"got {p}")
+        return p
+    if not key_file:
+        raise ValueError(f"no key file chosen: save one with Save Key (it lands in output/{KEY_SUBFOLDER}/), "
+                         "refresh, and pick it, or give key_path")
+    root = key_folder().resolve()
+    p = (root / key_file).resolve()
+    if not _inside(p, root):
+        raise ValueError(f"key_file must lie inside output/{KEY_SUBFOLDER}/; got {key_file!r}")
+    return p
