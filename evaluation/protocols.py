@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from .analysis import analyse_face, embed_at
-from .identity import cos_ie, diversity_summary, identity_distance, leave_one_out_identification
+from .identity import (cos_ie, diversity_summary, identity_distance, leave_one_out_identification,
+                       protection_outcome)
 from .images import match_size
 from .pixel_metrics import all_pixel_metrics
 from .utility import utility_pair
@@ -52,7 +53,7 @@ def protection_rate(face_model, originals: torch.Tensor, protected: torch.Tensor
             e = analyse_face(face_model, p).embedding if alignment == ALIGNMENTS[0] else embed_at(face_model, p,
                                                                                                     ao.landmarks)
             d = None if e is None else identity_distance(face_model, ao.embedding, e)
-            ok = d is None or d >= face_model.threshold
+            ok = protection_outcome(face_model, ao.embedding, e)
             outcomes.append(ok)
             rows.append({"index": i, "distance": d, "protected": ok,
                          **({"note": "no face detected in the protected image"} if d is None else {})})

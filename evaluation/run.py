@@ -15,7 +15,7 @@ import torch
 
 from .analysis import FaceAnalysis, analyse_face, embed_at
 from .identity import (cos_ie, diversity_summary, identity_distance, leave_one_out_identification,
-                       protection_success_rate)
+                       protection_outcome, protection_success_rate)
 from .images import match_size
 from .lpips import LPIPSUnavailable, load_lpips
 from .pixel_metrics import all_pixel_metrics
@@ -140,16 +140,12 @@ def _analyse_item(model, mname, item, original, protected, recovered, r: dict, e
     if protected is not None:
         aligned = embed_at(model, protected, ao.landmarks)
         r["distance_aligned"] = identity_distance(model, ao.embedding, aligned)
-        r["protected_aligned"] = r["distance_aligned"] >= model.threshold
+        r["protected_aligned"] = protection_outcome(model, ao.embedding, aligned)
         # Success as DIFP's Eq. 23 counts it: the protected image's own face (if any) is not matched.
-        if ap.detected:
-            r["distance"] = identity_distance(model, ao.embedding, ap.embedding)
-            r["protected"] = r["distance"] >= model.threshold
-            emb["protected"][item.name] = ap.embedding
-        else:
-            r["distance"] = None
-            r["protected"] = True
-            emb["protected"][item.name] = aligned  # for identification: the best alignment there is
+        r["distance"] = identity_distance(model, ao.embedding, ap.embedding) if ap.detected else None
+        r["protected"] = protection_outcome(model, ao.embedding, ap.embedding)
+        # for identification: the protected face as detected, else the best alignment there is
+        emb["protected"][item.name] = ap.embedding if ap.detected else aligned
     if recovered is not None:
         e = embed_at(model, recovered, ao.landmarks)
         r["recovered_cos_ie"] = cos_ie(ao.embedding, e)

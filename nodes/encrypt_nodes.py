@@ -130,25 +130,39 @@ _PARTS_TIPS = ("The guided DDIM sampler built here (for SamplerCustom).",
                "The scheduled Key-E/UC conditioning (positive; cfg 1.0).")
 
 
-class DiffPrivacyAnonymize:
+class _ProtectionNode:
+    """What Anonymize and Hide share: their outputs (the result and its parts for rewiring)."""
+    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS
+    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule")
+    CATEGORY = CATEGORY
+
+    PAPER = (50, 0.6, 0.4, 4)  # steps, strength, tau, outputs (the defaults shown)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**_task_inputs(*cls.PAPER), **cls.guidance_inputs()}}
+
+    @staticmethod
+    def _outputs(run, schedule):
+        return run.images, run.latents, run.sampler, run.sigmas, schedule
+
+
+class DiffPrivacyAnonymize(_ProtectionNode):
     DESCRIPTION = ("Diff-Privacy anonymization (paper Sec. 2.3.3): num_outputs noisings of the original, denoised "
                    "with Key-E above tau and UC below, guided by L_Idis + L_div so every output has a different "
                    "identity from the original and from each other. Defaults are the paper's.")
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        req = _task_inputs(50, 0.6, 0.4, 4)
-        req["guidance_scale"] = ("FLOAT", tip("lambda, the identity guidance scale (paper: 1).",
-                                               default=1.0, min=0.0, max=100.0, step=0.05))
-        req["diversity_weight"] = ("FLOAT", tip("Weight of L_div (outputs apart) against L_Idis (paper: 1).",
-                                                 default=1.0, min=0.0, max=100.0, step=0.05))
-        return {"required": req}
+    PAPER = (50, 0.6, 0.4, 4)
 
-    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS
-    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule")
+    @staticmethod
+    def guidance_inputs():
+        return {"guidance_scale": ("FLOAT", tip("lambda, the identity guidance scale (paper: 1).",
+                                                default=1.0, min=0.0, max=100.0, step=0.05)),
+                "diversity_weight": ("FLOAT", tip("Weight of L_div (outputs apart) against L_Idis (paper: 1).",
+                                                  default=1.0, min=0.0, max=100.0, step=0.05))}
+
     OUTPUT_TOOLTIPS = ("The anonymized images.", "Their latents.") + _PARTS_TIPS
     FUNCTION = "anonymize"
-    CATEGORY = CATEGORY
 
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
                   guidance_scale, diversity_weight, resolution=512):
@@ -156,32 +170,29 @@ class DiffPrivacyAnonymize:
         run = diff_privacy.anonymize(model, vae, face_model, working_image(image, vae, resolution), schedule,
                                      seed=seed, steps=steps, strength=strength, num_outputs=num_outputs,
                                      guidance_scale=guidance_scale, diversity_weight=diversity_weight)
-        return run.images, run.latents, run.sampler, run.sigmas, schedule
+        return self._outputs(run, schedule)
 
 
-class DiffPrivacyHide:
+class DiffPrivacyHide(_ProtectionNode):
     DESCRIPTION = ("Diff-Privacy visual identity hiding (paper Sec. 2.3.4): a strong noising of the original, "
                    "denoised with Key-E above tau and UC below, guided by L_is so that face recognizers still "
                    "recognise the person while people do not. Defaults are the reference code's.")
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        req = _task_inputs(100, 0.8, 0.6, 1)
-        req["lambda_above"] = ("FLOAT", tip("Guidance scale where t > tau*T (reference: 1.5).",
-                                             default=1.5, min=0.0, max=100.0, step=0.05))
-        req["lambda_below"] = ("FLOAT", tip("Guidance scale where t <= tau*T (reference: 2.5).",
-                                             default=2.5, min=0.0, max=100.0, step=0.05))
-        req["redetect_every"] = ("INT", tip(REDETECT_TIP.format(
-            default="10: hiding noises to 0.8 T, so the face can move from the original's place; 7 detections "
-                    "per output over the 80 steps run, little next to the UNet"),
-            default=10, min=0, max=1000))
-        return {"required": req}
+    PAPER = (100, 0.8, 0.6, 1)  # the reference code's
 
-    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS
-    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule")
+    @staticmethod
+    def guidance_inputs():
+        return {"lambda_above": ("FLOAT", tip("Guidance scale where t > tau*T (reference: 1.5).",
+                                              default=1.5, min=0.0, max=100.0, step=0.05)),
+                "lambda_below": ("FLOAT", tip("Guidance scale where t <= tau*T (reference: 2.5).",
+                                              default=2.5, min=0.0, max=100.0, step=0.05)),
+                "redetect_every": ("INT", tip(REDETECT_TIP.format(
+                    default="10: hiding noises to 0.8 T, so the face can move from the original's place; 7 "
+                            "detections per output over the 80 steps run, little next to the UNet"),
+                    default=10, min=0, max=1000))}
+
     OUTPUT_TOOLTIPS = ("The identity-hidden images.", "Their latents.") + _PARTS_TIPS
     FUNCTION = "hide"
-    CATEGORY = CATEGORY
 
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
              lambda_above, lambda_below, redetect_every=10, resolution=512):
@@ -189,7 +200,7 @@ class DiffPrivacyHide:
         run = diff_privacy.hide(model, vae, face_model, working_image(image, vae, resolution), schedule, seed=seed,
                                 tau=tau, steps=steps, strength=strength, num_outputs=num_outputs,
                                 lambda_above=lambda_above, lambda_below=lambda_below, redetect_every=redetect_every)
-        return run.images, run.latents, run.sampler, run.sigmas, schedule
+        return self._outputs(run, schedule)
 
 
 class DiffPrivacyTextKeyE:
