@@ -22,6 +22,7 @@ NODE_MODULES = (
     "face_nodes",
     "eval_nodes",
     "baseline_nodes",
+    "identity_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}
