@@ -20,7 +20,8 @@ sys.path[:0] = [str(HERE), str(REPO / "tests")]  # a dev script: the builder and
 from harness import ComfyServer  # noqa: E402
 
 # Modules defining `workflows() -> list[Graph]`, listed explicitly.
-DEFINITIONS = ["workflows_schedule", "workflows_encrypt", "workflows_key_e", "workflows_eval"]
+DEFINITIONS = ["workflows_schedule", "workflows_encrypt", "workflows_key_e", "workflows_eval",
+               "workflows_identity"]
 
 
 def main() -> int:
