@@ -66,3 +66,33 @@ def resident_clone(patcher):
     if _accepts(patcher.clone, "disable_dynamic"):
         return patcher.clone(disable_dynamic=True)
     return patcher.clone()
+
+
+def clip_load_device(clip):
+    """The device a CLIP's text encoder runs on: its patcher's load device (newer ComfyUI sets the
+    encoder's ``execution_device`` that way and may keep the weights elsewhere until use)."""
+    patcher = getattr(clip, "patcher", None)
+    device = getattr(patcher, "load_device", None)
+    if device is not None:
+        return device
+    return next(clip.cond_stage_model.parameters()).device
+
+
+def clip_preprocess(*args, **kwargs):
+    """ComfyUI's CLIP-vision preprocessing: ``comfy.clip_model.clip_preprocess`` where it lives now
+    (0.38), ``comfy.clip_vision.clip_preprocess`` in 0.3.75 (kept there as an alias marked for removal)."""
+    try:
+        from comfy.clip_model import clip_preprocess as preprocess
+    except ImportError:
+        from comfy.clip_vision import clip_preprocess as preprocess
+    return preprocess(*args, **kwargs)
+
+
+def cast_to(*args, **kwargs):
+    """``comfy.model_management.cast_to`` (0.38), or ``comfy.ops.cast_to`` (0.3.75, an alias in 0.38)."""
+    import comfy.model_management as mm
+    fn = getattr(mm, "cast_to", None)
+    if fn is None:
+        import comfy.ops
+        fn = comfy.ops.cast_to
+    return fn(*args, **kwargs)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .autograd import thaw_inference_tensors
+from .host import resident_clone
 
 
 def unclamped_output(process_output: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -50,20 +51,23 @@ class VaeDecoder:
         self.vae = vae
         self.process_out = process_out
         self.process_output = unclamped_output(vae.process_output)
+        # Our own resident copy of the VAE's patcher: newer ComfyUI streams weights ("dynamic VRAM") unless
+        # asked not to, and autograd must not meet streamed copies. On 0.3.75 the clone shares the module.
+        patcher = getattr(vae, "patcher", None)
+        self.patcher = resident_clone(patcher) if patcher is not None else None
+        self.decoder = self.patcher.model if self.patcher is not None else vae.first_stage_model
         self._thawed = False
 
     def __call__(self, latent: torch.Tensor) -> torch.Tensor:
         vae = self.vae
-        try:
+        if self.patcher is not None:
             import comfy.model_management as mm
-            mm.load_models_gpu([vae.patcher])  # what VAE.decode does first
-        except (ImportError, AttributeError):
-            pass
+            mm.load_models_gpu([self.patcher], force_full_load=True)  # what VAE.decode does first, kept resident
         if not self._thawed and not torch.is_inference_mode_enabled():
-            thaw_inference_tensors(vae.first_stage_model)
+            thaw_inference_tensors(self.decoder)
             self._thawed = True
         raw = self.process_out(latent)
-        out = vae.first_stage_model.decode(raw.to(device=vae.device, dtype=vae.vae_dtype))
+        out = self.decoder.decode(raw.to(device=vae.device, dtype=vae.vae_dtype))
         image = self.process_output(out.float())
         return image[:, :3].to(latent.device)
 

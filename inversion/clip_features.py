@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from ..guidance.host import clip_preprocess
+
 DEFAULT_LAYERS = (3, 7, 11, 15, 24)
 
 
@@ -56,7 +58,6 @@ def clip_layer_features(clip_vision, images: torch.Tensor, layers: Sequence[int]
 
     ``images``: ComfyUI IMAGE [B, H, W, C] in [0, 1].
     """
-    import comfy.clip_vision
     import comfy.model_management
 
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
@@ -68,9 +69,9 @@ def clip_layer_features(clip_vision, images: torch.Tensor, layers: Sequence[int]
 
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
-    pixels = comfy.clip_vision.clip_preprocess(images.to(device=device, dtype=torch.float32),
-                                               size=clip_vision.image_size, mean=clip_vision.image_mean,
-                                               std=clip_vision.image_std, crop=True)
+    pixels = clip_preprocess(images.to(device=device, dtype=torch.float32),
+                             size=clip_vision.image_size, mean=clip_vision.image_mean, std=clip_vision.image_std,
+                             crop=True)
     _, all_hidden, _, _ = clip_vision.model(pixel_values=pixels, intermediate_output="all")
     # all_hidden: [B, n_layers, tokens, width]; index k-1 is the output of layer k (pre post-layernorm)
     picked = all_hidden[:, [k - 1 for k in layers]]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..guidance.host import cast_to, clip_load_device
+
 PLACEHOLDER = "*"
 
 
@@ -84,7 +86,7 @@ class PseudoTokenEncoder:
             seq = list(self.token_ids)
             seq[self.position] = row  # spliced in by SDClipModel.process_tokens
             batch.append(seq)
-        device = self.text_model.transformer.get_input_embeddings().weight.device
+        device = clip_load_device(self.clip)  # where the encoder runs (0.38: not necessarily its weights' device)
         embeds, attention_mask, num_tokens, _ = self.text_model.process_tokens(batch, device)
         return text_transformer_forward(self.text_model, embeds, attention_mask, num_tokens)
 
@@ -97,11 +99,10 @@ class PseudoTokenEncoder:
 def text_transformer_forward(text_model, embeds: torch.Tensor, attention_mask: torch.Tensor, num_tokens):
     """SDClipModel.forward from token embeddings, without in-place ops: (cond, pooled or None)."""
     from comfy.ldm.modules.attention import optimized_attention_for_device
-    import comfy.ops
 
     clip_text = text_model.transformer  # comfy.clip_model.CLIPTextModel
     inner = clip_text.text_model
-    x = embeds + comfy.ops.cast_to(inner.embeddings.position_embedding.weight, dtype=embeds.dtype, device=embeds.device)
+    x = embeds + cast_to(inner.embeddings.position_embedding.weight, dtype=embeds.dtype, device=embeds.device)
 
     n = x.shape[1]
     mask = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance.autograd import gradients_enabled, thaw_inference_tensors
-from ..guidance.host import interrupt_exceptions
+from ..guidance.host import interrupt_exceptions, resident_clone
 from ..guidance.working_image import resize_for_training
 from .clip_features import DEFAULT_LAYERS, clip_layer_features, parse_layers, vision_width
 from ..guidance.schedule import NUM_STAGES, stage_of
@@ -177,6 +177,8 @@ def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, opti
     import comfy.model_management
 
     options = options.validated()
+    # Back-propagation needs weights that stay put: newer ComfyUI streams them ("dynamic VRAM") unless asked not to.
+    model_patcher, clip = resident_clone(model_patcher), resident_clone(clip)
     encoder = PseudoTokenEncoder(clip, options.prompt)
     model = model_patcher.model
     if getattr(model.model_sampling, "num_timesteps", None) is None or not hasattr(model.model_sampling, "sigma"):
