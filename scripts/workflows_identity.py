@@ -30,7 +30,7 @@ def identity_from_donor():
                      latent_image=latent.out(0), seed=0, steps=30, cfg=5.0, sampler_name="dpmpp_2m",
                      scheduler="karras", denoise=0.65)
     decoded = g.node("VAEDecode", samples=sampled.out(0), vae=ckpt.out(2))
-    g.node("DiffPrivacySaveImageClean", images=decoded.out(0), filename_prefix="diffprivacy/identity-from-donor")
+    g.node("DiffPrivacySaveImageClean", images=decoded.out(0), filename_prefix="diffprivacy/identity-streams")
     return g
 
 
