@@ -15,11 +15,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-try:  # scripts/dev.sh puts the host and tests/ on PYTHONPATH
-    import conftest  # noqa: F401  (the pack importable as diffprivacy, the fixtures' helpers)
+try:  # scripts/dev.sh puts the host, the pack (as diffprivacy) and tests/ on PYTHONPATH
+    import comfy.cli_args
+    import tiny_models  # noqa: F401
 except ImportError as e:
     raise SystemExit(f"run through `bash scripts/dev.sh python benchmarks/bench_encrypt.py` ({e})")
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    comfy.cli_args.args.cpu = True
 
 
 def _peak():
@@ -56,7 +60,8 @@ def main():
     import comfy.sd
     import comfy_test_pack  # noqa: F401
     import tiny_models
-    from test_encrypt_toys import ToyFaceModel
+    from face_fixtures import small_face_image
+    from toy_models import ToyFaceModel
     from diffprivacy.nodes.encrypt_nodes import DiffPrivacyAnonymize, DiffPrivacyHide
     from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
 
@@ -72,7 +77,7 @@ def main():
         device = model.load_device
         face = loader.load_face_model("mtcnn", "facenet-casia", "auto", device)
         import numpy as np
-        photo = conftest.small_face_image(REPO.parent / "shared/data/photos/obama.jpg", size)  # face-centred crop
+        photo = small_face_image(REPO.parent / "shared/data/photos/obama.jpg", size)  # face-centred crop
         image = torch.from_numpy(np.array(photo)).float()[None] / 255
     else:
         face = ToyFaceModel()

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path[:0] = [str(HERE), str(REPO / "tests")]  # a dev script: the builder and the harness
-
-from harness import ComfyServer  # noqa: E402
+from comfy_server import REPO, ComfyServer  # scripts/, beside this file
 
 # Modules defining `workflows() -> list[Graph]`, listed explicitly.
 DEFINITIONS = ["workflows_schedule", "workflows_encrypt", "workflows_key_e", "workflows_eval",
@@ -28,7 +23,7 @@ def main() -> int:
     graphs = []
     for name in DEFINITIONS:
         graphs += importlib.import_module(name).workflows()
-    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp), test_pack=False) as server:
+    with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp)) as server:
         info = server.object_info
         out = REPO / "example_workflows"
         out.mkdir(exist_ok=True)

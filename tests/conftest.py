@@ -55,7 +55,7 @@ def shared():
 
 
 # -- tiny models, in-process -------------------------------------------------------------------
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]  # tests only: fixtures, harness, builder
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "scripts")]  # tests only: fixture modules, harness; scripts/
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +93,13 @@ def tiny_clip_vision(tiny_clip_vision_path):
 def comfy_server(tmp_path_factory, tiny_checkpoint_path, tiny_clip_vision_path):
     """A real ComfyUI 0.3.75 with this pack, the tiny models under the names the shipped
     workflows use, and a real face photo as input/face.png. Stopped at the end of the session."""
-    from harness import ComfyServer
-    server = ComfyServer(tmp_path_factory.mktemp("comfy"))
+    from harness import ComfyTestServer
+    server = ComfyTestServer(tmp_path_factory.mktemp("comfy"))
     server.put_model("checkpoints", "v1-5-pruned-emaonly.safetensors", tiny_checkpoint_path)
     server.put_model("clip_vision", "clip-vit-large-patch14.safetensors", tiny_clip_vision_path)
     face = SHARED / "data" / "photos" / "obama.jpg"
     if face.exists():
+        from face_fixtures import small_face_image
         small_face_image(face).save(server.base / "input" / "face.png")
     server.start()
     yield server
@@ -115,16 +116,6 @@ def workflow_api(comfy_server):
         ui = _json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
         return ui_to_api(ui, comfy_server.object_info)
     return load
-
-
-def small_face_image(path, size: int = 256):
-    """A real photo cropped to its upper square (where a portrait's face is) and shrunk: the tiny
-    models run at pixel resolution on a 2-core CPU, so workflow tests use small inputs."""
-    from PIL import Image
-    img = Image.open(path).convert("RGB")
-    side = min(img.size)
-    left = (img.width - side) // 2
-    return img.crop((left, 0, left + side, side)).resize((size, size), Image.LANCZOS)
 
 
 def nodes_of(api: dict, class_type: str) -> list[dict]:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED, nodes_of, small_face_image
-from harness import execution_error
-from test_encrypt_workflows import _only, _saved_key
+from conftest import SHARED, nodes_of
+from face_fixtures import small_face_image
+from comfy_server import execution_error
+from workflow_helpers import only, saved_key
 
 STEPS = 4
 
@@ -36,7 +37,7 @@ def _put(comfy_server, name: str, image: Image.Image) -> str:
 
 
 def _protected(comfy_server, entry, api) -> list[Image.Image]:
-    pngs = comfy_server.output_images(entry, _only(api, "DiffPrivacySaveImageClean"))
+    pngs = comfy_server.output_images(entry, only(api, "DiffPrivacySaveImageClean"))
     return [Image.open(io.BytesIO(p)) for p in pngs]
 
 
@@ -78,9 +79,9 @@ def test_a_group_photo_is_protected_on_its_largest_face(comfy_server, workflow_a
     tooltip and IdentityGuidance say so), so a group photo runs instead of failing."""
     group = Image.open(SHARED / "data" / "photos" / "group-6-faces.jpg").convert("RGB").resize((320, 224))
     api = _anonymize(workflow_api, _put(comfy_server, "group.png", group), resolution=0)
-    face_model = [_only(api, "DiffPrivacyFaceModelLoader"), 0]
+    face_model = [only(api, "DiffPrivacyFaceModelLoader"), 0]
     api["9101"] = {"class_type": "DiffPrivacyFaceAnalyze", "inputs": {
-        "face_model": face_model, "image": [_only(api, "LoadImage"), 0], "face": "all", "face_index": 0,
+        "face_model": face_model, "image": [only(api, "LoadImage"), 0], "face": "all", "face_index": 0,
         "if_no_face": "error"}}
     api["9102"] = {"class_type": "PreviewImage", "inputs": {"images": ["9101", 1]}}  # one crop per face
     entry = comfy_server.run(api, timeout=180)
@@ -108,7 +109,7 @@ def test_rgba_grayscale_and_odd_sized_images_are_protected(comfy_server, workflo
     entry = comfy_server.run(api, timeout=120)
     (protected,) = _protected(comfy_server, entry, api)
     assert protected.size == size and protected.mode == "RGB"
-    assert (comfy_server.base / "output" / _saved_key(entry, api)).is_file()
+    assert (comfy_server.base / "output" / saved_key(entry, api)).is_file()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def real_key(comfy_server, workflow_api):
     """A key file written by a normal anonymize-text-key run (relative to the output folder)."""
     _put(comfy_server, "face-64.png", _face((64, 64)))
     api = _anonymize(workflow_api, "face-64.png")
-    return _saved_key(comfy_server.run(api, timeout=120), api)
+    return saved_key(comfy_server.run(api, timeout=120), api)
 
 
 def _recover(workflow_api, **load):

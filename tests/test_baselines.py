@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from test_dlib_face import dlib_faces13, dlib_model, faces13_image
+from face_fixtures import dlib_faces13, dlib_model, faces13_image
 from diffprivacy.evaluation.analysis import embed_at
 from diffprivacy.evaluation.baselines import PRESETS, apply_baseline
 from diffprivacy.evaluation.identity import identity_distance

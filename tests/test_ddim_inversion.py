@@ -5,7 +5,7 @@ import torch
 import comfy.model_sampling
 from diffprivacy.inversion.ddim import (ddim_invert, ddim_recover, ddim_sigmas, ddim_timesteps, key_i_from_vp,
                                         key_i_to_vp, sample_ddim)
-from test_encrypt_toys import GaussianDenoiser, toy_latent
+from toy_models import GaussianDenoiser, toy_latent
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
 """dlib's evaluation recognizer on real photos: the contract's landmark order, its distances
 for same/different people, the box estimated from landmarks, group photos, missing install.
 
-``dlib_faces13()`` (cached per session) analyses faces-13id once for every evaluation test."""
+The dlib model and faces-13id analyses shared with the evaluation tests are in face_fixtures."""
 from __future__ import annotations
 
 import builtins
-import functools
-import json
 
 import pytest
 import torch
@@ -14,26 +12,7 @@ import torch
 from conftest import shared_path
 from diffprivacy.evaluation.analysis import analyse_face, embed_at
 from diffprivacy.evaluation.images import load_image
-
-
-@functools.lru_cache(maxsize=None)
-def dlib_model():
-    from diffprivacy.guidance.face.dlib_face import load_dlib_face_model
-    return load_dlib_face_model()
-
-
-@functools.lru_cache(maxsize=None)
-def dlib_faces13():
-    """(name -> FaceAnalysis, name -> identity label) for all 61 faces-13id photos (~30-60 s, once)."""
-    root = shared_path("data", "faces-13id")
-    groups = json.loads((root / "identities.json").read_text())["identities"]
-    labels = {name: f"id{i}" for i, g in enumerate(groups) for name in g}
-    analyses = {name: analyse_face(dlib_model(), load_image(root / name)) for name in sorted(labels)}
-    return analyses, labels
-
-
-def faces13_image(name: str) -> torch.Tensor:
-    return load_image(shared_path("data", "faces-13id", name))
+from face_fixtures import dlib_model, faces13_image
 
 
 def test_contract_attributes_landmark_order_and_embedding():

@@ -7,7 +7,7 @@ from diffprivacy.inversion.ddim import ddim_sigmas
 from diffprivacy.nodes.encrypt_nodes import (DiffPrivacyAnonymize, DiffPrivacyDDIMSigmas,
                                              DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide, working_image)
 from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
-from test_encrypt_toys import ToyFaceModel
+from toy_models import ToyFaceModel
 
 PROMPTS = [f"a portrait photo, stage {i}, {w}" for i, w in enumerate("red orange yellow green blue indigo violet "
                                                                       "black white grey".split())]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path, small_face_image
+from conftest import shared_path
+from face_fixtures import small_face_image
 
 SIZE = 192    # pixels; the latent is 32 x 24 x 24
 STEPS = 8
@@ -25,7 +26,7 @@ STEP_RMS = 0.01  # latent change per element per step (taef2 latents have std ~0
 def setup():
     from diffprivacy.guidance.face.dlib_face import load_dlib_face_model
     from taef2 import load
-    from test_face_common import casia_face_model
+    from face_fixtures import casia_face_model
 
     photo = shared_path("data", "photos", "obama.jpg")
     encoder, decoder = load(shared_path("weights"))

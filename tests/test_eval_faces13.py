@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from test_dlib_face import dlib_faces13, dlib_model
+from face_fixtures import dlib_faces13, dlib_model
 from diffprivacy.evaluation.identity import leave_one_out_identification
 from diffprivacy.evaluation.images import load_image
 from diffprivacy.evaluation.run import Item, evaluate
@@ -25,7 +25,7 @@ def test_originals_identified_by_dlib():
 
 
 def test_originals_identified_by_facenet_casia():
-    from test_face_common import casia_face_model, faces13
+    from face_fixtures import casia_face_model, faces13
     model = casia_face_model()
     imgs, landmarks, labels = faces13()
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_copy_scores_infinite_psnr_and_zero_protection():
 
 @pytest.mark.parametrize("photo,faces", [("group-6-faces.jpg", (6, 6)), ("group-8-faces.jpg", (7, 8))])
 def test_detection_counts_on_group_photos_with_mtcnn(photo, faces):
-    from test_face_common import casia_face_model
+    from face_fixtures import casia_face_model
     from diffprivacy.evaluation.analysis import analyse_face
     a = analyse_face(casia_face_model(), load_image(shared_path("data", "photos", photo)), embed=False)
     assert faces[0] <= a.n_faces <= faces[1]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, shared_path
-from test_dlib_face import dlib_model, faces13_image
+from conftest import shared_path
+from face_fixtures import dlib_model, faces13_image
 from diffprivacy.evaluation.images import save_image
 from diffprivacy.evaluation.baselines import apply_baseline
 from diffprivacy.nodes import eval_nodes
@@ -51,11 +50,7 @@ def folders(tmp_path):
 
 
 def test_cli_reports_numbers_and_every_bad_file(folders, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import evaluate as cli
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    import evaluate as cli  # scripts/evaluate.py (conftest puts scripts/ on sys.path)
     orig, prot, ids, out = folders
     rc = cli.main(["--originals", str(orig), "--protected", str(prot), "--identities", str(ids), "--out", str(out),
                    "--recognizers", "dlib,nonsense-net"])
@@ -83,11 +78,7 @@ def test_cli_reports_numbers_and_every_bad_file(folders, capsys):
 
 
 def test_cli_refuses_a_missing_folder(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import evaluate as cli
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    import evaluate as cli  # scripts/evaluate.py (conftest puts scripts/ on sys.path)
     assert cli.main(["--originals", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
@@ -142,11 +133,7 @@ def test_report_node_shows_tables_and_plots():
 
 
 def test_cli_key_security_table(tmp_path):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import evaluate as cli
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
+    import evaluate as cli  # scripts/evaluate.py (conftest puts scripts/ on sys.path)
     src = shared_path("data", "faces-13id", "img12.jpg")
     noise = torch.rand(*faces13_image("img12.jpg").shape, generator=torch.Generator().manual_seed(1))
     save_image(noise, tmp_path / "noise.png")

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import nodes_of, shared_path, small_face_image
-from test_encrypt_workflows import _only, _saved_key, _shrink
+from conftest import nodes_of, shared_path
+from face_fixtures import small_face_image
+from workflow_helpers import only, saved_key, shrink
 
 SIZE, STEPS = 128, 10
 
@@ -43,9 +44,9 @@ def _scale_photos(api, size):
 @pytest.fixture(scope="module")
 def text_key(comfy_server, workflow_api):
     """A key file from the shipped anonymize-text-key workflow at 128x128, S = 10, one output."""
-    api = _shrink(workflow_api("anonymize-text-key"), SIZE, STEPS)
+    api = shrink(workflow_api("anonymize-text-key"), SIZE, STEPS)
     nodes_of(api, "DiffPrivacyAnonymize")[0]["inputs"]["num_outputs"] = 1
-    return _saved_key(comfy_server.run(api, timeout=300), api)
+    return saved_key(comfy_server.run(api, timeout=300), api)
 
 
 def test_key_security_only_the_correct_key_recovers_the_original(comfy_server, workflow_api, text_key):
@@ -56,20 +57,20 @@ def test_key_security_only_the_correct_key_recovers_the_original(comfy_server, w
     nodes_of(api, "DiffPrivacyLoadKey")[0]["inputs"]["key_path"] = text_key
     nodes_of(api, "PrimitiveInt")[0]["inputs"]["value"] = SIZE  # the working resolution the key was made at
     _scale_photos(api, SIZE)
-    ckpt = _only(api, "CheckpointLoaderSimple")
+    ckpt = only(api, "CheckpointLoaderSimple")
     security = nodes_of(api, "DiffPrivacyKeySecurity")[0]["inputs"]
     api["9200"] = {"class_type": "VAEEncode", "inputs": {"pixels": security["original"], "vae": [ckpt, 2]}}
     api["9201"] = {"class_type": "VAEDecode", "inputs": {"samples": ["9200", 0], "vae": [ckpt, 2]}}
     security["original"] = ["9201", 0]  # the VAE's reconstruction of the photo (see the module's docstring)
     entry = comfy_server.run(api, timeout=300)
 
-    rows = {r["variant"]: r for r in _shown_json(entry, _only(api, "PreviewAny"))}
+    rows = {r["variant"]: r for r in _shown_json(entry, only(api, "PreviewAny"))}
     assert set(rows) == {"correct key", "wrong Key-I", "wrong Key-E", "UC as Key-E"}
     correct = rows.pop("correct key")
     assert math.isfinite(correct["psnr"])
     for variant, row in rows.items():
         assert row["psnr"] < correct["psnr"] and row["mse"] > correct["mse"], (variant, row, correct)
-    assert len(comfy_server.output_images(entry, _only(api, "PreviewImage"))) == 2  # the figure and the table
+    assert len(comfy_server.output_images(entry, only(api, "PreviewImage"))) == 2  # the figure and the table
 
 
 def _pixels(png: bytes) -> np.ndarray:

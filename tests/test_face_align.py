@@ -7,7 +7,7 @@ import math
 import torch
 
 from conftest import shared_path
-from test_face_common import casia_safetensors, load_photo, mtcnn
+from face_fixtures import casia_safetensors, load_photo, mtcnn
 from diffprivacy.guidance.face.align import (ARCFACE_TEMPLATE_112, align_faces, estimate_similarity,
                                              invert_affine, warp_affine)
 

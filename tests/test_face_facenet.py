@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_face_common import casia_face_model, casia_safetensors, faces13
+from face_fixtures import casia_face_model, casia_safetensors, faces13
 
 
 def test_casia_conversion_matches_opencv():

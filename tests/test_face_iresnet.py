@@ -17,68 +17,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from diffprivacy.guidance.face import iresnet  # noqa: E402
-
-
-class RefBlock(nn.Module):  # insightface arcface_torch IBasicBlock
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.prelu = nn.PReLU(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                           if stride != 1 or cin != cout else None)
-
-    def forward(self, x):
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return out + (self.downsample(x) if self.downsample is not None else x)
-
-
-class RefIResNet(nn.Module):
-    def __init__(self, widths=(8, 16, 16, 32), layers=(1, 2, 1, 1), emb=24):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.prelu = nn.PReLU(widths[0])
-        blocks, cin = [], widths[0]
-        for w, n in zip(widths, layers):
-            for i in range(n):
-                blocks.append(RefBlock(cin, w, 2 if i == 0 else 1))
-                cin = w
-        self.layers = nn.Sequential(*blocks)
-        self.bn2 = nn.BatchNorm2d(cin)
-        self.dropout = nn.Dropout(0.0)
-        self.fc = nn.Linear(cin * 7 * 7, emb)
-        self.features = nn.BatchNorm1d(emb)
-
-    def forward(self, x):
-        x = self.layers(self.prelu(self.bn1(self.conv1(x))))
-        return self.features(self.fc(self.dropout(self.bn2(x)).flatten(1)))
-
-
-def _randomised(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():  # non-trivial BN statistics so folding is really exercised
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-        if isinstance(m, nn.PReLU):
-            m.weight.data.copy_(torch.rand(m.num_parameters, generator=g) * 0.5)
-    return model.eval()
-
-
-def export_tiny_iresnet(path, **kw):
-    torch.manual_seed(0)
-    model = _randomised(RefIResNet(**kw))
-    buf = io.BytesIO()
-    torch.onnx.export(model, torch.randn(1, 3, 112, 112), buf, dynamo=False, input_names=["input.1"],
-                      dynamic_axes={"input.1": {0: "batch"}})
-    path.write_bytes(buf.getvalue())
-    return model
+from face_fixtures import RefIResNet, export_tiny_iresnet, randomised  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +70,7 @@ def test_onnx_of_another_network_is_refused(tmp_path):
 
 def test_wrong_input_size_is_refused(tmp_path):
     path = tmp_path / "big.onnx"
-    model = _randomised(RefIResNet())
+    model = randomised(RefIResNet())
     model.fc = nn.Linear(32 * 8 * 8, 24)
     buf = io.BytesIO()
     torch.onnx.export(model.eval(), torch.randn(1, 3, 128, 128), buf, dynamo=False)

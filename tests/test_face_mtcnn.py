@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from test_face_common import load_photo, mtcnn
+from face_fixtures import load_photo, mtcnn
 from diffprivacy.guidance.face.base import Face, NoFaceError, choose_faces
 from diffprivacy.guidance.face.mtcnn import nms
 

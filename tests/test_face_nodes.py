@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from test_face_common import casia_safetensors, load_photo
+from face_fixtures import casia_safetensors, load_photo
 from diffprivacy.guidance.face import loader
 from diffprivacy.guidance.face.base import NoFaceError
 from diffprivacy.nodes.face_nodes import (DiffPrivacyFaceAnalyze, DiffPrivacyFaceModelLoader,
@@ -118,7 +118,7 @@ def test_missing_models_name_folder_and_files(models_dir):
 
 def test_insightface_pack_recognizer_loads_through_the_node(models_dir):
     pytest.importorskip("onnx")
-    from test_face_iresnet import export_tiny_iresnet
+    from face_fixtures import export_tiny_iresnet
     from diffprivacy.guidance.face.iresnet import onnx_embed
     pack = models_dir / "insightface" / "models" / "buffalo_l"
     pack.mkdir(parents=True)

@@ -12,7 +12,7 @@ from diffprivacy.guidance.vae_decode import make_vae_decoder, unclamped_output
 from diffprivacy.inversion.ddim import ddim_sigmas
 from diffprivacy.nodes.encrypt_nodes import DiffPrivacyAnonymize, DiffPrivacyHide, DiffPrivacyGuidedDDIMSampler
 from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI
-from test_encrypt_toys import GaussianDenoiser, ToyDecoder, ToyFaceModel, toy_latent
+from toy_models import GaussianDenoiser, ToyDecoder, ToyFaceModel, toy_latent
 
 ODD = (75, 93)  # H, W: non-square, neither a multiple of 8
 

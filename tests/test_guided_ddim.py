@@ -9,7 +9,7 @@ from diffprivacy.guidance.face.base import NoFaceError
 from diffprivacy.guidance.guided_ddim import (GuidanceScale, IdentityGuidance, sample_guided_ddim,
                                               stage_guidance_scale)
 from diffprivacy.inversion.ddim import ddim_sigmas, ddim_step, vp_scale
-from test_encrypt_toys import GaussianDenoiser, ToyDecoder, ToyFaceModel, toy_latent
+from toy_models import GaussianDenoiser, ToyDecoder, ToyFaceModel, toy_latent
 
 MS = comfy.model_sampling.ModelSamplingDiscrete()
 DEC, FACE = ToyDecoder(), ToyFaceModel()

@@ -9,11 +9,11 @@ import time
 import urllib.request
 
 from conftest import REPO
-from harness import _free_port
+from comfy_server import free_port
 
 
 def test_run_command_starts_comfyui_with_the_pack_and_says_which_models_are_missing(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, DIFFPRIVACY_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     log = tmp_path / "run.log"
     with open(log, "wb") as out:

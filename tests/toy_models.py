@@ -1,4 +1,4 @@
-"""Small analytic stand-ins for the encrypt/recover tests (no test functions here).
+"""Small analytic stand-ins for the encrypt/recover tests and benchmarks (a fixture module: no tests here).
 
 - :class:`GaussianDenoiser`: the exact x0 estimate for Gaussian data N(mean, std^2) in ComfyUI's
   k-diffusion form, D(x, sigma) = (std^2 x + sigma^2 mean) / (std^2 + sigma^2).
