@@ -30,6 +30,15 @@ import torch
 
 
 
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x``, or a ValueError naming ``what`` when it holds NaN or infinity (a run must never end in a black
+    image that looks like success)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} became non-finite (NaN or infinity): a setting is out of range or the model "
+                         "produced NaNs (in fp16, try fp32); nothing was saved")
+    return x
+
+
 def vp_scale(sigma) -> torch.Tensor | float:
     """sqrt(1 + sigma^2): x = z_t * vp_scale(sigma) for variance-preserving (DDPM) models."""
     if isinstance(sigma, torch.Tensor):

@@ -15,7 +15,9 @@ know where Key-E came from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -24,6 +26,8 @@ from .energy import Energy, anonymize_energy, hide_energy
 from .guided_ddim import GuidanceScale, IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
 from .sampling import sample_with_comfy
 from .vae_decode import make_vae_decoder
+
+log = logging.getLogger("diffprivacy")
 
 
 @dataclass
@@ -39,21 +43,31 @@ def model_sampling(model):
     return model.get_model_object("model_sampling")
 
 
+@dataclass
+class FaceChoice:
+    """Which faces of the photo guidance steers: "all", "largest", "indices" (e.g. "0, 2") or "mask"."""
+    mode: str = "all"
+    indices: str = ""
+    mask: torch.Tensor | None = None  # (h, w) at the working image's size
+
+
 def build_guidance(model, vae, face_model, image: torch.Tensor, energy: Energy, gradient_chunk: int = 0,
-                   redetect_every: int = 0) -> IdentityGuidance:
-    """Identity guidance with the face of ``image`` (a working image, one) as the reference."""
+                   redetect_every: int = 0, faces: FaceChoice | None = None) -> IdentityGuidance:
+    """Identity guidance with the chosen faces of ``image`` (a working image, one) as the references."""
+    faces = faces or FaceChoice("largest")
     return IdentityGuidance.from_image(face_model, make_vae_decoder(vae, model), image[0], energy,
-                                       chunk=gradient_chunk, redetect_every=redetect_every)
+                                       chunk=gradient_chunk, redetect_every=redetect_every, choice=faces.mode,
+                                       indices=faces.indices, mask=faces.mask)
 
 
 def guided_sampler(model, vae, face_model, image: torch.Tensor, task: str, tau: float, lambda_above: float,
                    lambda_below: float, diversity_weight: float = 1.0, through_unet: bool = False,
-                   redetect_every: int = 0):
+                   redetect_every: int = 0, faces: FaceChoice | None = None, gradient_chunk: int = 0):
     """The identity-guided DDIM of a task ("anonymize" or "hide") as a native SAMPLER."""
     if task not in ("anonymize", "hide"):
         raise ValueError(f"task must be 'anonymize' or 'hide', got {task!r}")
     energy = anonymize_energy(1.0, diversity_weight) if task == "anonymize" else hide_energy()
-    guidance = build_guidance(model, vae, face_model, image, energy, redetect_every=redetect_every)
+    guidance = build_guidance(model, vae, face_model, image, energy, gradient_chunk, redetect_every, faces)
     scale = stage_guidance_scale(model_sampling(model), tau, lambda_above, lambda_below)
     return guided_ddim_sampler(guidance, scale, through_unet=through_unet)
 
@@ -74,17 +88,48 @@ def run_protection(model, vae, image: torch.Tensor, guidance: IdentityGuidance, 
 
 def anonymize(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, steps: int = 50,
               strength: float = 0.6, num_outputs: int = 4, guidance_scale: float = 1.0,
-              diversity_weight: float = 1.0) -> Protection:
+              diversity_weight: float = 1.0, faces: FaceChoice | None = None, gradient_chunk: int = 0) -> Protection:
     """Anonymization (Sec. 2.3.3) with the paper's defaults; ``image`` is the working image (one)."""
-    guidance = build_guidance(model, vae, face_model, image, anonymize_energy(1.0, diversity_weight))
+    guidance = build_guidance(model, vae, face_model, image, anonymize_energy(1.0, diversity_weight),
+                              gradient_chunk, faces=faces)
     return run_protection(model, vae, image, guidance, float(guidance_scale), schedule, steps, strength, seed,
                           num_outputs)
 
 
 def hide(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, tau: float = 0.6, steps: int = 100,
          strength: float = 0.8, num_outputs: int = 1, lambda_above: float = 1.5, lambda_below: float = 2.5,
-         redetect_every: int = 10) -> Protection:
+         redetect_every: int = 10, faces: FaceChoice | None = None, gradient_chunk: int = 0) -> Protection:
     """Visual identity hiding (Sec. 2.3.4) with the reference code's defaults; ``tau`` must be the schedule's."""
-    guidance = build_guidance(model, vae, face_model, image, hide_energy(), redetect_every=redetect_every)
+    guidance = build_guidance(model, vae, face_model, image, hide_energy(), gradient_chunk, redetect_every, faces)
     scale = stage_guidance_scale(model_sampling(model), tau, lambda_above, lambda_below)
     return run_protection(model, vae, image, guidance, scale, schedule, steps, strength, seed, num_outputs)
+
+
+@dataclass
+class BatchOutcome:
+    """Per-image results of a batch: what succeeded (image index, result) and what failed (index, reason)."""
+    results: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+    def report(self, total: int) -> str:
+        lines = [f"protected {len(self.results)} of {total} image(s)"]
+        lines += [f"image {i}: not protected: {why}" for i, why in self.failures]
+        return "\n".join(lines)
+
+
+def protect_each(count: int, protect_one: Callable[[int], object]) -> BatchOutcome:
+    """Run ``protect_one(i)`` for every image of a batch. An image that cannot be protected (no face, too
+    small: a ValueError) is reported and the others still run; when none succeeds the first error is raised,
+    so a failed run saves nothing."""
+    outcome, first_error = BatchOutcome(), None
+    for i in range(count):
+        try:
+            outcome.results.append((i, protect_one(i)))
+        except ValueError as e:  # NoFaceError is one
+            first_error = first_error or e
+            outcome.failures.append((i, str(e)))
+            log.warning("[Diff-Privacy] image %d of the batch not protected: %s", i, e)
+    if not outcome.results:
+        raise first_error if count == 1 else ValueError(
+            f"no image of the batch could be protected. {outcome.report(count)}") from first_error
+    return outcome

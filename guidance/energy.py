@@ -14,6 +14,8 @@ cosine similarity as the paper does, whatever metric the face model verifies wit
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,6 +71,10 @@ class Energy:
         unknown = set(self.weights) - set(TERMS)
         if unknown:
             raise ValueError(f"unknown energy term(s) {sorted(unknown)}; known: {sorted(TERMS)}")
+        bad = {k: w for k, w in self.weights.items() if not math.isfinite(float(w))}
+        if bad:
+            raise ValueError(f"energy weight(s) {bad} are not finite numbers: give finite weights (e.g. "
+                             "diversity_weight 1.0)")
         if not any(float(w) != 0.0 for w in self.weights.values()):
             raise ValueError("an energy needs at least one term with a non-zero weight")
 

@@ -20,17 +20,18 @@ its loaders produce inference tensors, which are thawed once (values unchanged).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .ddim import ddim_step, vp_scale
+from .ddim import check_finite, ddim_step, vp_scale
 from .host import check_interrupt
 from .schedule import last_uncond_timestep
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .energy import Energy
-from .face.base import choose_faces
+from .face.base import NoFaceError, select_faces
 
 
 @dataclass
@@ -59,19 +60,22 @@ def stage_guidance_scale(model_sampling, tau: float, above: float, below: float 
 
 
 class IdentityGuidance:
-    """Energy of a batch of sampling-space latents: decode -> align -> embed -> energy.
+    """Energy of a batch of sampling-space latents: decode -> align each chosen face -> embed -> energy.
 
     ``decode``: latent (B, C, h, w) -> image (B, 3, H, W), differentiable (see ``vae_decode``).
-    ``reference``: the original face's embedding (D,). ``landmarks``: its 5 points (5, 2) in pixels of
-    an ``image_size`` (H, W) image (rescaled if the decoded size differs). ``chunk`` > 0 back-propagates
-    that many samples at a time (exact, since the energy sees a sample only through its embedding):
-    less memory for one extra forward pass.
+    ``reference``: the chosen faces' embeddings, (F, D) (or (D,) for one face); ``landmarks``: their 5
+    points, (F, 5, 2) (or (5, 2)), in pixels of an ``image_size`` (H, W) image (rescaled if the decoded
+    size differs). Every face is steered at once: the energy is the sum over the faces of the energy of
+    that face's embeddings across the batch, E = sum_f E(emb[:, f], ref_f), so a group photo is
+    protected in one run and each face moves relative to its own original. ``chunk`` > 0
+    back-propagates that many samples at a time (exact, since the energy sees a sample only through
+    its embeddings): less memory for one extra forward pass.
 
     ``redetect_every``: 0 aligns every prediction with the original's landmarks (the predictions keep
-    the original's layout). k > 0, for tasks that move the face: on sampler steps k, 2k, ... the face
-    model detects faces on each decoded x0_hat (no gradient, largest face) and those landmarks align
-    that sample until the next re-detection; a sample with no face found keeps its previous landmarks.
-    The step is the sampler's index passed to :meth:`value` / :meth:`energy_and_grad`; :meth:`reset`
+    the original's layout). k > 0, for tasks that move faces: on sampler steps k, 2k, ... the face
+    model detects faces on each decoded x0_hat (no gradient); each chosen face takes the landmarks of
+    the detection nearest to where it was (within its own size), else keeps its previous ones. The
+    step is the sampler's index passed to :meth:`value` / :meth:`energy_and_grad`; :meth:`reset`
     (called when a sampling run starts) goes back to the original's landmarks.
     """
 
@@ -81,36 +85,61 @@ class IdentityGuidance:
         if not getattr(face_model, "differentiable", False):
             raise ValueError(f"identity guidance needs a differentiable face model; {face_model!r} is not "
                              "(use a FaceNet/ArcFace FACE_MODEL for guidance, dlib only for evaluation)")
-        if landmarks.shape != (5, 2):
-            raise ValueError(f"landmarks must be (5, 2), got {tuple(landmarks.shape)}")
+        landmarks = landmarks.detach().float()
+        landmarks = landmarks[None] if landmarks.dim() == 2 else landmarks
+        references = reference.detach().reshape(landmarks.shape[0] if landmarks.dim() == 3 else 1, -1)
+        if landmarks.dim() != 3 or landmarks.shape[1:] != (5, 2) or landmarks.shape[0] != references.shape[0]:
+            raise ValueError(f"landmarks must be (5, 2) or (faces, 5, 2), one set per reference embedding; got "
+                             f"{tuple(landmarks.shape)} for {references.shape[0]} reference(s)")
         if int(redetect_every) < 0:
             raise ValueError(f"redetect_every must be 0 (never) or a number of steps, got {redetect_every}")
         self.face_model = face_model
         self.decode = decode
-        self.reference = reference.detach().reshape(-1)
-        self.landmarks = landmarks.detach().float()
+        self.references = references          # (F, D)
+        self.face_landmarks = landmarks        # (F, 5, 2)
         self.energy = energy
         self.image_size = image_size
         self.chunk = int(chunk)
         self.redetect_every = int(redetect_every)
-        self._tracked = None  # (B, 5, 2) landmarks last re-detected on x0_hat, decoded pixels; None: the original's
+        self._tracked = None  # (B, F, 5, 2) landmarks last re-detected on x0_hat; None: the original's
         self._thawed = False
+
+    @property
+    def num_faces(self) -> int:
+        return self.references.shape[0]
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """(D,) for one face, (F, D) for several."""
+        return self.references[0] if self.num_faces == 1 else self.references
 
     @classmethod
     def from_image(cls, face_model, decode: Callable, image: torch.Tensor, energy: Energy,
-                   face_index: int | None = None, chunk: int = 0, redetect_every: int = 0) -> "IdentityGuidance":
-        """Detect the face in ``image`` ((H, W, 3) or (1, H, W, 3), [0, 1]) and embed it as the reference."""
+                   face_index: int | None = None, chunk: int = 0, redetect_every: int = 0, *,
+                   choice: str | None = None, indices=(), mask: torch.Tensor | None = None) -> "IdentityGuidance":
+        """Detect the faces in ``image`` ((H, W, 3) or (1, H, W, 3), [0, 1]) and embed the chosen ones.
+
+        ``choice``: "all", "largest", "indices" (with ``indices``) or "mask" (with ``mask`` (H, W)); the
+        default is the largest face, or the face at ``face_index`` when given.
+        """
         if image.dim() == 4:
             if image.shape[0] != 1:
                 raise ValueError(f"the reference must be one image, got a batch of {image.shape[0]}")
             image = image[0]
         image = image[..., :3].float()
         faces = face_model.detect(image)
-        mode = "largest" if face_index is None else "index"
-        face = choose_faces(faces, mode, face_index or 0, batch_index=0)[0]
+        if not faces:
+            raise NoFaceError(0, f"{image.shape[1]}x{image.shape[0]} pixels")
+        if choice is None:
+            choice, indices = ("largest", ()) if face_index is None else ("indices", (face_index,))
+        chosen, _ = select_faces(faces, choice, indices, mask)
+        if not chosen:
+            raise ValueError(f"none of the {len(faces)} detected face(s) is chosen ({choice}): draw the mask over "
+                             "the faces to protect, or choose all faces")
+        lms = torch.stack([faces[i].landmarks.float() for i in chosen])
         with torch.no_grad():
-            ref = face_model.embed(image.permute(2, 0, 1)[None].contiguous(), face.landmarks[None].float())
-        return cls(face_model, decode, ref[0], face.landmarks, energy, tuple(image.shape[:2]), chunk, redetect_every)
+            ref = face_model.embed(image.permute(2, 0, 1)[None].expand(len(chosen), -1, -1, -1).contiguous(), lms)
+        return cls(face_model, decode, ref, lms, energy, tuple(image.shape[:2]), chunk, redetect_every)
 
     def _prepare(self):
         recognizer = getattr(self.face_model, "recognizer", None)
@@ -123,14 +152,14 @@ class IdentityGuidance:
         self._tracked = None
 
     def _original_landmarks(self, images: torch.Tensor) -> torch.Tensor:
-        lms = thaw(self.landmarks).to(images.device)
+        lms = thaw(self.face_landmarks).to(images.device)
         if self.image_size is not None and tuple(images.shape[-2:]) != tuple(self.image_size):
             h, w = self.image_size
             lms = lms * lms.new_tensor([images.shape[-1] / w, images.shape[-2] / h])
-        return lms.expand(images.shape[0], 5, 2)
+        return lms.expand(images.shape[0], -1, 5, 2)
 
     def landmarks_for(self, images: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """The landmarks (B, 5, 2) aligning decoded ``images`` at sampler step ``step``, re-detected when due."""
+        """The landmarks (B, F, 5, 2) aligning decoded ``images`` at sampler step ``step``, re-detected when due."""
         tracked = self._tracked
         if tracked is None or tracked.shape[0] != images.shape[0] or tracked.device != images.device:
             tracked = self._original_landmarks(images)
@@ -139,36 +168,47 @@ class IdentityGuidance:
             with torch.no_grad():
                 for b, image in enumerate(images.detach()):
                     faces = self.face_model.detect(image[:3].permute(1, 2, 0).clamp(0, 1).float())
-                    if faces:  # none found: keep the previous landmarks
-                        tracked[b] = choose_faces(faces)[0].landmarks.to(tracked)
+                    for f in range(tracked.shape[1]):
+                        nearest = _nearest_face(faces, tracked[b, f])
+                        if nearest is not None:  # none near: keep the previous landmarks
+                            tracked[b, f] = nearest.landmarks.to(tracked)
             self._tracked = tracked
         return tracked
 
     def _embed(self, latent: torch.Tensor, step: int | None = None, landmarks: torch.Tensor | None = None):
+        """Embeddings (B, F, D) of the decoded latents, and the landmarks (B, F, 5, 2) used."""
         images = self.decode(latent)
         if landmarks is None:
             landmarks = self.landmarks_for(images, step)
-        return self.face_model.embed(images, thaw(landmarks).contiguous()), landmarks
+        b, f = landmarks.shape[:2]
+        crops = images if f == 1 else images.repeat_interleave(f, dim=0)
+        emb = self.face_model.embed(crops, thaw(landmarks).reshape(b * f, 5, 2).contiguous())
+        return emb.reshape(b, f, -1), landmarks
 
     def embed(self, latent: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Embeddings (B, D) of the decoded latents (differentiable when autograd is on)."""
-        return self._embed(latent, step)[0]
+        """Embeddings of the decoded latents (differentiable when autograd is on): (B, D) for one face,
+        (B, F, D) for several."""
+        emb = self._embed(latent, step)[0]
+        return emb[:, 0] if self.num_faces == 1 else emb
+
+    def _total(self, emb: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        """sum_f E(emb[:, f], ref_f): each face against its own original, the batch across outputs."""
+        return sum(self.energy(emb[:, f], refs[f].to(emb)) for f in range(emb.shape[1]))
 
     def value(self, latent: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """The energy of a batch of latents (a differentiable scalar under autograd)."""
         self._prepare()
-        emb = self.embed(latent, step)
-        return self.energy(emb, thaw(self.reference).to(emb))
+        return self._total(self._embed(latent, step)[0], thaw(self.references))
 
     def energy_and_grad(self, latent: torch.Tensor, step: int | None = None) -> tuple[float, torch.Tensor]:
         """(E, dE/d latent) at a detached latent."""
         with gradients_enabled():
             self._prepare()
             z = thaw(latent).detach().float().requires_grad_(True)
-            ref = thaw(self.reference)
+            refs = thaw(self.references)
             n = z.shape[0]
             if self.chunk <= 0 or n <= self.chunk:
-                energy = self.energy(self.embed(z, step), ref.to(z))
+                energy = self._total(self._embed(z, step)[0], refs)
                 (grad,) = torch.autograd.grad(energy, z)
                 return float(energy.detach()), grad.to(latent.dtype)
             with torch.no_grad():
@@ -178,9 +218,21 @@ class IdentityGuidance:
                 zc = z[s:s + self.chunk].detach().requires_grad_(True)
                 emb = torch.cat([emb_all[:s], self._embed(zc, landmarks=lms[s:s + self.chunk])[0],
                                  emb_all[s + self.chunk:]])
-                energy = self.energy(emb, ref.to(z))
+                energy = self._total(emb, refs)
                 (grad[s:s + self.chunk],) = torch.autograd.grad(energy, zc)
             return float(energy.detach()), grad.to(latent.dtype)
+
+
+def _nearest_face(faces, landmarks: torch.Tensor):
+    """The detected face whose landmark centre is nearest to ``landmarks`` (5, 2), if within that face's size."""
+    centre = landmarks.float().mean(0)
+    best, best_d = None, float("inf")
+    for face in faces:
+        d = float((face.landmarks.float().mean(0).to(centre) - centre).norm())
+        size = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
+        if d < best_d and d <= size:
+            best, best_d = face, d
+    return best
 
 
 def _thaw_diffusion_model(model) -> None:
@@ -201,6 +253,10 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
     """
     extra_args = {} if extra_args is None else extra_args
     scale_of = scale if callable(scale) else (lambda _sigma: float(scale))
+    for name, value in (("guidance scale above tau", scale_of(sigmas[0])), ("guidance scale below tau",
+                                                                            scale_of(sigmas[-1]))):
+        if not math.isfinite(value):
+            raise ValueError(f"the {name} is {value}: give a finite number (the paper uses 1 to 2.5)")
     s_in = x.new_ones([x.shape[0]])
     guidance.reset()
     for i in range(len(sigmas) - 1):
@@ -225,9 +281,14 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         with torch.no_grad():
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                raise ValueError(f"the identity guidance gradient became non-finite at step {i} (sigma "
+                                 f"{float(sigma):.3g}, energy {energy:.4g}): check the energy weights and the face "
+                                 "model (a finite, non-zero diversity_weight / guidance scale); nothing was saved")
             x = ddim_step(x, denoised, sigma, sigma_next)
             if grad is not None:
                 x = x - lam * vp_scale(sigma_next) * grad.to(x)
+            check_finite(x, f"the guided latent at step {i} (lambda {lam:g})")
         if stats is not None:
             stats.append({"i": i, "sigma": float(sigma), "lambda": lam, "energy": energy,
                           "grad_norm": float(grad.norm()) if grad is not None else 0.0})

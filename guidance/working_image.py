@@ -47,12 +47,19 @@ def crop_to_latent_grid(image: torch.Tensor, vae) -> torch.Tensor:
     return image
 
 
+MIN_SIDE = 16  # pixels: below this no detector finds a face, whatever the working resolution
+
+
 def single_image(image: torch.Tensor) -> torch.Tensor:
     """The one image of a batch of one (RGB); a larger batch is refused with what to do instead."""
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"Diff-Privacy protects one image at a time (its Key-E belongs to one image); got a batch of "
                          f"{image.shape[0] if image.dim() == 4 else '?'} images. Split the batch and run each image "
                          "with its own Key-E.")
+    if min(image.shape[1], image.shape[2]) < MIN_SIDE:
+        raise ValueError(f"the image is {image.shape[2]}x{image.shape[1]} pixels: far too small to hold a face a "
+                         f"detector can find (at least {MIN_SIDE} pixels a side; a face needs about 40 across). "
+                         "Resizing it up does not add the missing detail: use the original photo")
     return image[..., :3]
 
 
@@ -60,3 +67,16 @@ def working_image(image: torch.Tensor, vae, resolution: int) -> torch.Tensor:
     """The one image protection, guidance and Key-I work on, resized as Key-E learning resizes it."""
     resolution = check_resolution(resolution)
     return crop_to_latent_grid(resize_for_training(single_image(image), resolution), vae)
+
+
+def working_mask(mask: torch.Tensor | None, index: int, size: tuple[int, int]) -> torch.Tensor | None:
+    """Image ``index``'s MASK ((B, H, W) or (H, W); the last one serves every later image) resized to the
+    working image's (h, w), so it covers the same faces after the squash to the working resolution."""
+    if mask is None:
+        return None
+    m = mask.float()
+    m = m[None] if m.dim() == 2 else m
+    if m.dim() != 3:
+        raise ValueError(f"a MASK is (H, W) or (B, H, W), got {tuple(mask.shape)}")
+    m = m[min(index, m.shape[0] - 1)]
+    return F.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]

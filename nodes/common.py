@@ -28,6 +28,44 @@ PASSWORD_WARNING = ("The password is stored in the workflow JSON like any widget
                     "workflows that contain it, and save protected images with the no-metadata saver.")
 
 
+def float_input_names(cls) -> list[str]:
+    """The FLOAT inputs a node class declares (required and optional)."""
+    types = cls.INPUT_TYPES()
+    return [name for section in ("required", "optional") for name, spec in types.get(section, {}).items()
+            if isinstance(spec, tuple) and spec and spec[0] == "FLOAT"]
+
+
+def guard_float_inputs(cls) -> None:
+    """Make a node refuse NaN and infinity in its FLOAT inputs, naming the input.
+
+    ComfyUI checks min/max, which NaN passes (every comparison with NaN is false), and the API accepts
+    NaN in JSON: a NaN weight used to give a "successful" run with a black image and a saved key.
+    Applied to every node of the pack when it is registered (``nodes/__init__.py``).
+    """
+    import functools
+    import math
+
+    try:
+        names = float_input_names(cls)
+    except Exception:  # an input list that cannot be built now (e.g. a folder problem): ComfyUI will say so
+        return
+    function = getattr(cls, cls.FUNCTION)
+    if not names or getattr(function, "_finite_floats", False):
+        return
+
+    @functools.wraps(function)
+    def checked(self, *args, **kwargs):
+        for name in names:
+            values = kwargs.get(name)
+            for v in values if isinstance(values, list) else [values]:  # INPUT_IS_LIST nodes get lists
+                if isinstance(v, (int, float)) and not math.isfinite(v):
+                    raise ValueError(f"{cls.__name__}: {name} is {v}; it must be a finite number")
+        return function(self, *args, **kwargs)
+
+    checked._finite_floats = True
+    setattr(cls, cls.FUNCTION, checked)
+
+
 def tip(text: str, **options) -> dict:
     """An input's option dict with its tooltip."""
     return dict(options, tooltip=text)

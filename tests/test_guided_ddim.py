@@ -8,7 +8,7 @@ from diffprivacy.guidance.energy import anonymize_energy, hide_energy
 from diffprivacy.guidance.face.base import NoFaceError
 from diffprivacy.guidance.guided_ddim import (GuidanceScale, IdentityGuidance, sample_guided_ddim,
                                               stage_guidance_scale)
-from diffprivacy.inversion.ddim import ddim_sigmas, ddim_step, vp_scale
+from diffprivacy.guidance.ddim import ddim_sigmas, ddim_step, vp_scale
 from toy_models import GaussianDenoiser, ToyDecoder, ToyFaceModel, toy_latent
 
 MS = comfy.model_sampling.ModelSamplingDiscrete()
@@ -127,3 +127,21 @@ def test_bad_face_models_fail_clearly():
     frozen.differentiable = False
     with pytest.raises(ValueError, match="differentiable"):
         IdentityGuidance.from_image(frozen, DEC, image, hide_energy())
+
+
+def test_a_non_finite_gradient_or_setting_stops_the_run_with_the_reason():
+    class NanFace(ToyFaceModel):
+        def embed(self, images, landmarks):
+            return super().embed(images, landmarks) * float("nan")
+    image = DEC(ORIGINAL)[0].permute(1, 2, 0)
+    guidance = IdentityGuidance(NanFace(), DEC, FACE.embed(image.permute(2, 0, 1)[None], None)[0],
+                                FACE.detect(image)[0].landmarks, hide_energy())
+    sigmas = ddim_sigmas(MS, 6, 0.6)
+    x = ORIGINAL + sigmas[0] * toy_latent(3)
+    with pytest.raises(ValueError, match="gradient became non-finite at step 0"):
+        sample_guided_ddim(GaussianDenoiser(ORIGINAL, 0.3), x, sigmas, guidance=guidance, scale=1.0)
+    with pytest.raises(ValueError, match="guidance scale above tau is nan"):
+        sample_guided_ddim(GaussianDenoiser(ORIGINAL, 0.3), x, sigmas, guidance=_guidance(hide_energy()),
+                           scale=float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        anonymize_energy(1.0, float("nan"))

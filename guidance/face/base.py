@@ -79,6 +79,53 @@ def choose_faces(faces: list[Face], mode: str = "largest", index: int = 0,
     return [faces[index]]
 
 
+SELECT_MODES = ("all", "largest", "indices", "mask")
+
+
+def parse_indices(text: str) -> list[int]:
+    """Face indices from text such as "0, 2" (0 = the largest face)."""
+    try:
+        return sorted({int(t) for t in str(text).replace(";", ",").split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"face indices must be whole numbers separated by commas (0 is the largest face), "
+                         f"got {text!r}") from None
+
+
+def select_faces(faces: list[Face], mode: str = "all", indices=(), mask: torch.Tensor | None = None,
+                 mask_cover: float = 0.5) -> tuple[list[int], list[int]]:
+    """Split detected faces (the detector's order, largest first) into (chosen, others) index lists.
+
+    ``all``: every face; ``largest``: the largest box; ``indices``: the given positions (0-based, largest
+    first); ``mask``: the faces whose box ``mask`` (H, W) covers by at least ``mask_cover`` (pixels > 0.5).
+    """
+    if mode not in SELECT_MODES:
+        raise ValueError(f"face choice must be one of {SELECT_MODES}, got {mode!r}")
+    n = len(faces)
+    if mode == "all":
+        chosen = list(range(n))
+    elif mode == "largest":
+        chosen = [max(range(n), key=lambda i: faces[i].area)] if n else []
+    elif mode == "indices":
+        indices = parse_indices(indices) if isinstance(indices, str) else sorted({int(i) for i in indices})
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad or not indices:
+            raise ValueError(f"face indices {bad or '(none given)'} do not name detected faces: {n} face(s) were "
+                             f"found (indices 0..{n - 1}, largest first)")
+        chosen = indices
+    else:
+        if mask is None:
+            raise ValueError("face choice 'mask' needs a MASK: connect one (white over the faces to choose)")
+        m = mask.float().reshape(mask.shape[-2:]) > 0.5
+        h, w = m.shape
+        chosen = []
+        for i, f in enumerate(faces):
+            x1, y1, x2, y2 = (int(round(float(v))) for v in f.box)
+            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+            if x2 > x1 and y2 > y1 and m[y1:y2, x1:x2].float().mean() >= mask_cover:
+                chosen.append(i)
+    return chosen, [i for i in range(n) if i not in chosen]
+
+
 class Detector(abc.ABC):
     """Finds faces. Subclasses implement :meth:`detect`."""
 
