@@ -244,12 +244,13 @@ def _thaw_diffusion_model(model) -> None:
 
 
 def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
-                       guidance: IdentityGuidance, scale: GuidanceScale | Callable | float = 1.0,
-                       through_unet: bool = False, stats: list | None = None):
+                       guidance: IdentityGuidance | None, scale: GuidanceScale | Callable | float = 1.0,
+                       through_unet: bool = False, stats: list | None = None, realism=None):
     """Identity-guided DDIM (eta = 0) over ``sigmas``; k-diffusion convention, run it as a KSAMPLER.
 
     ``scale``: lambda_t as a number or a function of sigma. ``stats``: if a list, one dict per step
-    (sigma, lambda, energy, gradient norm) is appended, for tests and benchmarks.
+    (sigma, lambda, energy, gradient norm) is appended, for tests and benchmarks. ``guidance`` None: plain
+    DDIM. ``realism``: DIFP's realism control (``guidance.ilvr.RealismControl``), applied right after each step.
     """
     extra_args = {} if extra_args is None else extra_args
     scale_of = scale if callable(scale) else (lambda _sigma: float(scale))
@@ -258,11 +259,14 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
         if not math.isfinite(value):
             raise ValueError(f"the {name} is {value}: give a finite number (the paper uses 1 to 2.5)")
     s_in = x.new_ones([x.shape[0]])
-    guidance.reset()
+    if guidance is not None:
+        guidance.reset()
+    if realism is not None:
+        realism.reset()
     for i in range(len(sigmas) - 1):
         check_interrupt()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        lam = scale_of(sigma)
+        lam = scale_of(sigma) if guidance is not None else 0.0
         energy, grad = float("nan"), None
         if lam != 0.0 and through_unet:
             with gradients_enabled():
@@ -288,6 +292,8 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
             x = ddim_step(x, denoised, sigma, sigma_next)
             if grad is not None:
                 x = x - lam * vp_scale(sigma_next) * grad.to(x)
+            if realism is not None:
+                x = realism(x, sigma_next, i, len(sigmas) - 1)
             check_finite(x, f"the guided latent at step {i} (lambda {lam:g})")
         if stats is not None:
             stats.append({"i": i, "sigma": float(sigma), "lambda": lam, "energy": energy,
@@ -295,9 +301,9 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
     return x
 
 
-def guided_ddim_sampler(guidance: IdentityGuidance, scale: GuidanceScale | Callable | float = 1.0,
-                        through_unet: bool = False, stats: list | None = None):
+def guided_ddim_sampler(guidance: IdentityGuidance | None, scale: GuidanceScale | Callable | float = 1.0,
+                        through_unet: bool = False, stats: list | None = None, realism=None):
     """A native SAMPLER (``comfy.samplers.KSAMPLER``) running :func:`sample_guided_ddim`."""
     import comfy.samplers
     return comfy.samplers.KSAMPLER(sample_guided_ddim, extra_options={
-        "guidance": guidance, "scale": scale, "through_unet": through_unet, "stats": stats})
+        "guidance": guidance, "scale": scale, "through_unet": through_unet, "stats": stats, "realism": realism})
