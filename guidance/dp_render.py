@@ -1,0 +1,150 @@
+"""Rendering a DP-Image identity release through the identity stream (FaceID) on the user's SD 1.5 checkpoint.
+
+Two renderings, labelled by :func:`guidance.dp_identity.release_label` wherever the image goes:
+
+* ``strict``: an image generated from fresh latent noise (the render seed), a fixed prompt and the identity stream
+  of the noised embedding. :func:`render` never reads the original photo in this mode (it is not even passed on),
+  so the image is post-processing of the noised embedding and the DP statement holds for it.
+* ``in the photo``: the face region of the photo (a detected box, or a MASK) inpainted with the noised identity.
+  Pose, background and everything outside the embedding come from the original: NOT differentially private.
+
+The thesis's iterated form (T rounds) re-embeds each round's render and noises it again
+(:func:`guidance.dp_identity.iterate`); :func:`render_release` runs it and renders the final round.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dp_identity as dpi
+from . import identity_streams as streams
+
+FACE_MARGIN = 0.25  # the inpainted region: the detected face box grown by this fraction of its size on every side
+
+
+def face_box_mask(face_model, images: torch.Tensor, margin: float = FACE_MARGIN) -> torch.Tensor:
+    """(B, H, W) masks, 1 over the largest detected face's box grown by ``margin`` (NoFaceError when none)."""
+    from .face.base import choose_faces
+    masks = torch.zeros(images.shape[:3])
+    h, w = images.shape[1:3]
+    for b, img in enumerate(images):
+        with torch.no_grad():
+            face = choose_faces(face_model.detect(img), "largest", 0, batch_index=b)[0]
+        x1, y1, x2, y2 = (float(v) for v in face.box)
+        mx, my = margin * (x2 - x1), margin * (y2 - y1)
+        x1, y1 = max(0, int(x1 - mx)), max(0, int(y1 - my))
+        x2, y2 = min(w, int(round(x2 + mx))), min(h, int(round(y2 + my)))
+        masks[b, y1:y2, x1:x2] = 1.0
+    return masks
+
+
+def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mode: str, seed: int, steps: int,
+           cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
+           identity_weight: float = 1.0, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           denoise: float = 1.0) -> torch.Tensor:
+    """Images (N, H, W, 3) of the N (noised) embeddings through the identity stream.
+
+    ``strict``: from an empty ``width`` x ``height`` latent and noise from ``seed``; ``image`` / ``mask`` are
+    ignored and never touched. ``in the photo``: ``image`` (N or 1 images) encoded, the ``mask`` region (N, H, W)
+    re-noised to ``denoise`` and sampled with the identity stream.
+    """
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    if mode not in dpi.RENDER_MODES:
+        raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {mode!r}")
+    if adapter.spec.kind != "faceid":
+        raise ValueError(f"{adapter.name} is a {adapter.spec.kind} adapter; a DP identity release renders with the "
+                         f"plain FaceID adapter (ip-adapter-faceid_sd15.bin), which reads only the embedding. FaceID "
+                         f"Plus also reads the original face crop through CLIP, which the noise does not protect.")
+    n = embedding.shape[0]
+    on, off = streams.identity_tokens(adapter, embedding.float())
+    sigmas = streams.sigma_range(model, 0.0, 1.0)
+    patched, _ = streams.apply_identity_streams(
+        model, [streams.Stream("identity", adapter, on, off, identity_weight, None, *sigmas)])
+    noise_mask = None
+    if mode == dpi.STRICT:
+        if width % 8 or height % 8 or width < 64 or height < 64:
+            raise ValueError(f"width and height must be multiples of 8, at least 64; got {width} x {height}")
+        latent = torch.zeros(n, 4, height // 8, width // 8)
+        denoise = 1.0
+    else:
+        if image is None or mask is None:
+            raise ValueError("'in the photo' rendering needs the photo and the face region (a MASK or a face model)")
+        if image.shape[0] not in (1, n):
+            raise ValueError(f"{image.shape[0]} photos for {n} embeddings: give one photo, or one per embedding")
+        pixels = image[..., :3].expand(n, -1, -1, -1) if image.shape[0] == 1 else image[..., :3]
+        hh, ww = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
+        if hh < 64 or ww < 64:
+            raise ValueError(f"the photo is too small ({pixels.shape[2]} x {pixels.shape[1]}); at least 64 x 64")
+        pixels = pixels[:, :hh, :ww]
+        latent = vae.encode(pixels)
+        m = mask.float()
+        m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
+        noise_mask = m[:, :hh, :ww].reshape(n, 1, hh, ww)
+    latent = comfy.sample.fix_empty_latent_channels(patched, latent)
+    noise = comfy.sample.prepare_noise(latent, int(seed))
+    callback = latent_preview.prepare_callback(patched, steps)
+    samples = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                  denoise=denoise, noise_mask=noise_mask, callback=callback,
+                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))
+    return vae.decode(samples)[..., :3].float().cpu()
+
+
+def render_release(noised: dict, model, vae, positive, negative, adapter, mode: str, seed: int, steps: int,
+                   cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
+                   identity_weight: float = 1.0, image: torch.Tensor | None = None, face_model=None,
+                   mask: torch.Tensor | None = None, denoise: float = 1.0, on_round=None):
+    """The final image of a release (``noised``: the FACE_EMBEDDING a DP Identity node made) and its label.
+
+    T = 1: render round 1's noised embedding. T > 1 (the thesis's Alg. 6): rounds 2..T render the previous round,
+    re-embed the rendered face with ``face_model`` (a render without a face stops with the no-face error, naming
+    the round) and noise it again with the release's C, σ and noise seed; the last round is rendered. Returns
+    (images, label dict, per-round cosine trace).
+    """
+    release = noised.get("dp") if isinstance(noised, dict) else None
+    if release is None:
+        raise ValueError("this FACE_EMBEDDING is not a DP release: pass the face embedding through DP Identity "
+                         "first (rendering the original embedding would publish the identity itself)")
+    report = release["report"]
+    rounds = int(report["rounds"])
+    kw = dict(model=model, vae=vae, positive=positive, negative=negative, adapter=adapter, mode=mode, steps=steps,
+              cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, width=width, height=height,
+              identity_weight=identity_weight, denoise=denoise)
+    if mode == dpi.IN_PHOTO:
+        if image is None:
+            raise ValueError("'in the photo' rendering needs the photo: connect image")
+        if mask is None:
+            if face_model is None:
+                raise ValueError("'in the photo' rendering needs the face region: connect a face_model (its "
+                                 "detector finds the face) or a mask")
+            mask = face_box_mask(face_model, image)
+    state = {"image": image}
+
+    def draw(z, t):
+        # strict: image=None, the photo is never handed to the renderer
+        photo = state["image"] if mode == dpi.IN_PHOTO else None
+        out = render(embedding=z, seed=int(seed) + t - 1, image=photo, mask=mask if photo is not None else None, **kw)
+        if mode == dpi.IN_PHOTO:
+            state["image"] = out
+        return out
+
+    def embed(images, t):
+        from .face.base import NoFaceError
+        try:
+            return streams.face_identity(face_model, images, "largest", 0)["embedding"]
+        except NoFaceError as e:
+            raise ValueError(f"round {t} of {rounds}: no face in the image rendered from round {t}'s noised "
+                             f"embedding, so it cannot be re-embedded ({e}). Lower sigma, raise the identity weight, "
+                             f"use a face-centred prompt, or use T = 1.") from None
+
+    z = noised["embedding"]
+    trace = [1.0]
+    if rounds > 1:
+        if face_model is None:
+            raise ValueError(f"T = {rounds} rounds re-embed each round's render: connect a face_model (the one that "
+                             f"made the embedding: arcface-r50 of buffalo_l for FaceID)")
+        z, trace = dpi.iterate(z, rounds, report["clip_radius"], report["sigma"], release["noise_seed"], draw, embed,
+                               report["renormalize"], on_round)
+    images = draw(z, rounds)  # z_t is rendered with seed + t - 1
+    return images, dpi.release_label(report, mode), trace
