@@ -8,30 +8,37 @@ and the working resolution are one shared widget each (Int / Float primitives), 
 and the key file must agree on them. Settings are the paper's for a real SD 1.5 (tests shrink them in the API prompt).
 """
 from workflow_builder import Graph
-from workflows_key_e import add_learn_key_e
+from workflows_key_e import LOAD, add_learn_key_e
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
-KEY_E_FILE = "key_e_00001_.safetensors"  # under output/diffprivacy/, written by the learn-key-e workflow
-KEY_FILE = "key_00001_.safetensors"      # under output/diffprivacy/, written by anonymize / hide below
+# Key files are chosen by the user (a fresh install has none): the learn-key-e workflow writes Key-E files and
+# anonymize / hide write key files under output/diffprivacy/; the notes say to pick one (R refreshes the list).
+KEY_E_FILE = ""
+KEY_FILE = ""
 FACE = {"detector": "mtcnn", "recognizer": "facenet-casia"}
+KEY_E, SETTINGS, PROTECT, KEEP = "Key-E", "Settings (shared)", "Protect", "Keep the key safe"  # stage titles
+PHOTO = "your photo in Load Image (upload it, or put it in ComfyUI's input/ folder as face.png)"
 
 
-def _settings(g, steps, strength, tau, resolution_for="protection, Key-I"):
+def _settings(g, steps, strength, tau):
+    g.stage(SETTINGS)
     return (g.node("PrimitiveInt", title="S: DDIM steps (protection, Key-I, key file)", value=steps),
             g.node("PrimitiveFloat", title="S_ns: noise strength", value=strength),
             g.node("PrimitiveFloat", title="tau: UC where t <= tau*T", value=tau),
-            g.node("PrimitiveInt", title=f"working resolution ({resolution_for}; 0: the photo's size)", value=512))
+            g.node("PrimitiveInt", title="working resolution (0: the photo's size)", value=512))
 
 
 def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, settings=None, **task_settings):
     """The task node, its clean saver, Key-I and the key file, all on the shared S / S_ns / tau
     (``settings``: those primitives, when the caller made them already)."""
     s, ns, t, res = settings or _settings(g, steps, strength, tau)
+    g.stage(PROTECT)
     face = g.node("DiffPrivacyFaceModelLoader", **FACE)
     node = g.node(task, model=ckpt.out(0), vae=ckpt.out(2), face_model=face.out(0), image=image.out(0),
                   key_e=key_e, uncond=uncond, seed=0, steps=s.out(0), strength=ns.out(0), tau=t.out(0),
                   resolution=res.out(0), **task_settings)
     g.node("DiffPrivacySaveImageClean", images=node.out(0), filename_prefix=f"diffprivacy/{prefix}")
+    g.stage(KEEP)
     key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=key_e, vae=ckpt.out(2), image=image.out(0),
                    steps=s.out(0), resolution=res.out(0))
     g.node("DiffPrivacySaveKey", key_i=key_i.out(0), key_e=key_e, model=ckpt.out(0), clip=ckpt.out(1),
@@ -40,22 +47,25 @@ def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, 
     return node
 
 
-def _with_key_e_file(name, task, prefix, steps, strength, tau, description, **task_settings):
-    g = Graph(name, description)
+def _with_key_e_file(name, task, prefix, steps, strength, tau, description, note, **task_settings):
+    g = Graph(name, description, note)
+    g.stage(LOAD)
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     image = g.node("LoadImage", image="face.png")
+    g.stage(KEY_E)
     key_e = g.node("DiffPrivacyLoadKeyE", key_file=KEY_E_FILE, password="", model=ckpt.out(0), clip=ckpt.out(1))
     uncond = g.node("CLIPTextEncode", title="UC (empty prompt)", clip=ckpt.out(1), text="")
     _protect(g, ckpt, image, key_e.out(0), uncond.out(0), task, prefix, steps, strength, tau, **task_settings)
     return g
 
 
-def _learning_key_e(name, task, prefix, steps, strength, tau, description, **task_settings):
+def _learning_key_e(name, task, prefix, steps, strength, tau, description, note, **task_settings):
     """Learn Key-E of the photo (paper defaults, at the shared working resolution), then protect with it."""
-    g = Graph(name, description)
+    g = Graph(name, description, note)
+    g.stage(LOAD)
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     image = g.node("LoadImage", image="face.png")
-    settings = _settings(g, steps, strength, tau, resolution_for="Key-E learning, protection, Key-I")
+    settings = _settings(g, steps, strength, tau)  # the resolution is also Key-E learning's
     learn = add_learn_key_e(g, ckpt, image, resolution=settings[3].out(0), filename_prefix="diffprivacy/key_e")
     _protect(g, ckpt, image, learn.out(0), learn.out(1), task, prefix, steps, strength, tau, settings=settings,
              **task_settings)
@@ -69,19 +79,39 @@ def workflows():
         "file in Load Key-E). Paper defaults: 50 DDIM steps, noising to 0.6 T, tau 0.4, lambda 1, L_Idis + L_div, "
         "4 outputs, saved without metadata. Also makes Key-I and seals Key-I + Key-E into "
         "output/diffprivacy/key_*.safetensors (set a password on Save Key) for the recover workflow.",
+        "What: anonymizes the face in your photo with its learnt Key-E (four new identities, paper 2.3.3), saves them "
+        "without metadata, and seals Key-I + Key-E into one key file for the recover workflow.\n"
+        f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}; in Load Key-E pick the file learn-key-e wrote "
+        "(R refreshes the list). MTCNN + FaceNet-CASIA need no file.\n"
+        "Settings that matter: S, S_ns, tau and the working resolution in Settings (shared by protection, Key-I and "
+        "the key), guidance_scale on Anonymize, and a password on Save Key to seal the key.",
         num_outputs=4, guidance_scale=1.0, diversity_weight=1.0)
     hide = _with_key_e_file(
         "hide", "DiffPrivacyHide", "hidden", 100, 0.8, 0.6,
         "Diff-Privacy visual identity hiding of face.png with its learnt Key-E (run learn-key-e first). Reference "
         "defaults: 100 DDIM steps, noising to 0.8 T, tau 0.6, lambda 1.5 above tau and 2.5 below, L_is; saved "
         "without metadata. Also makes Key-I and seals Key-I + Key-E into output/diffprivacy/key_*.safetensors.",
+        "What: hides the identity in your photo from people while face recognizers still match it (visual identity "
+        "hiding, paper 2.3.4), saves it without metadata, and seals Key-I + Key-E into one key file.\n"
+        f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}; in Load Key-E pick the file learn-key-e wrote "
+        "(R refreshes the list). MTCNN + FaceNet-CASIA need no file.\n"
+        "Settings that matter: S, S_ns, tau and the working resolution in Settings, lambda above / below tau on "
+        "Hide, and a password on Save Key to seal the key.",
         num_outputs=1, lambda_above=1.5, lambda_below=2.5, redetect_every=10)
 
     recover = Graph("recover", "Diff-Privacy identity recovery from a key file (Key-I + Key-E, written by "
                                "anonymize / hide): needs neither the protected nor the original image. Enter the "
-                               "key file's password; the recovered image is saved without metadata.")
+                               "key file's password; the recovered image is saved without metadata.",
+                    "What: brings the original photo back from a key file alone (Key-I + Key-E, Diff-Privacy Stage "
+                    "III): needs neither the protected nor the original image.\n"
+                    "Where: the SD 1.5 checkpoint the key was made with in Load Checkpoint; in Load Key pick the key "
+                    "file anonymize or hide wrote (R refreshes the list) and type its password.\n"
+                    "Settings that matter: none to tune: steps, tau and strength come from the key file. The result "
+                    "is saved without metadata.")
+    recover.stage("Load the key")
     ckpt = recover.node("CheckpointLoaderSimple", ckpt_name=SD15)
     key = recover.node("DiffPrivacyLoadKey", key_file=KEY_FILE, password="", model=ckpt.out(0), clip=ckpt.out(1))
+    recover.stage("Recover and save")
     rec = recover.node("DiffPrivacyRecover", model=ckpt.out(0), key_e=key.out(1), key_i=key.out(0), steps=key.out(2))
     decoded = recover.node("VAEDecode", samples=rec.out(0), vae=ckpt.out(2))
     recover.node("DiffPrivacySaveImageClean", images=decoded.out(0), filename_prefix="diffprivacy/recovered")
@@ -90,9 +120,16 @@ def workflows():
                  "Diff-Privacy anonymization with a text prompt standing in for Key-E (nothing learnt, no CLIP "
                  "vision needed): same settings as anonymize (50 steps, 0.6 T, tau 0.4, 4 outputs saved without "
                  "metadata), and the same key file for the recover workflow. Anyone who guesses the prompt holds "
-                 "the Key-E half of this key.")
+                 "the Key-E half of this key.",
+                 "What: anonymization with a text prompt as Key-E (nothing learnt, no CLIP vision): the quickest way "
+                 "to try the method; its key file works with the recover workflow.\n"
+                 f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}. MTCNN + FaceNet-CASIA need no file.\n"
+                 "Settings that matter: the prompt on Text Key-E (whoever guesses it holds the Key-E half of the key), "
+                 "S, S_ns, tau and the working resolution in Settings, and a password on Save Key.")
+    text.stage(LOAD)
     ckpt = text.node("CheckpointLoaderSimple", ckpt_name=SD15)
     image = text.node("LoadImage", image="face.png")
+    text.stage("Key-E (text)")
     key_e = text.node("DiffPrivacyTextKeyE", clip=ckpt.out(1), stage_text="a photo of a person")
     _protect(text, ckpt, image, key_e.out(0), key_e.out(1), "DiffPrivacyAnonymize", "anonymized-text-key",
              50, 0.6, 0.4, num_outputs=4, guidance_scale=1.0, diversity_weight=1.0)
@@ -104,11 +141,21 @@ def workflows():
         learn_first + "anonymizes face.png with it as the anonymize workflow does (50 DDIM steps, noising to 0.6 T, "
         "tau 0.4, lambda 1, L_Idis + L_div, 4 outputs saved without metadata) and seals Key-I + Key-E into "
         "output/diffprivacy/key_*.safetensors (set a password on Save Key) for the recover workflow.",
+        "What: one run from photo to protection: learns Key-E of your photo (Stage I), anonymizes it (four new "
+        "identities) without metadata, and seals Key-I + Key-E into one key file for the recover workflow.\n"
+        f"Where: SD 1.5 checkpoint in Load Checkpoint, CLIP-vision ViT-L/14 in Load CLIP Vision, {PHOTO}.\n"
+        "Settings that matter: steps on Learn Key-E (6100 takes long on a CPU), S, S_ns, tau and the working "
+        "resolution in Settings (shared by learning, protection and Key-I), passwords on Learn Key-E and Save Key.",
         num_outputs=4, guidance_scale=1.0, diversity_weight=1.0)
     hide_learn = _learning_key_e(
         "hide-learn-key-e", "DiffPrivacyHide", "hidden", 100, 0.8, 0.6,
         learn_first + "hides the identity in face.png with it as the hide workflow does (100 DDIM steps, noising to "
         "0.8 T, tau 0.6, lambda 1.5 above tau and 2.5 below, L_is; saved without metadata) and seals Key-I + Key-E "
         "into output/diffprivacy/key_*.safetensors for the recover workflow.",
+        "What: one run from photo to protection: learns Key-E of your photo (Stage I), hides the identity from "
+        "people (machines still match it), saves it without metadata and seals Key-I + Key-E into one key file.\n"
+        f"Where: SD 1.5 checkpoint in Load Checkpoint, CLIP-vision ViT-L/14 in Load CLIP Vision, {PHOTO}.\n"
+        "Settings that matter: steps on Learn Key-E (6100 takes long on a CPU), S, S_ns, tau and the working "
+        "resolution in Settings, lambda above / below tau on Hide, passwords on Learn Key-E and Save Key.",
         num_outputs=1, lambda_above=1.5, lambda_below=2.5, redetect_every=10)
     return [anonymize, hide, recover, text, anonymize_learn, hide_learn]
