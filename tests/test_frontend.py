@@ -1,13 +1,28 @@
-"""The shipped workflows in ComfyUI's real front end: each loads as a user's drag-and-drop does,
-and "Queue" would post exactly the prompt the other live tests post (tests convert UI to API
-format with scripts/workflow_builder.ui_to_api; this proves that conversion is the front end's)."""
+"""The shipped workflows in ComfyUI's real front end (headless Chromium). Each is loaded once, as a user's
+drag-and-drop does, and checked for everything a user would meet:
+
+- "Queue" would post exactly the prompt the other live tests post (tests convert UI to API format with
+  scripts/workflow_builder.ui_to_api; this proves that conversion is the front end's);
+- the drawing: no node on another node or on a group's title, no group on another, every node in a
+  group, a Note, and every node at the size the generator gave it (the front end did not have to grow
+  one: the generator's layout is what the user sees);
+- no widget names a file a fresh install lacks, except the models the README tells the user to place
+  and the photos the workflow's own Note says where to put.
+"""
 import json
 import os
 
 import pytest
 
 from conftest import REPO
-from frontend import FrontEnd, find_chromium
+from frontend import FrontEnd, find_chromium, layout_problems, named_files
+
+WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+# Models the README's model table tells the user to place (name -> folder under models/).
+README_MODELS = {"v1-5-pruned-emaonly.safetensors": "checkpoints", "clip-vit-large-patch14.safetensors": "clip_vision",
+                 "antelopev2": "insightface/models", "buffalo_l": "insightface/models",
+                 "ip-adapter-faceid_sd15.bin": "ipadapter"}
+PHOTO = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +44,55 @@ def _core(api: dict) -> dict:
     return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "example_workflows").glob("*.json")))
-def test_front_end_loads_the_workflow_and_queues_what_the_tests_post(front_end, comfy_server, name):
+def _note(ui: dict) -> str:
+    return "\n".join(str(v) for n in ui["nodes"] if n["type"] == "Note" for v in n["widgets_values"])
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_in_the_front_end_queues_what_the_tests_post_and_reads_cleanly(front_end, comfy_server, name):
     from workflow_builder import ui_to_api
     ui = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
-    posted_by_front_end = front_end.prompt_of(ui)
+    seen = front_end.inspect(ui)
+
+    posted_by_front_end = seen["prompt"]
     assert posted_by_front_end, "the front end produced an empty prompt"
     assert _core(posted_by_front_end) == _core(ui_to_api(ui, comfy_server.object_info))
-    ours = {n["class_type"] for n in posted_by_front_end.values() if n["class_type"].startswith("DiffPrivacy")}
-    assert ours, "no Diff-Privacy node survived loading"
+    assert any(n["class_type"].startswith("DiffPrivacy") for n in posted_by_front_end.values()), \
+        "no Diff-Privacy node survived loading"
+
+    assert layout_problems(seen) == []
+    assert seen["groups"], "no groups: a workflow says its stages (Graph.stage in its definition)"
+    assert _note(ui).count("\n") >= 2, "no three-line Note (Graph(..., note=...) in its definition)"
+    stored = {n["id"]: n["size"] for n in ui["nodes"]}
+    grown = {n["id"]: (stored[n["id"]], [round(v) for v in n["size"]]) for n in seen["nodes"]
+             if any(round(v) > s for v, s in zip(n["size"], stored[n["id"]]))}
+    assert not grown, f"the front end grew nodes past the generator's sizes (id: (generated, shown)): {grown}"
+
+    note = _note(ui)
+    not_fresh = [(nid, widget, value) for nid, widget, value, _ in named_files(seen)
+                 if value not in README_MODELS and not (value.lower().endswith(PHOTO) and value in note)]
+    assert not not_fresh, ("widget values naming files a fresh install does not have (neither a model the README "
+                           f"places nor a photo the Note places): {not_fresh}")
+
+
+def test_layout_check_fails_on_overlapping_nodes_and_covered_group_titles(front_end):
+    ui = json.loads((REPO / "example_workflows" / "recover.json").read_text())
+    first, second = [n for n in ui["nodes"] if n["type"] != "Note"][:2]
+    second["pos"] = [first["pos"][0] + 20, first["pos"][1] + 20]  # two nodes on top of each other
+    problems = layout_problems(front_end.inspect(ui))
+    assert any(f"node {first['id']} " in p and f"node {second['id']} " in p and "overlaps" in p for p in problems), \
+        problems
+
+    ui = json.loads((REPO / "example_workflows" / "recover.json").read_text())
+    group = ui["groups"][1]
+    node = next(n for n in ui["nodes"] if n["type"] != "Note")
+    node["pos"] = [group["bounding"][0] + 10, group["bounding"][1] + 10]  # on the second group's title bar
+    problems = layout_problems(front_end.inspect(ui))
+    assert any("covers the title" in p and group["title"] in p for p in problems), problems
+
+
+def test_file_check_finds_a_key_file_a_fresh_install_lacks(front_end):
+    ui = json.loads((REPO / "example_workflows" / "recover.json").read_text())
+    load = next(n for n in ui["nodes"] if n["type"] == "DiffPrivacyLoadKey")
+    load["widgets_values"][0] = "key_00001_.safetensors"  # what this workflow used to ship
+    assert (load["id"], "key_file", "key_00001_.safetensors") in [f[:3] for f in named_files(front_end.inspect(ui))]
