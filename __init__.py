@@ -5,4 +5,6 @@ model is loaded and nothing is downloaded at import time.
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
+WEB_DIRECTORY = "./web"  # served at /extensions/<folder>/: web/docs/<NodeId>.md is each node's help page
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
