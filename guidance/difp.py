@@ -241,3 +241,117 @@ def same_person_warning(donor: torch.Tensor, original: torch.Tensor, face_model)
                 f"{face_model.threshold}): transferring this identity protects nothing. Use another donor or the "
                 "synthetic donor")
     return None
+
+
+# -- the whole protection of one photo ------------------------------------------------------------------------------
+DONORS = ("synthetic", "image", "embedding")
+
+
+@dataclass
+class DIFPConditions:
+    """Where the identity and style come from, and which region changes."""
+    identity_adapter: object = None
+    style_adapter: object = None
+    clip_vision: object = None
+    donor: str = "synthetic"                 # "synthetic" | "image" | "embedding"
+    donor_image: torch.Tensor | None = None  # IMAGE
+    donor_embedding: dict | None = None      # FACE_EMBEDDING
+    style_image: torch.Tensor | None = None  # IMAGE; None: the original
+    reference: torch.Tensor | None = None    # X_com IMAGE; None: the original
+    whole_frame: bool = False
+    mask_grow: float = 0.25
+    mask_feather: float = 0.15
+    shortcut_scale: float = 1.0
+
+
+@dataclass
+class DIFPProtection:
+    result: DIFPResult
+    original_identity: dict   # face_identity of the original (embedding, landmarks, model)
+    donor_embedding: torch.Tensor | None
+    mask: torch.Tensor | None
+    warnings: list
+
+
+def _resize_to(image: torch.Tensor, size: tuple[int, int], what: str, warnings: list) -> torch.Tensor:
+    if tuple(image.shape[1:3]) == tuple(size):
+        return image
+    msg = f"{what} is {image.shape[2]}x{image.shape[1]}, the working image {size[1]}x{size[0]}: resized to match"
+    log.info("[Diff-Privacy] %s", msg)
+    warnings.append(msg)
+    return F.interpolate(image[..., :3].movedim(-1, 1).float(), size=tuple(size), mode="bicubic",
+                         antialias=True).clamp(0, 1).movedim(1, -1)
+
+
+def _donor(face_model, original: dict, c: DIFPConditions, seed: int, warnings: list):
+    """(donor embedding (1, D), aligned crops or None)."""
+    from .face.base import NoFaceError
+    from .identity_streams import face_identity
+    if c.donor not in DONORS:
+        raise ValueError(f"donor must be one of {DONORS}, got {c.donor!r}")
+    if c.donor == "synthetic":
+        return synthetic_donor(original["embedding"], face_model, seed), None
+    if c.donor == "embedding":
+        if not c.donor_embedding or "embedding" not in c.donor_embedding:
+            raise ValueError("donor = embedding needs a FACE_EMBEDDING connected to donor_embedding")
+        emb = c.donor_embedding["embedding"][:1].float()
+        crops = c.donor_embedding.get("crops_224")
+        return emb, (crops[:1] if crops is not None else None)
+    if c.donor_image is None:
+        raise ValueError("donor = image needs the donor photo connected to donor_image")
+    try:
+        found = face_identity(face_model, c.donor_image[:1])
+    except NoFaceError as e:
+        raise NoFaceError(None, f"in the donor image ({e}): give a photo with a visible face, or use the synthetic "
+                                "donor") from e
+    return found["embedding"][:1], found["crops_224"][:1]
+
+
+def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, settings: DIFPSettings,
+                  conditions: DIFPConditions) -> DIFPProtection:
+    """DIFP on one working image: find the face, choose the donor, add the streams, protect, composite."""
+    from .face.base import NoFaceError
+    from .identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
+                                   recognizer_space_warning, style_tokens)
+    c, warnings = conditions, []
+    check_strength(settings.strength)
+    try:
+        original = face_identity(face_model, image[:1])
+    except NoFaceError as e:
+        raise NoFaceError(None, f"in the original ({e}): DIFP protects a face; give a photo with a visible face") from e
+    streams, donor = [], None
+    if settings.s_id != 0.0:
+        if c.identity_adapter is None:
+            raise ValueError("s_id > 0 needs an identity adapter (ip-adapter-faceid_sd15.bin, or a DIFP-trained one); "
+                             "set s_id 0 to run without a donor identity")
+        space = recognizer_space_warning(face_model.name)
+        if space:
+            warnings.append(space)
+            log.warning("[Diff-Privacy] %s", space)
+        donor, crops = _donor(face_model, original, c, settings.seed, warnings)
+        same = same_person_warning(donor, original["embedding"], face_model)
+        if same:
+            warnings.append(same)
+            log.warning("[Diff-Privacy] %s", same)
+        on, off = identity_tokens(c.identity_adapter, donor, c.clip_vision, crops, c.shortcut_scale)
+        streams.append(Stream("identity", c.identity_adapter, on, off))
+    if settings.s_sty != 0.0:
+        if c.style_adapter is None or c.clip_vision is None:
+            raise ValueError("s_sty > 0 needs a style adapter (ip-adapter_sd15 / -plus) and CLIP vision (ViT-H); set "
+                             "s_sty 0 to run without a style")
+        style = image if c.style_image is None else _resize_to(c.style_image[:1], image.shape[1:3], "the style image",
+                                                               warnings)
+        on, off = style_tokens(c.style_adapter, c.clip_vision, style)
+        streams.append(Stream("style", c.style_adapter, on, off))
+    if settings.s_id == 0.0 and settings.s_sty == 0.0:
+        warnings.append("s_id = s_sty = 0: plain img2img (no donor identity, no style): this protects little")
+    streamed = apply_identity_streams(model, streams)[0] if streams else model
+    reference = None if c.reference is None else _resize_to(c.reference[:1], image.shape[1:3], "the realism reference",
+                                                            warnings)
+    mask = None
+    if not c.whole_frame:
+        faces = face_model.detect(image[0])
+        largest = max(faces, key=lambda f: f.area)
+        mask = feathered_box_mask(image.shape[1], image.shape[2], [largest.box], c.mask_grow, c.mask_feather)
+    result = protect(streamed, vae, image, conditioning, settings, mask, reference)
+    return DIFPProtection(result, original, donor, mask, warnings)
