@@ -49,6 +49,18 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+def require_package(module: str, install: str):
+    """Import a package the test command installs; skips when absent outside CI, fails when absent in CI
+    (``pytest.importorskip`` would skip in CI too, hiding a broken environment)."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{module} is missing ({e}): scripts/test.sh installs it ({install})")
+        pytest.skip(f"{module} is not installed: {install}")
+
+
 @pytest.fixture(scope="session")
 def shared():
     return shared_path

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_package
 from face_fixtures import casia_face_model, casia_safetensors, faces13
 
 
 def test_casia_conversion_matches_opencv():
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require_package("cv2", "opencv-python-headless, requirements-test.txt")
     from diffprivacy.guidance.face.facenet import find_casia_graph
     from diffprivacy.guidance.face.loader import load_recognizer
     rec = load_recognizer("facenet-casia", path=casia_safetensors())

@@ -13,8 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+from conftest import require_package
+
+onnx = require_package("onnx", "requirements.txt")
+ort = require_package("onnxruntime", "requirements.txt")
 
 from diffprivacy.guidance.face import iresnet  # noqa: E402
 from face_fixtures import RefIResNet, export_tiny_iresnet, randomised  # noqa: E402

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import require_package, shared_path
 from face_fixtures import casia_safetensors, load_photo
 from diffprivacy.guidance.face import loader
 from diffprivacy.guidance.face.base import NoFaceError
@@ -117,7 +117,7 @@ def test_missing_models_name_folder_and_files(models_dir):
 
 
 def test_insightface_pack_recognizer_loads_through_the_node(models_dir):
-    pytest.importorskip("onnx")
+    require_package("onnx", "requirements.txt")
     from face_fixtures import export_tiny_iresnet
     from diffprivacy.guidance.face.iresnet import onnx_embed
     pack = models_dir / "insightface" / "models" / "buffalo_l"

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytest.importorskip("onnxruntime")
+from conftest import require_package
+
+require_package("onnxruntime", "requirements.txt")
 
 from diffprivacy.guidance.face import loader  # noqa: E402
 

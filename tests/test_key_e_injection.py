@@ -38,19 +38,29 @@ def test_injecting_the_placeholders_own_embedding_reproduces_comfyuis_encoding(m
     assert (got - other).abs().max() > 1e-3  # the check can fail: another token gives another encoding
 
 
-def test_encoding_is_differentiable_through_the_frozen_inference_weights(models):
+def test_encoding_is_differentiable_and_causal_in_the_injected_vector(models):
     clip = models[1]
-    enc = PseudoTokenEncoder(clip)
+    enc = PseudoTokenEncoder(clip, "a photo of *")
+    p = enc.position  # BOS, "a", "photo", "of" come before "*"
+    assert p == 4
+    g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         with gradients_enabled():
             thaw_inference_tensors(clip.cond_stage_model)
-            v = (enc.placeholder_embedding() + 0.1)[None].repeat(3, 1).requires_grad_(True)
+            base = enc.placeholder_embedding()
+            v = (base + base.std() * torch.randn(3, enc.width, generator=g)).requires_grad_(True)  # three different
             cond, _ = enc.encode(v)
-            cond[:, 1:].pow(2).sum().backward()
+            (before_grad,) = torch.autograd.grad(cond[:, :p].pow(2).sum(), v, retain_graph=True, allow_unused=True)
+            (after_grad,) = torch.autograd.grad(cond[:, p:].pow(2).sum(), v)
     assert cond.shape == (3, 77, enc.width)
-    assert v.grad is not None and v.grad.abs().sum() > 0
-    # causal mask: the BOS row does not depend on the injected vector
-    assert torch.allclose(cond[0, 0], cond[1, 0])
+    # causal mask: the tokens before "*" are encoded the same whatever vector is injected ...
+    for i in (1, 2):
+        torch.testing.assert_close(cond[i, :p], cond[0, :p], atol=1e-6, rtol=0)
+    # ... and get no gradient from it, while "*" and every token after it depend on it
+    assert before_grad is None or before_grad.abs().max() == 0
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert (cond[i, p:] - cond[j, p:]).abs().amax(dim=-1).min() > 1e-4, (i, j)
+    assert (after_grad.abs().sum(dim=1) > 0).all()
 
 
 def test_clip_features_are_the_hidden_states_of_the_asked_layers_of_a_correctly_scaled_image(models):
