@@ -4,14 +4,19 @@ from workflow_builder import Graph
 SD15 = "v1-5-pruned-emaonly.safetensors"
 FACEID = "ip-adapter-faceid_sd15.bin"
 
-NOTE = ("DP-Image on the identity embedding. The face's ArcFace embedding is clipped to radius C (sensitivity 2C), "
-        "Gaussian noise sigma is added, and epsilon is read from Google's dp-accounting (the thesis's own looser "
-        "bound is shown beside it, labelled). Strict rendering generates a new image from fresh noise and a fixed "
-        "prompt: the image depends on the original only through the noised embedding, so the DP statement holds. "
-        "Switch DP Render to 'in the photo' to inpaint the original's face instead: NOT differentially private. At any "
-        "useful epsilon the released identity is essentially random (sigma 1: cosine about 0.04). Keep noise_seed 0 "
-        "(secret noise); a fixed noise seed is saved in the workflow and undoes the privacy. Each new run with fresh "
-        "noise is another release of the same face: epsilons add up.")
+NOTE = ("What: a differentially private identity release (DP-Image, thesis ch. 4): the face's ArcFace embedding is "
+        "clipped to radius C (sensitivity 2C), Gaussian noise sigma is added, and epsilon comes from Google's "
+        "dp-accounting (the thesis's own looser bound is shown beside it, labelled). Strict rendering generates a new "
+        "image from fresh noise and a fixed prompt, so the image depends on the original only through the noised "
+        "embedding and the DP statement holds; switch DP Render to 'in the photo' to inpaint the original's face "
+        "instead: NOT differentially private. The label travels with the image as a JSON sidecar.\n"
+        "Where: SD 1.5 checkpoint in Load Checkpoint; the photo as face.png in ComfyUI's input folder; "
+        "ip-adapter-faceid_sd15.bin in models/ipadapter/ (+ its LoRA in models/loras/); the buffalo_l pack in "
+        "models/insightface/models/.\n"
+        "Settings that matter: sigma (or a target epsilon) and delta on DP Identity. At any useful epsilon the "
+        "released identity is essentially random (sigma 1: cosine about 0.04, epsilon about 10). Keep noise_seed 0 "
+        "(secret noise): a fixed noise seed is saved in the workflow and undoes the privacy. Every new run with fresh "
+        "noise is another release of the same face: the epsilons add up.")
 
 
 def dp_identity():

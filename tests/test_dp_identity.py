@@ -135,7 +135,7 @@ class _PixelEmbedder(FaceModel):
         self.proj = torch.randn(3 * 8 * 8, 512, generator=torch.Generator().manual_seed(9))
 
     def embed(self, images, landmarks):
-        small = torch.nn.functional.interpolate(images.float(), size=(8, 8), mode="area").flatten(1)
+        small = torch.nn.functional.interpolate(images.float(), size=(8, 8), mode="area").flatten(1) - 0.5
         return torch.nn.functional.normalize(small @ self.proj, dim=1)
 
 
@@ -339,3 +339,34 @@ def test_dp_identity_runs_live_saves_the_label_beside_the_image_and_survives_bad
     from PIL import Image
     assert Image.open(io.BytesIO(served.view(saved[0]))).size == (64, 64)
     assert png.stat().st_mtime >= started - 1
+
+
+# -- evaluation rows ---------------------------------------------------------------------------------------------------
+def test_evaluation_rows_count_a_different_face_as_protected_and_carry_the_sidecar_label(tmp_path):
+    from diffprivacy.evaluation import dp_image
+    model = _PixelEmbedder()
+    g = torch.Generator().manual_seed(2)
+
+    def blocky():  # 8x8 random blocks: the stub's 8x8 pooling tells such images apart
+        return torch.rand(8, 8, 3, generator=g).repeat_interleave(8, 0).repeat_interleave(8, 1)
+    originals = [blocky() for _ in range(4)]
+    protected = [originals[0].clone(), originals[1].clone(), blocky(), blocky()]
+    row = dp_image.dp_rows(model, originals, protected)
+    assert row["pairs"] == 4 and row["fppsr"] == 0.5  # two unchanged (same person), two unrelated images
+    assert row["ssim"] < 1.0 and row["iss"] < 1.0
+    assert dp_image.match_strength([(1.0, 0.9), (3.0, 0.5), (5.0, 0.1)], 0.3) == pytest.approx(4.0)
+    assert dp_image.match_strength([(1.0, 0.9), (3.0, 0.5)], 0.1) is None
+    label = dpi.release_label(dpi.account(1.0, 1.0, 1e-5), "in the photo")
+    (tmp_path / "a.json").write_text(json.dumps(dict(label, image="a.png")))
+    found = dp_image.labels_of(tmp_path)
+    assert found["differentially_private"] is False and "NOT differentially private" in found["labels"]["a.png"]
+
+
+def test_embedding_rows_follow_the_expected_cosine_and_are_recognised_only_at_tiny_sigma():
+    from diffprivacy.evaluation import dp_image
+    x = torch.nn.functional.normalize(torch.randn(20, 512, generator=torch.Generator().manual_seed(4)), dim=1)
+    model = _PixelEmbedder()  # cosine metric, threshold 0.5 (distance 1 - cos)
+    small, large = dp_image.embedding_rows(model, x, [0.005, 1.0], repeats=5)
+    assert small["fppsr_embedding"] == 0.0 and large["fppsr_embedding"] == 1.0
+    assert large["cosine"] == pytest.approx(large["expected_cosine"], abs=0.02)
+    assert small["epsilon"] > 100 * large["epsilon"]
