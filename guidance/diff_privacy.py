@@ -23,9 +23,9 @@ import torch
 
 from .ddim import ddim_sigmas
 from .energy import Energy, anonymize_energy, hide_energy
+from .gradient_path import GradientOptions, make_gradient_decoder, resolve_precision, to_channels_last
 from .guided_ddim import GuidanceScale, IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
 from .sampling import sample_with_comfy
-from .vae_decode import make_vae_decoder
 
 log = logging.getLogger("diffprivacy")
 
@@ -52,22 +52,35 @@ class FaceChoice:
 
 
 def build_guidance(model, vae, face_model, image: torch.Tensor, energy: Energy, gradient_chunk: int = 0,
-                   redetect_every: int = 0, faces: FaceChoice | None = None) -> IdentityGuidance:
-    """Identity guidance with the chosen faces of ``image`` (a working image, one) as the references."""
+                   redetect_every: int = 0, faces: FaceChoice | None = None,
+                   gradient: GradientOptions | None = None) -> IdentityGuidance:
+    """Identity guidance with the chosen faces of ``image`` (a working image, one) as the references.
+
+    ``gradient``: how the gradient decodes (decoder, face window, chunking, precision, flags); without it the
+    full VAE on the whole frame with ``gradient_chunk``.
+    """
     faces = faces or FaceChoice("largest")
-    return IdentityGuidance.from_image(face_model, make_vae_decoder(vae, model), image[0], energy,
-                                       chunk=gradient_chunk, redetect_every=redetect_every, choice=faces.mode,
-                                       indices=faces.indices, mask=faces.mask)
+    options = gradient or GradientOptions(chunk=gradient_chunk)
+    decode = make_gradient_decoder(vae, model, options)
+    if options.channels_last:
+        to_channels_last(getattr(face_model, "recognizer", None), "the face recognizer")
+    device = getattr(vae, "device", None) or torch.device("cpu")
+    return IdentityGuidance.from_image(face_model, decode, image[0], energy, chunk=options.chunk,
+                                       redetect_every=redetect_every, choice=faces.mode, indices=faces.indices,
+                                       mask=faces.mask, checkpointing=options.checkpointing,
+                                       window_margin=options.window_margin if options.face_window else None,
+                                       precision=resolve_precision(options.precision, device))
 
 
 def guided_sampler(model, vae, face_model, image: torch.Tensor, task: str, tau: float, lambda_above: float,
                    lambda_below: float, diversity_weight: float = 1.0, through_unet: bool = False,
-                   redetect_every: int = 0, faces: FaceChoice | None = None, gradient_chunk: int = 0):
+                   redetect_every: int = 0, faces: FaceChoice | None = None, gradient_chunk: int = 0,
+                   gradient: GradientOptions | None = None):
     """The identity-guided DDIM of a task ("anonymize" or "hide") as a native SAMPLER."""
     if task not in ("anonymize", "hide"):
         raise ValueError(f"task must be 'anonymize' or 'hide', got {task!r}")
     energy = anonymize_energy(1.0, diversity_weight) if task == "anonymize" else hide_energy()
-    guidance = build_guidance(model, vae, face_model, image, energy, gradient_chunk, redetect_every, faces)
+    guidance = build_guidance(model, vae, face_model, image, energy, gradient_chunk, redetect_every, faces, gradient)
     scale = stage_guidance_scale(model_sampling(model), tau, lambda_above, lambda_below)
     return guided_ddim_sampler(guidance, scale, through_unet=through_unet)
 
@@ -88,19 +101,22 @@ def run_protection(model, vae, image: torch.Tensor, guidance: IdentityGuidance, 
 
 def anonymize(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, steps: int = 50,
               strength: float = 0.6, num_outputs: int = 4, guidance_scale: float = 1.0,
-              diversity_weight: float = 1.0, faces: FaceChoice | None = None, gradient_chunk: int = 0) -> Protection:
+              diversity_weight: float = 1.0, faces: FaceChoice | None = None, gradient_chunk: int = 0,
+              gradient: GradientOptions | None = None) -> Protection:
     """Anonymization (Sec. 2.3.3) with the paper's defaults; ``image`` is the working image (one)."""
     guidance = build_guidance(model, vae, face_model, image, anonymize_energy(1.0, diversity_weight),
-                              gradient_chunk, faces=faces)
+                              gradient_chunk, faces=faces, gradient=gradient)
     return run_protection(model, vae, image, guidance, float(guidance_scale), schedule, steps, strength, seed,
                           num_outputs)
 
 
 def hide(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, tau: float = 0.6, steps: int = 100,
          strength: float = 0.8, num_outputs: int = 1, lambda_above: float = 1.5, lambda_below: float = 2.5,
-         redetect_every: int = 10, faces: FaceChoice | None = None, gradient_chunk: int = 0) -> Protection:
+         redetect_every: int = 10, faces: FaceChoice | None = None, gradient_chunk: int = 0,
+         gradient: GradientOptions | None = None) -> Protection:
     """Visual identity hiding (Sec. 2.3.4) with the reference code's defaults; ``tau`` must be the schedule's."""
-    guidance = build_guidance(model, vae, face_model, image, hide_energy(), gradient_chunk, redetect_every, faces)
+    guidance = build_guidance(model, vae, face_model, image, hide_energy(), gradient_chunk, redetect_every, faces,
+                              gradient)
     scale = stage_guidance_scale(model_sampling(model), tau, lambda_above, lambda_below)
     return run_protection(model, vae, image, guidance, scale, schedule, steps, strength, seed, num_outputs)
 

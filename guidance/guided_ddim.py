@@ -20,6 +20,8 @@ its loaders produce inference tensors, which are thawed once (values unchanged).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +34,10 @@ from .schedule import last_uncond_timestep
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .energy import Energy
 from .face.base import NoFaceError, select_faces
+from .gradient_path import auto_chunk, checkpointed_blocks, decode_window, decoder_module, face_windows, \
+    precision_context
+
+log = logging.getLogger("diffprivacy")
 
 
 @dataclass
@@ -69,7 +75,13 @@ class IdentityGuidance:
     that face's embeddings across the batch, E = sum_f E(emb[:, f], ref_f), so a group photo is
     protected in one run and each face moves relative to its own original. ``chunk`` > 0
     back-propagates that many samples at a time (exact, since the energy sees a sample only through
-    its embeddings): less memory for one extra forward pass.
+    its embeddings): less memory for one extra forward pass; 0 chooses it so that the estimated peak
+    fits the free memory ComfyUI reports (all at once when it fits; :func:`.gradient_path.auto_chunk`).
+
+    Speed (issue 17, :mod:`.gradient_path`): ``window_margin`` (latent pixels; None: the whole frame)
+    decodes only the latent window around the chosen faces' aligned crops; ``checkpointing`` recomputes
+    the decoder's blocks in the backward pass instead of keeping their activations; ``precision`` (a
+    dtype, e.g. bf16) runs decode and embedding under autocast, the energy in fp32.
 
     ``redetect_every``: 0 aligns every prediction with the original's landmarks (the predictions keep
     the original's layout). k > 0, for tasks that move faces: on sampler steps k, 2k, ... the face
@@ -81,7 +93,8 @@ class IdentityGuidance:
 
     def __init__(self, face_model, decode: Callable, reference: torch.Tensor, landmarks: torch.Tensor,
                  energy: Energy, image_size: tuple[int, int] | None = None, chunk: int = 0,
-                 redetect_every: int = 0):
+                 redetect_every: int = 0, window_margin: int | None = None, checkpointing: bool = False,
+                 precision: torch.dtype | None = None):
         if not getattr(face_model, "differentiable", False):
             raise ValueError(f"identity guidance needs a differentiable face model; {face_model!r} is not "
                              "(use a FaceNet/ArcFace FACE_MODEL for guidance, dlib only for evaluation)")
@@ -101,6 +114,13 @@ class IdentityGuidance:
         self.image_size = image_size
         self.chunk = int(chunk)
         self.redetect_every = int(redetect_every)
+        self.window_margin = None if window_margin is None else int(window_margin)
+        self.checkpointing = bool(checkpointing)
+        self.precision = precision
+        if self.window_margin is not None and self._crop_geometry() is None:
+            log.warning("[Diff-Privacy] face window: %r has no recognizer crop template; decoding the whole frame",
+                        face_model)
+            self.window_margin = None
         self._tracked = None  # (B, F, 5, 2) landmarks last re-detected on x0_hat; None: the original's
         self._thawed = False
 
@@ -116,11 +136,13 @@ class IdentityGuidance:
     @classmethod
     def from_image(cls, face_model, decode: Callable, image: torch.Tensor, energy: Energy,
                    face_index: int | None = None, chunk: int = 0, redetect_every: int = 0, *,
-                   choice: str | None = None, indices=(), mask: torch.Tensor | None = None) -> "IdentityGuidance":
+                   choice: str | None = None, indices=(), mask: torch.Tensor | None = None,
+                   **speed) -> "IdentityGuidance":
         """Detect the faces in ``image`` ((H, W, 3) or (1, H, W, 3), [0, 1]) and embed the chosen ones.
 
         ``choice``: "all", "largest", "indices" (with ``indices``) or "mask" (with ``mask`` (H, W)); the
-        default is the largest face, or the face at ``face_index`` when given.
+        default is the largest face, or the face at ``face_index`` when given. ``speed``: the keyword
+        arguments ``window_margin``, ``checkpointing``, ``precision`` of the constructor.
         """
         if image.dim() == 4:
             if image.shape[0] != 1:
@@ -139,7 +161,7 @@ class IdentityGuidance:
         lms = torch.stack([faces[i].landmarks.float() for i in chosen])
         with torch.no_grad():
             ref = face_model.embed(image.permute(2, 0, 1)[None].expand(len(chosen), -1, -1, -1).contiguous(), lms)
-        return cls(face_model, decode, ref, lms, energy, tuple(image.shape[:2]), chunk, redetect_every)
+        return cls(face_model, decode, ref, lms, energy, tuple(image.shape[:2]), chunk, redetect_every, **speed)
 
     def _prepare(self):
         recognizer = getattr(self.face_model, "recognizer", None)
@@ -175,15 +197,57 @@ class IdentityGuidance:
             self._tracked = tracked
         return tracked
 
-    def _embed(self, latent: torch.Tensor, step: int | None = None, landmarks: torch.Tensor | None = None):
-        """Embeddings (B, F, D) of the decoded latents, and the landmarks (B, F, 5, 2) used."""
-        images = self.decode(latent)
-        if landmarks is None:
-            landmarks = self.landmarks_for(images, step)
+    def _crop_geometry(self):
+        """(template, crop size) of the recognizer's aligned crop, or None when the face model has none."""
+        rec = getattr(self.face_model, "recognizer", None)
+        if rec is None or not hasattr(rec, "template") or not hasattr(rec, "crop_size"):
+            return None
+        return rec.template(), int(rec.crop_size)
+
+    def _decoding(self):
+        """The context of a differentiable decode: gradient checkpointing through the decoder's blocks."""
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpointed_blocks(decoder_module(self.decode))
+        return contextlib.nullcontext()
+
+    def _embed_images(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         b, f = landmarks.shape[:2]
         crops = images if f == 1 else images.repeat_interleave(f, dim=0)
         emb = self.face_model.embed(crops, thaw(landmarks).reshape(b * f, 5, 2).contiguous())
-        return emb.reshape(b, f, -1), landmarks
+        return emb.reshape(b, f, -1).float()
+
+    def _embed(self, latent: torch.Tensor, step: int | None = None, landmarks: torch.Tensor | None = None):
+        """Embeddings (B, F, D) of the decoded latents, and the landmarks (B, F, 5, 2) used."""
+        if self.window_margin is not None:
+            return self._embed_windows(latent, step, landmarks)
+        with precision_context(self.precision, latent.device), self._decoding():
+            images = self.decode(latent)
+        if landmarks is None:  # re-detection outside autocast
+            landmarks = self.landmarks_for(images, step)
+        with precision_context(self.precision, latent.device):
+            return self._embed_images(images, landmarks), landmarks
+
+    def _embed_windows(self, latent: torch.Tensor, step: int | None, landmarks: torch.Tensor | None):
+        """:meth:`_embed` decoding only the latent windows around the chosen faces' crops."""
+        ds = int(getattr(self.decode, "downscale", 8))
+        b, (h, w) = latent.shape[0], latent.shape[-2:]
+        if landmarks is None:
+            if self.redetect_every > 0 and step and step % self.redetect_every == 0:
+                with torch.no_grad():  # re-detection looks at the whole frame
+                    frame = self.decode(latent.detach())
+            else:  # only the frame's size and device are read
+                frame = latent.new_empty((b, 0, h * ds, w * ds))
+            landmarks = self.landmarks_for(frame, step)
+        template, crop = self._crop_geometry()
+        emb = [None] * landmarks.shape[1]
+        for window, faces in face_windows(landmarks, template, crop, (h, w), ds):
+            shift = landmarks.new_tensor([window[2] * ds, window[0] * ds])
+            with precision_context(self.precision, latent.device):
+                with self._decoding():
+                    images = decode_window(self.decode, latent, window, self.window_margin)
+                for j, e in zip(faces, self._embed_images(images, landmarks[:, faces] - shift).unbind(1)):
+                    emb[j] = e
+        return torch.stack(emb, dim=1), landmarks
 
     def embed(self, latent: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """Embeddings of the decoded latents (differentiable when autograd is on): (B, D) for one face,
@@ -207,19 +271,19 @@ class IdentityGuidance:
             z = thaw(latent).detach().float().requires_grad_(True)
             refs = thaw(self.references)
             n = z.shape[0]
-            if self.chunk <= 0 or n <= self.chunk:
+            chunk = self.chunk if self.chunk > 0 else auto_chunk(self.decode, z)
+            if chunk <= 0 or n <= chunk:
                 energy = self._total(self._embed(z, step)[0], refs)
                 (grad,) = torch.autograd.grad(energy, z)
                 return float(energy.detach()), grad.to(latent.dtype)
             with torch.no_grad():
                 emb_all, lms = self._embed(z, step)
             grad = torch.zeros_like(z)
-            for s in range(0, n, self.chunk):
-                zc = z[s:s + self.chunk].detach().requires_grad_(True)
-                emb = torch.cat([emb_all[:s], self._embed(zc, landmarks=lms[s:s + self.chunk])[0],
-                                 emb_all[s + self.chunk:]])
+            for s in range(0, n, chunk):
+                zc = z[s:s + chunk].detach().requires_grad_(True)
+                emb = torch.cat([emb_all[:s], self._embed(zc, landmarks=lms[s:s + chunk])[0], emb_all[s + chunk:]])
                 energy = self._total(emb, refs)
-                (grad[s:s + self.chunk],) = torch.autograd.grad(energy, zc)
+                (grad[s:s + chunk],) = torch.autograd.grad(energy, zc)
             return float(energy.detach()), grad.to(latent.dtype)
 
 
@@ -241,6 +305,34 @@ def _thaw_diffusion_model(model) -> None:
     target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
     if target is not None:
         thaw_inference_tensors(target)
+
+
+def _unet_dtype(model) -> torch.dtype:
+    """The dtype the UNet behind a k-diffusion wrapper computes in (its manual cast dtype, else its weights')."""
+    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
+    dtype = getattr(inner, "manual_cast_dtype", None)
+    if dtype is None and hasattr(inner, "get_dtype"):
+        dtype = inner.get_dtype()
+    return dtype or torch.float32
+
+
+FP16_LOSS_SCALE = 2.0 ** 12
+
+
+def _grad_through_unet(model, x, sigma, extra_args, guidance: IdentityGuidance, step: int):
+    """(E, dE/dx, x0_hat) back-propagating through the UNet. An fp16 UNet gets its loss scaled, as Key-E learning
+    does (small gradients underflow in fp16): by 2^12, divided by 16 and recomputed while the gradient overflows."""
+    scale = FP16_LOSS_SCALE if _unet_dtype(model) == torch.float16 else 1.0
+    while True:
+        with gradients_enabled():
+            _thaw_diffusion_model(model)
+            xg = thaw(x).detach().requires_grad_(True)
+            denoised = model(xg, thaw(sigma), **extra_args)
+            value = guidance.value(denoised, step=step)
+            (grad_x,) = torch.autograd.grad(value * scale, xg)
+        if scale <= 1.0 or bool(torch.isfinite(grad_x).all()):
+            return float(value.detach()), grad_x / scale, denoised.detach()
+        scale = max(1.0, scale / 16.0)
 
 
 def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
@@ -269,14 +361,8 @@ def sample_guided_ddim(model, x, sigmas, extra_args=None, callback=None, disable
         lam = scale_of(sigma) if guidance is not None else 0.0
         energy, grad = float("nan"), None
         if lam != 0.0 and through_unet:
-            with gradients_enabled():
-                _thaw_diffusion_model(model)
-                xg = thaw(x).detach().requires_grad_(True)
-                denoised = model(xg, thaw(sigma * s_in), **extra_args)
-                value = guidance.value(denoised, step=i)
-                (grad_x,) = torch.autograd.grad(value, xg)
-                energy, grad = float(value.detach()), grad_x * vp_scale(sigma)  # dE/dz_t
-                denoised = denoised.detach()
+            energy, grad_x, denoised = _grad_through_unet(model, x, sigma * s_in, extra_args, guidance, i)
+            grad = grad_x * vp_scale(sigma)  # dE/dz_t
         else:
             with torch.no_grad():
                 denoised = model(x, sigma * s_in, **extra_args)

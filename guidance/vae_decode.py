@@ -56,6 +56,10 @@ class VaeDecoder:
         patcher = getattr(vae, "patcher", None)
         self.patcher = resident_clone(patcher) if patcher is not None else None
         self.decoder = self.patcher.model if self.patcher is not None else vae.first_stage_model
+        self.core = self.decoder.decode  # what torch.compile may replace (gradient_path.apply_flags)
+        ratio = getattr(vae, "downscale_ratio", 8)  # a function for some video VAEs
+        self.downscale = ratio if isinstance(ratio, int) else 8
+        self.description = "full VAE"
         self._thawed = False
 
     def __call__(self, latent: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,7 @@ class VaeDecoder:
             thaw_inference_tensors(self.decoder)
             self._thawed = True
         raw = self.process_out(latent)
-        out = self.decoder.decode(raw.to(device=vae.device, dtype=vae.vae_dtype))
+        out = self.core(raw.to(device=vae.device, dtype=vae.vae_dtype))
         image = self.process_output(out.float())
         return image[:, :3].to(latent.device)
 

@@ -142,3 +142,14 @@ def tiny_clip_vision_path() -> Path:
 
 def full_sd15_checkpoint_path() -> Path:
     return cached("sd15-random-fullsize.safetensors", build_full_sd15_checkpoint)
+
+
+def build_taesd_decoder(path: Path, latent_channels: int = 4, seed: int = 5) -> Path:
+    """A random-weight tiny decoder in the exact layout of ComfyUI's TAESD class (``models/vae_approx``
+    files: ``taesd_decoder`` for SD 1.x has 4 latent channels, FLUX's ``taef1_decoder`` 16)."""
+    import comfy.taesd.taesd
+    import comfy.utils
+    dec = comfy.taesd.taesd.Decoder(latent_channels)
+    random_init_(dec, seed)
+    comfy.utils.save_torch_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
+    return path
