@@ -1,0 +1,244 @@
+"""FSAP (thesis ch. 5, Alg. 7) on the tiny model with the real FaceNet-CASIA: the stop at tau, the perceptual steps'
+effect, the exact sign steps, Cancel keeping the best W, the node, bad input, the losses, and the thesis's
+evaluation row with dlib. The tiny model has random weights: its renders are not faces and its numbers are not
+results (a real SD 1.5 with IP-Adapter-FaceID is needed for those)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ip_adapter_fixtures as fx
+from conftest import shared_path
+from diffprivacy.guidance import fsap
+from diffprivacy.guidance.face.base import NoFaceError
+
+SIZE = 64            # the tiny model renders at pixel cost: a 64x64 portrait (MTCNN finds the 18x26 face)
+LAMBDA_I = 4e-3      # larger than the default so that a few iterations move L_I measurably
+STEPS = 4            # DDIM grid: 2 inversion steps to t = T/2, 2 render steps back
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint_path, tmp_path_factory):
+    """A private tiny MODEL/VAE (thawed by the search), a FaceID adapter of its shape, a real face, FaceNet-CASIA."""
+    import comfy.sd
+    from face_fixtures import casia_face_model, small_face_image
+    from diffprivacy.guidance import ip_adapter as ipa
+    with torch.inference_mode():
+        model, _, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True,
+                                                              output_clip=False)[:3]
+        path = fx.write_adapter(tmp_path_factory.mktemp("fsap") / "ip-adapter-faceid_sd15.bin", "faceid",
+                                **fx.tiny_shape(model))
+        adapter = ipa.load_adapter(path)
+    photo = small_face_image(shared_path("data", "photos", "biden.jpg"), SIZE)
+    image = torch.from_numpy(np.array(photo)).float()[None] / 255.0
+    w0 = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(1)), dim=1)
+    cond = [[torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(4)), {}]]
+    return {"model": model, "vae": vae, "adapter": adapter, "image": image, "w0": w0, "cond": cond,
+            "face": casia_face_model()}
+
+
+def _run(setup, **kw):
+    from diffprivacy.inversion.ddim import ddim_invert
+    options = dict(steps=STEPS, lambda_i=LAMBDA_I, k=1, n=6)
+    render = kw.pop("render_final", True)
+    progress = kw.pop("progress", None)
+    options.update(kw)
+    with torch.inference_mode():
+        return fsap.run_fsap(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["w0"],
+                             setup["image"], setup["face"], fsap.FSAPSettings(**options), invert=ddim_invert,
+                             trace=True, progress=progress, render_final=render)
+
+
+@pytest.fixture(scope="module")
+def start(setup):
+    """L_I of the original's W (N = 0: one evaluation), and a tau two identity steps' worth above it."""
+    r = _run(setup, n=0, render_final=False)
+    return r.history[0].l_i
+
+
+@pytest.fixture(scope="module")
+def runs(setup, start):
+    tau = start + 0.004
+    no_p = _run(setup, tau=tau, lambda_p=0.0)
+    with_p = _run(setup, tau=tau, lambda_p=LAMBDA_I)
+    return tau, no_p, with_p
+
+
+def test_identity_loss_rises_past_tau_within_n_and_the_loop_stops_at_the_first_iteration_above_it(runs):
+    tau, r, _ = runs
+    li = [h.l_i for h in r.history]
+    assert r.reached and li[-1] > tau, li
+    assert all(v <= tau for v in li[:-1]), li           # stopped at the first W above tau, not later
+    assert 2 <= len(li) <= 6, li                         # it took steps to get there, within N
+    assert r.iterations == len(li) - 1
+    assert r.l_i == li[-1] and torch.equal(r.w, r.history[-1].w.to(r.w))
+    assert li[-1] > li[0] + 0.003                        # L_I rose, the first record is W_0's
+    assert float(torch.nn.functional.cosine_similarity(r.w, r.w0)) < 1 - 1e-4
+
+
+def test_with_perceptual_steps_the_final_image_is_closer_to_the_original_at_the_same_tau(runs, setup):
+    tau, no_p, with_p = runs
+    assert no_p.reached and with_p.reached
+    mse = [float(((r.image - setup["image"]) ** 2).mean()) for r in (no_p, with_p)]
+    assert mse[1] < mse[0], mse
+    assert with_p.history[-1].parts["mse"] < no_p.history[-1].parts["mse"]
+
+
+def test_sign_steps_move_w_by_exactly_lambda_per_coordinate_before_renormalisation(runs):
+    _, no_p, with_p = runs
+    for kind, delta in no_p.trace + with_p.trace:
+        steps = delta.abs() / LAMBDA_I  # lambda_I and lambda_P are both LAMBDA_I in these runs
+        moved = steps[steps > 0]
+        if kind == "identity":  # sign of one gradient: every coordinate with a gradient moves exactly lambda_I
+            torch.testing.assert_close(moved, torch.ones_like(moved), atol=1e-9, rtol=0)
+            assert moved.numel() > 500
+        else:  # the sum of the signs of MSE's and SSIM's gradients: 0, 1 or 2 lambda_P per coordinate
+            torch.testing.assert_close(moved, moved.round(), atol=1e-9, rtol=0)
+            assert set(moved.round().tolist()) <= {1.0, 2.0}
+    assert {k for k, _ in with_p.trace} == {"identity", "perceptual"}
+    for r in (no_p, with_p):  # and W is back on the sphere of W_0 after every step
+        assert float(r.w.norm()) == pytest.approx(float(r.w0.norm()), abs=1e-6)
+
+
+def test_cancel_during_the_search_keeps_the_best_w_so_far(setup):
+    import comfy.model_management as mm
+
+    def cancel_in_iteration_2(it, history):
+        if it == 2:
+            mm.interrupt_current_processing(True)
+    r = _run(setup, tau=2.0, n=5, k=0, progress=cancel_in_iteration_2, render_final=False)
+    assert r.interrupted and not r.reached
+    assert len(r.history) == 2 and r.iterations == 2  # W_1, W_2 evaluated; W_3 (stepped when Cancel came) not
+    best = max(r.history, key=lambda h: h.l_i)
+    assert r.l_i == best.l_i and torch.equal(r.w, best.w.to(r.w))
+    assert best.iteration == 2 and not torch.equal(r.w, r.w0.to(r.w))  # the identity step raised L_I: W_2 kept
+    assert "Cancel" in r.notes[0]
+    assert not mm.processing_interrupted()
+
+
+# -- the node and bad input --------------------------------------------------------------------------------------------
+def _node_args(setup, **kw):
+    args = dict(model=setup["model"], vae=setup["vae"], positive=setup["cond"], identity_adapter=setup["adapter"],
+                face_embedding={"embedding": setup["w0"]}, image=setup["image"], face_model=setup["face"],
+                tau=0.8, lambda_i=fsap.LAMBDA_I, lambda_p=fsap.LAMBDA_P, k=6, max_iterations=0, timestep=0.5,
+                steps=STEPS, latent_step=0.0, identity_weight=1.0, perceptual_mode="batched", resolution=0)
+    args.update(kw)
+    return args
+
+
+def test_node_renders_reports_lpips_absence_and_returns_the_curve_and_the_found_embedding(setup, tmp_path,
+                                                                                         monkeypatch):
+    from diffprivacy.nodes.fsap_nodes import DiffPrivacyFSAP
+    monkeypatch.setenv("DIFFPRIVACY_MODELS_DIR", str(tmp_path))
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
+    with torch.inference_mode():
+        out = DiffPrivacyFSAP().run(**_node_args(setup))
+    image, curve, found, report, l_i = out["result"]
+    assert image.shape == setup["image"].shape and curve.shape[-1] == 3
+    assert torch.equal(found["embedding"], setup["w0"])  # N = 0: W_0 is rendered as it is
+    assert "LPIPS absent" in report and "alex.pth" in report
+    assert l_i == pytest.approx(float(report.split("L_I = ")[1].split()[0]), abs=1e-4)
+
+
+def test_every_input_has_a_tooltip_and_the_defaults_are_the_thesis_values_rescaled():
+    from diffprivacy.nodes.fsap_nodes import NODE_CLASS_MAPPINGS
+    for cls in NODE_CLASS_MAPPINGS.values():
+        assert cls.DESCRIPTION and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        for section in ("required", "optional"):
+            for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+                assert spec[1].get("tooltip"), (cls.__name__, name)
+    req = NODE_CLASS_MAPPINGS["DiffPrivacyFSAP"].INPUT_TYPES()["required"]
+    assert req["lambda_i"][1]["default"] == pytest.approx(0.02 / 512 ** 0.5, rel=1e-3)
+    assert req["lambda_p"][1]["default"] == pytest.approx(0.008 / 512 ** 0.5, rel=1e-3)
+    assert (req["tau"][1]["default"], req["k"][1]["default"], req["max_iterations"][1]["default"]) == (0.8, 6, 100)
+    assert "0.0442" in req["lambda_i"][1]["tooltip"] and "0.0442" in req["lambda_p"][1]["tooltip"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"tau": 0.0}, "tau must lie in"), ({"tau": 2.5}, "tau must lie in"), ({"tau": -0.1}, "tau must lie in"),
+    ({"k": -1}, "k must be"), ({"max_iterations": -1}, "n must be"),
+])
+def test_out_of_range_settings_are_refused_with_the_setting_named(setup, bad, message):
+    from diffprivacy.nodes.fsap_nodes import DiffPrivacyFSAP
+    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        DiffPrivacyFSAP().run(**_node_args(setup, **bad))
+
+
+def test_no_face_and_a_non_differentiable_recognizer_are_refused(setup):
+    from face_fixtures import dlib_model
+    from diffprivacy.nodes.fsap_nodes import DiffPrivacyFSAP
+    with torch.inference_mode(), pytest.raises(NoFaceError, match="No face"):
+        DiffPrivacyFSAP().run(**_node_args(setup, image=torch.full((1, SIZE, SIZE, 3), 0.5)))
+    with torch.inference_mode(), pytest.raises(ValueError, match="not differentiable.*dlib"):
+        DiffPrivacyFSAP().run(**_node_args(setup, face_model=dlib_model()))
+
+
+# -- the losses --------------------------------------------------------------------------------------------------------
+def test_differentiable_ssim_and_lpips_equal_the_evaluation_metrics():
+    from diffprivacy.evaluation.lpips import LPIPS
+    from diffprivacy.evaluation.pixel_metrics import ssim as eval_ssim
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 48, 40, generator=g).unbind(0)
+    ours = fsap.ssim(a[None], b[None])
+    assert float(ours) == pytest.approx(float(eval_ssim(a.permute(1, 2, 0), b.permute(1, 2, 0))), abs=1e-5)
+    convs = ((0, 3, 64, 11), (3, 64, 192, 5), (6, 192, 384, 3), (8, 384, 256, 3), (10, 256, 256, 3))
+    back = {}
+    for i, cin, cout, k in convs:
+        back[f"features.{i}.weight"] = torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5
+        back[f"features.{i}.bias"] = torch.zeros(cout)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, (_, _, c, _) in enumerate(convs)}
+    model = LPIPS(back, heads)
+    x, y = torch.rand(2, 64, 72, 3, generator=g).unbind(0)
+    xt = x.permute(2, 0, 1)[None].requires_grad_(True)
+    d = fsap.lpips_distance(model, xt, y.permute(2, 0, 1)[None])
+    assert float(d.detach()) == pytest.approx(model.distance(x, y), rel=1e-5)
+    d.sum().backward()
+    assert xt.grad.abs().sum() > 0
+
+
+def test_sign_step_and_renormalisation_are_the_thesis_updates():
+    w = torch.tensor([[0.6, -0.8, 0.0]], dtype=torch.float64)
+    g1, g2, g3 = torch.tensor([[2.0, -1e-9, 0.0]]), torch.tensor([[1.0, 3.0, -1.0]]), torch.tensor([[5.0, 1.0, 1.0]])
+    assert torch.equal(fsap.sign_step(w, [g1], 0.1, +1.0), w + 0.1 * torch.tensor([[1.0, -1.0, 0.0]]).double())
+    three = fsap.sign_step(w, [g1, g2, g3], 0.01, -1.0)
+    assert torch.allclose(three, w - 0.01 * torch.tensor([[3.0, 1.0, 0.0]]).double())
+    assert float(fsap.renormalised(w * 3, 1.0).norm()) == pytest.approx(1.0)
+
+
+def test_better_prefers_reaching_tau_then_lower_perceptual_loss_else_higher_identity_loss():
+    rec = lambda li, lp: fsap.Record(0, li, lp, {})  # noqa: E731
+    assert fsap.better(rec(0.9, 5.0), rec(0.7, 0.1), 0.8)
+    assert fsap.better(rec(0.85, 0.1), rec(0.95, 0.2), 0.8)
+    assert fsap.better(rec(0.5, 9.0), rec(0.4, 0.1), 0.8)
+    assert not fsap.better(rec(0.4, 0.1), rec(0.5, 9.0), 0.8)
+
+
+def test_loss_curve_draws_both_losses_and_tau():
+    hist = [fsap.Record(i + 1, 0.5 + 0.05 * i, 1.0 - 0.1 * i, {}) for i in range(6)]
+    img = fsap.curve_image(hist, 0.7)[0]
+    red = ((img[..., 0] > 0.7) & (img[..., 1] < 0.3)).sum()
+    blue = ((img[..., 2] > 0.7) & (img[..., 0] < 0.3)).sum()
+    assert img.shape == (256, 512, 3) and red > 100 and blue > 100
+
+
+# -- the thesis's evaluation row ---------------------------------------------------------------------------------------
+def test_comparison_row_counts_spr_sdr_and_region_distances_with_dlib():
+    from face_fixtures import casia_face_model, dlib_model, small_face_image
+    from diffprivacy.evaluation import fsap_eval
+    load = lambda n: torch.from_numpy(np.array(small_face_image(shared_path("data", "photos", n), 256))  # noqa: E731
+                                      ).float() / 255.0
+    biden, obama = load("biden.jpg"), load("obama.jpg")
+    originals = torch.stack([biden, biden, biden])
+    protected = torch.stack([biden, obama, torch.full_like(biden, 0.5)])  # same person, other person, no face
+    row = fsap_eval.fsap_comparison(originals, protected, dlib_model(),
+                                    {"dlib": dlib_model(), "facenet-casia": casia_face_model()})
+    per = row["images"]
+    assert [p["spr_dlib"] for p in per] == [False, True, False]       # no face: not protected (the thesis's rule)
+    assert [p["spr_facenet-casia"] for p in per] == [False, True, False]
+    assert row["spr"]["dlib"] == pytest.approx(1 / 3) and row["sdr"] == pytest.approx(2 / 3)
+    assert all(per[0][k] == 0.0 for k in fsap_eval.REGIONS) and per[0]["mse"] == 0.0
+    assert all(per[1][k] > 0.0 for k in fsap_eval.REGIONS) and "chin" not in per[2]
+    table = fsap_eval.comparison_table({"test": row})
+    assert "| test | 0.333 | 0.333 | 0.667 |" in table and "FSAP (thesis) | 0.967 | 0.96 | 1 |" in table
