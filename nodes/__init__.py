@@ -23,6 +23,7 @@ NODE_MODULES = (
     "eval_nodes",
     "baseline_nodes",
     "identity_nodes",
+    "fsap_nodes",
     "dp_nodes",
 )
 
