@@ -23,8 +23,8 @@ NODE_MODULES = (
     "eval_nodes",
     "baseline_nodes",
     "identity_nodes",
-    "fsap_nodes",
     "dp_nodes",
+    "difp_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -1,0 +1,128 @@
+"""DIFP nodes on the tiny model with random-weight adapter fixtures: protect -> save (sealed) -> load -> recover,
+the face mask keeping everything outside it, and the bad input the issue lists."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ip_adapter_fixtures as fx
+from diffprivacy.guidance import ip_adapter as ipa
+from diffprivacy.guidance.face.base import Face, NoFaceError
+from toy_models import ToyFaceModel
+
+
+class SmallFace(ToyFaceModel):
+    """A 512-d toy recognizer (FaceID's width) whose detector finds one small centred face (or none)."""
+
+    def __init__(self, seed=1, found=True):
+        super().__init__(dim=512, seed=seed)
+        self.name, self.found = "arcface-r50", found
+
+    def detect(self, image):
+        if not self.found:
+            return []
+        h, w = image.shape[:2]
+        lms = torch.tensor([[0.45 * w, 0.45 * h], [0.55 * w, 0.45 * h], [0.5 * w, 0.5 * h], [0.46 * w, 0.56 * h],
+                            [0.54 * w, 0.56 * h]])
+        return [Face(box=torch.tensor([0.4 * w, 0.4 * h, 0.6 * w, 0.62 * h]), landmarks=lms, score=0.99)]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, tiny_sd, tiny_clip_vision):
+    d = tmp_path_factory.mktemp("difp_nodes")
+    shape = fx.tiny_shape(tiny_sd[0], tiny_clip_vision)
+    with torch.inference_mode():
+        face = ipa.load_adapter(fx.write_adapter(d / "ip-adapter-faceid_sd15.bin", "faceid", **shape))
+        style = ipa.load_adapter(fx.write_adapter(d / "ip-adapter_sd15.safetensors", "ip-adapter", **shape))
+    return face, style
+
+
+def _photo(seed=3, size=128):
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=size, mode="bicubic").clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _protect(tiny_sd, tiny_clip_vision, parts, **kw):
+    from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPProtect
+    model, clip, vae = tiny_sd
+    args = dict(donor="synthetic", strength=0.8, steps=10, s_id=1.5, s_sty=1.0, realism="fixed", g_rea=0.6,
+                region="face (feathered mask)", num_outputs=2, seed=0, resolution=128, identity_adapter=parts[0],
+                style_adapter=parts[1], clip_vision=tiny_clip_vision)
+    args.update(kw)
+    face_model = args.pop("face_model", SmallFace())
+    image = args.pop("image", _photo())
+    with torch.inference_mode():
+        return DiffPrivacyDIFPProtect().protect(model, clip, vae, face_model, image, **args)
+
+
+def test_protect_changes_the_face_keeps_pixels_outside_the_mask_and_the_key_recovers(tiny_sd, tiny_clip_vision, parts,
+                                                                                      tmp_path, monkeypatch):
+    import folder_paths
+    from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPRecover, DiffPrivacyLoadDIFPKey, DiffPrivacySaveDIFPKey
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    out = _protect(tiny_sd, tiny_clip_vision, parts)
+    protected, key, original, mask = out["result"]
+    assert protected.shape == (2, 128, 128, 3) and original.shape == (1, 128, 128, 3)
+    outside = mask[0] == 0
+    assert outside.float().mean() > 0.5
+    assert (protected - original).abs()[:, outside].max() <= 1 / 255        # the issue's bound (exact here)
+    inside = mask[0] == 1
+    assert (protected - original).abs()[:, inside].mean() > 0.02            # the face itself changed
+    assert (protected[0] - protected[1]).abs()[inside].mean() > 1e-3        # independent seeds
+    saved = DiffPrivacySaveDIFPKey().save(key, "diffprivacy/difp", "secret")
+    path = saved["result"][0]
+    loaded, steps = DiffPrivacyLoadDIFPKey().load("", "secret", key_path=path)
+    assert steps == 10
+    model, _, vae = tiny_sd
+    with torch.inference_mode():
+        recovered, latent = DiffPrivacyDIFPRecover().recover(model, vae, loaded, steps, 0.0)
+        target = vae.decode(vae.encode(original))
+    err = (recovered - target).abs().mean()
+    assert err < 0.5 * (protected[:1] - target).abs().mean() or err < 0.01  # recovery lands on the original
+
+
+def test_whole_frame_changes_outside_the_face_too(tiny_sd, tiny_clip_vision, parts):
+    out = _protect(tiny_sd, tiny_clip_vision, parts, region="whole frame", num_outputs=1)
+    protected, _, original, mask = out["result"]
+    assert bool((mask == 1).all())
+    assert (protected - original).abs()[:, :10, :10].mean() > 0.01
+
+
+def test_bad_input(tiny_sd, tiny_clip_vision, parts, caplog):
+    with pytest.raises(ValueError, match="beyond the last timestep"):
+        _protect(tiny_sd, tiny_clip_vision, parts, strength=1.2)
+    with pytest.raises(NoFaceError, match="in the original"):
+        _protect(tiny_sd, tiny_clip_vision, parts, face_model=SmallFace(found=False))
+    with pytest.raises(NoFaceError, match="donor image"):
+        _protect(tiny_sd, tiny_clip_vision, parts, donor="image", donor_image=torch.zeros(1, 64, 64, 3),
+                 face_model=_NoFaceOnBlack())
+    with caplog.at_level(logging.WARNING, logger="diffprivacy"):
+        same = _protect(tiny_sd, tiny_clip_vision, parts, donor="image", donor_image=_photo(), num_outputs=1)
+        assert "protects nothing" in same["ui"]["text"][0] and "protects nothing" in caplog.text
+        plain = _protect(tiny_sd, tiny_clip_vision, parts, s_id=0.0, s_sty=0.0, num_outputs=1, identity_adapter=None,
+                         style_adapter=None)
+        assert "plain img2img" in plain["ui"]["text"][0]
+        resized = _protect(tiny_sd, tiny_clip_vision, parts, style_image=_photo(5, 96), num_outputs=1)
+        assert "resized" in resized["ui"]["text"][0]
+    with pytest.raises(ValueError, match="needs an identity adapter"):
+        _protect(tiny_sd, tiny_clip_vision, parts, identity_adapter=None)
+
+
+class _NoFaceOnBlack(SmallFace):
+    def detect(self, image):
+        return [] if float(image.max()) == 0.0 else super().detect(image)
+
+
+def test_every_difp_node_has_tooltips_a_description_and_is_registered():
+    import importlib
+    from diffprivacy.nodes.difp_nodes import NODE_CLASS_MAPPINGS
+    registry = importlib.import_module("diffprivacy.nodes")
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert node_id in registry.NODE_CLASS_MAPPINGS, node_id
+        assert cls.DESCRIPTION and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        for section in ("required", "optional"):
+            for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name}"
