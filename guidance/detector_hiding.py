@@ -1,0 +1,352 @@
+"""Hide chosen faces from face detectors with an invisible perturbation (Xue thesis ch. 3, Alg. 5).
+
+Problem (Eqs. 3.5-3.7): find the smallest ``delta`` such that the detector reports the *private*
+faces of ``X + delta`` as background while every other (*kept*) face keeps its class.
+
+Loss (Eq. 3.8), adapted to face detectors, whose classifiers are binary (face / background) and
+per anchor (a window, prior box or candidate crop: see ``face/anchors.py``). Anchors are labelled
+by where they look: an anchor overlapping a private face (IoU > ``PRIVATE_ANCHOR_IOU``) gets the
+target "background", an anchor on a kept face that currently says "face" keeps "face"; the rest
+already hold their target (background) and have zero cross-entropy gradient, so they are left out
+of the sum. With p_i the anchor's face probability and n_a the number of labelled anchors::
+
+    L = sum over classifiers of 1/n_a [ sum_private -log(1 - p_i) + sum_kept -log(p_i) ] + lambda ||delta||_2
+
+summed over every attacked detector (several targets at once transfer better).
+
+Update (Alg. 5, targeted iterative FGSM), on the 0-255 scale::
+
+    delta <- clip(delta - eps * sign(grad_delta L), -R_p, R_p),   X + delta clamped to [0, 255]
+
+The thesis has no projection (R_p ~ N * eps there); the L-infinity projection makes R_p a hard
+bound whatever N is. ``sign`` makes the step size independent of the loss scale: every pixel the
+loss depends on moves by exactly eps, and pixels it does not depend on (gradient 0) never move,
+which is why the perturbation gathers on the faces.
+
+Evaluated as saved: what counts is the image rounded to 8 bits (PNG). Every check of "is the face
+gone" runs the real detector on the rounded image, and the result returned is that rounded image.
+The loop stops as soon as every private face is gone from every target (checked every
+``check_every`` iterations); otherwise it returns the best rounded iterate seen.
+
+Robustness (``robust=True``): expectation over transformations. Each iteration the gradient is
+taken through a random rescale (factor in [1 - r, 1 + r], bilinear, differentiable) and a JPEG
+round trip at a random quality in [q_min, q_max]; JPEG is not differentiable, so its backward pass is
+the identity (BPDA: x + (jpeg(x) - x).detach()). The stop check then also requires the faces to stay
+hidden after JPEG at q_min and q_max and after rescaling by 1 - r and 1 + r. This needs a larger
+R_p: it trades visibility for survival.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .face.anchors import AttackTarget, box_iou
+from .face.base import Face
+
+PRIVATE_MODES = ("all", "largest", "indices", "mask")
+PRIVATE_ANCHOR_IOU = 0.15   # an anchor this close to a private face may produce it: push it to background
+KEPT_ANCHOR_IOU = 0.5       # an anchor this close to a kept face and firing is one of its detections
+HIDDEN_IOU = 0.3            # a private face is found again if a detection overlaps it this much (strict)
+KEPT_IOU = 0.5              # a kept face is still detected if a detection overlaps it this much
+
+
+@dataclass
+class HideSettings:
+    epsilon: float = 0.25          # step per iteration, 0-255 scale
+    max_range: float = 3.0         # R_p: |delta| <= R_p per pixel and channel, 0-255 scale
+    iterations: int = 60           # N, at most
+    lam: float = 0.0               # lambda of Eq. 3.8 (the thesis does not report it)
+    check_every: int = 2           # run the detectors on the rounded image every k iterations
+    robust: bool = False           # expectation over JPEG + rescale (see module doc)
+    jpeg_quality: tuple[int, int] = (75, 95)
+    rescale: float = 0.1
+    seed: int = 0
+
+    def validate(self):
+        if not (self.epsilon > 0 and self.max_range > 0 and self.iterations >= 1 and self.check_every >= 1):
+            raise ValueError(f"epsilon, max_range must be > 0 and iterations, check_every >= 1; got {self}")
+        if self.epsilon > self.max_range:
+            raise ValueError(f"epsilon ({self.epsilon}) larger than the range R_p ({self.max_range}): every step "
+                             f"would be cut by the projection; use epsilon <= R_p")
+        lo, hi = self.jpeg_quality
+        if not 1 <= lo <= hi <= 100 or not 0 <= self.rescale < 0.5:
+            raise ValueError(f"JPEG quality range must lie in 1..100 and rescale in [0, 0.5), got {self}")
+
+
+@dataclass
+class HideResult:
+    image: torch.Tensor                  # (H, W, 3) in [0, 1], on the 8-bit grid (what gets saved)
+    delta: torch.Tensor                  # (H, W, 3) the saved perturbation, 0-255 scale (integers)
+    faces: list[Face]                    # the reference detector's faces on the original
+    private: list[int]                   # indices into ``faces``
+    kept: list[int]
+    hidden: dict[str, list[bool]]        # target -> per private face: gone from the saved image
+    kept_found: dict[str, list[bool]]    # target -> per kept face: still detected
+    iterations: int                      # iterations run
+    iterations_to_hide: int | None       # first iteration at which every private face was gone (None: never)
+    note: str = ""
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return all(all(v) for v in self.hidden.values()) and all(all(v) for v in self.kept_found.values())
+
+
+TARGETS = ("mtcnn", "retinaface", "scrfd")
+
+
+def load_attack_targets(names: Sequence[str], pack: str = "auto", device="cpu") -> list[AttackTarget]:
+    """The named detectors from ComfyUI's model folders (see ``face/loader.py``), ready to attack."""
+    from .face.loader import load_detector
+    from .face.mtcnn_target import MTCNNTarget
+    out = []
+    for name in names:
+        name = name.strip()
+        if name not in TARGETS:
+            raise ValueError(f"unknown detector {name!r} to hide from; choose from {TARGETS}")
+        det = load_detector(name, pack, device)
+        out.append(MTCNNTarget(det) if name == "mtcnn" else det)
+    return out
+
+
+def estimate_memory(names: Sequence[str], h: int, w: int) -> int:
+    """Bytes one attack iteration needs on an (h, w) image, by the detectors' own estimates (no model loaded)."""
+    per_pixel = {"mtcnn": 8 * 3 * 4 + 70 * 4 * 2 * 3, "retinaface": 8 * 3 * 4 + 2500, "scrfd": 8 * 3 * 4}
+    total = 0
+    for n in names:
+        n = n.strip()
+        # detectors analyse big photos at <= 1024 (MTCNN, RetinaFace) or 640 (SCRFD) px: cap their share
+        analysed = min(h * w, 1024 * 1024)
+        total += 8 * 3 * 4 * h * w + (per_pixel.get(n, 1000) - 96) * analysed
+    return int(total)
+
+
+def choose_private(faces: list[Face], mode: str, indices: Sequence[int] = (), mask: torch.Tensor | None = None,
+                   mask_cover: float = 0.5) -> tuple[list[int], list[int]]:
+    """Split detected faces (largest first) into (private, kept) index lists.
+
+    ``all``: every face; ``largest``: faces[0]; ``indices``: the given positions (largest first,
+    0-based); ``mask``: faces whose box is at least ``mask_cover`` covered by ``mask`` (H, W) > 0.5.
+    """
+    if mode not in PRIVATE_MODES:
+        raise ValueError(f"private faces must be one of {PRIVATE_MODES}, got {mode!r}")
+    n = len(faces)
+    if mode == "all":
+        private = list(range(n))
+    elif mode == "largest":
+        private = [0] if n else []
+    elif mode == "indices":
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"face indices {bad} are out of range: {n} face(s) were detected (indices 0..{n - 1}, "
+                             f"largest first)")
+        private = sorted(set(int(i) for i in indices))
+    else:
+        if mask is None:
+            raise ValueError("private faces 'mask' needs a MASK: connect one (white over the faces to hide)")
+        private = []
+        m = mask.float() > 0.5
+        h, w = m.shape
+        for i, f in enumerate(faces):
+            x1, y1, x2, y2 = [int(round(float(v))) for v in f.box]
+            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+            if x2 > x1 and y2 > y1 and m[y1:y2, x1:x2].float().mean() >= mask_cover:
+                private.append(i)
+    kept = [i for i in range(n) if i not in private]
+    return private, kept
+
+
+def _boxes(faces: list[Face]) -> torch.Tensor:
+    return torch.stack([f.box.float() for f in faces]) if faces else torch.zeros(0, 4)
+
+
+def match_faces(reference: torch.Tensor, found: list[Face], iou: float) -> list[bool]:
+    """Per reference box: is there a detection overlapping it by at least ``iou``?"""
+    if reference.numel() == 0:
+        return []
+    if not found:
+        return [False] * reference.shape[0]
+    return (box_iou(reference, _boxes(found)).max(1).values >= iou).tolist()
+
+
+def _jpeg(x255: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG round trip of (1, 3, H, W) [0, 255] (Pillow, 4:2:0 as most sites re-encode)."""
+    from PIL import Image
+    import numpy as np
+    arr = x255[0].detach().permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
+    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(back).permute(2, 0, 1).unsqueeze(0).to(x255.device)
+
+
+def _rescale(x255: torch.Tensor, s: float) -> torch.Tensor:
+    h, w = x255.shape[2:]
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    return F.interpolate(x255, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+
+
+def transform(x255: torch.Tensor, scale: float = 1.0, quality: int | None = None) -> torch.Tensor:
+    """Rescale (differentiable), then JPEG (straight-through gradient): a re-upload as a site would do it."""
+    if scale != 1.0:
+        x255 = _rescale(x255, scale)
+    if quality is not None:
+        x255 = x255 + (_jpeg(x255, quality) - x255).detach()
+    return x255
+
+
+def _to_hw3(x255: torch.Tensor) -> torch.Tensor:
+    return (x255[0].detach().permute(1, 2, 0) / 255.0).clamp(0, 1).cpu()
+
+
+def _saved(x255: torch.Tensor) -> torch.Tensor:
+    return x255.detach().round().clamp(0, 255)
+
+
+def anchor_loss(target: AttackTarget, x255: torch.Tensor, private: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Eq. 3.8's cross-entropy term for one detector (boxes in pixels of ``x255``)."""
+    total = x255.new_zeros(())
+    for a in target.anchor_scores(x255, torch.cat([private, kept])):
+        boxes = a.boxes.to(private.device)
+        z = a.logits
+        p = torch.sigmoid(z)
+        kept_m = torch.zeros_like(p, dtype=torch.bool)
+        if kept.numel():
+            kept_m = (box_iou(boxes, kept).max(1).values > KEPT_ANCHOR_IOU).to(p.device) & \
+                     (p.detach() >= 0.5 * a.threshold)
+        priv_m = torch.zeros_like(kept_m)
+        if private.numel():
+            priv_m = (box_iou(boxes, private).max(1).values > PRIVATE_ANCHOR_IOU).to(p.device) & ~kept_m
+        n = int(priv_m.sum() + kept_m.sum())
+        if n == 0:
+            continue
+        # -log(1 - p) = softplus(z) and -log p = softplus(-z): exact where p rounds to 1 or 0
+        total = total + F.softplus(z[priv_m]).sum() / n + F.softplus(-z[kept_m]).sum() / n
+    return total
+
+
+def _state(targets, x255, private_by, kept_by, checks) -> tuple[dict, dict]:
+    """Per target: private faces gone / kept faces found, on the rounded image and (robust) its variants."""
+    hidden, found = {}, {}
+    for t in targets:
+        h_all, k_all = None, None
+        for scale, quality in checks:
+            y = _saved(transform(_saved(x255), scale, quality)) if (scale, quality) != (1.0, None) else _saved(x255)
+            dets = t.detect(_to_hw3(y))
+            h = [not v for v in match_faces(private_by[t.name] * scale, dets, HIDDEN_IOU)]
+            k = match_faces(kept_by[t.name] * scale, dets, KEPT_IOU)
+            h_all = h if h_all is None else [a and b for a, b in zip(h_all, h)]
+            k_all = k if k_all is None else [a and b for a, b in zip(k_all, k)]
+        hidden[t.name], found[t.name] = h_all, k_all
+    return hidden, found
+
+
+def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], private: str = "all",
+                        indices: Sequence[int] = (), mask: torch.Tensor | None = None,
+                        settings: HideSettings | None = None,
+                        progress: Callable[[int, int, str], None] | None = None) -> HideResult:
+    """Hide the private faces of one (H, W, 3) [0, 1] image from ``targets`` (the first one chooses the faces).
+
+    Returns a :class:`HideResult` whose ``image`` is on the 8-bit grid. An image without faces, or whose
+    choice leaves no private face, is returned rounded but otherwise unchanged, with a ``note``.
+    """
+    s = settings or HideSettings()
+    s.validate()
+    if not targets:
+        raise ValueError("no detector to hide from: give at least one target")
+    if image.dim() != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected one RGB image (H, W, 3), got shape {tuple(image.shape)}")
+    device = image.device
+    x0 = (image.detach().float().clamp(0, 1) * 255.0).permute(2, 0, 1).unsqueeze(0)
+    saved0 = _saved(x0)
+    ref = targets[0]
+    faces = ref.detect(_to_hw3(saved0))
+
+    def result(x, priv, kept, hidden, found, it, first, note="", log=()):
+        img = _to_hw3(_saved(x)).to(device)
+        return HideResult(img, (_saved(x) - saved0)[0].permute(1, 2, 0).cpu(), faces, priv, kept, hidden, found,
+                          it, first, note, list(log))
+
+    if not faces:
+        return result(x0, [], [], {}, {}, 0, None,
+                      f"no face found by {ref.name} (it finds faces from about {ref.min_face} px): nothing to hide, "
+                      f"image returned unchanged")
+    priv_idx, kept_idx = choose_private(faces, private, indices, mask)
+    if not priv_idx:
+        why = "the mask covers none of the faces" if private == "mask" else "no face was chosen"
+        return result(x0, [], kept_idx, {}, {}, 0, None,
+                      f"{why} ({len(faces)} face(s) found): nothing to hide, image returned unchanged")
+
+    ref_private, ref_kept = _boxes([faces[i] for i in priv_idx]), _boxes([faces[i] for i in kept_idx])
+    # Each target draws its own boxes: add its detections that match the reference faces.
+    private_by, kept_by = {}, {}
+    for t in targets:
+        if t is ref:
+            private_by[t.name], kept_by[t.name] = ref_private, ref_kept
+            continue
+        ob = _boxes(t.detect(_to_hw3(saved0)))
+        own = ob
+        extra_p = ob[box_iou(ob, ref_private).max(1).values >= HIDDEN_IOU] if len(own) else ob
+        extra_k = ob[box_iou(ob, ref_kept).max(1).values >= HIDDEN_IOU] if len(own) and len(ref_kept) else ob[:0]
+        private_by[t.name] = torch.cat([ref_private, extra_p])
+        kept_by[t.name] = torch.cat([ref_kept, extra_k])
+
+    rng = random.Random(s.seed)
+    checks = [(1.0, None)]
+    if s.robust:
+        checks += [(1.0, s.jpeg_quality[0]), (1.0, s.jpeg_quality[1]), (1 - s.rescale, None), (1 + s.rescale, None)]
+    delta = torch.zeros_like(x0)
+    best = (-1, -1, math.inf, x0, None, None)   # (hidden count, kept count, L2, x, hidden, found)
+    log, first = [], None
+    it = 0
+    for it in range(1, s.iterations + 1):
+        delta.requires_grad_(True)
+        x = (x0 + delta).clamp(0, 255)
+        loss = x.new_zeros(())
+        for t in targets:
+            if s.robust:
+                scale = 1.0 + rng.uniform(-s.rescale, s.rescale)
+                xt = transform(x, scale, rng.randint(*s.jpeg_quality))
+                loss = loss + anchor_loss(t, xt, private_by[t.name] * scale, kept_by[t.name] * scale)
+            else:
+                loss = loss + anchor_loss(t, x, private_by[t.name], kept_by[t.name])
+        if s.lam:
+            loss = loss + s.lam * delta.norm()
+        if loss.requires_grad:
+            (grad,) = torch.autograd.grad(loss, delta)
+        else:  # no anchor left on any face: nothing to push
+            grad = torch.zeros_like(delta)
+        with torch.no_grad():
+            delta = (delta - s.epsilon * grad.sign()).clamp(-s.max_range, s.max_range)
+            delta = (x0 + delta).clamp(0, 255) - x0
+        if it % s.check_every == 0 or it == s.iterations:
+            x = x0 + delta
+            hidden, found = _state(targets, x, private_by, kept_by, checks)
+            nh = sum(sum(v) for v in hidden.values())
+            nk = sum(sum(v) for v in found.values())
+            l2 = float((_saved(x) - saved0).norm())
+            log.append(f"iteration {it}: loss {float(loss.detach()):.4f}, private hidden {nh}, kept found {nk}")
+            if (nh, nk, -l2) > (best[0], best[1], -best[2]):
+                best = (nh, nk, l2, x.clone(), hidden, found)
+            if progress is not None:
+                progress(it, s.iterations, f"iteration {it}/{s.iterations}: {nh} of "
+                                           f"{len(priv_idx) * len(targets)} private face detections gone")
+            if all(all(v) for v in hidden.values()):
+                first = it
+                break
+        elif progress is not None:
+            progress(it, s.iterations, f"iteration {it}/{s.iterations}")
+    _, _, _, xb, hidden, found = best
+    if hidden is None:  # never checked (cannot happen: the last iteration checks) — keep the types honest
+        hidden, found = _state(targets, x0 + delta, private_by, kept_by, checks)
+        xb = x0 + delta
+    note = "" if first is not None else (
+        f"not every private face could be hidden within R_p = {s.max_range} and {s.iterations} iterations: "
+        f"raise the range or the iterations")
+    return result(xb, priv_idx, kept_idx, hidden, found, it, first, note, log)

@@ -1,0 +1,126 @@
+"""Hide faces from face detectors with an invisible perturbation (Xue thesis ch. 3) as a node.
+
+The node only adapts: it validates the inputs, calls ``guidance.detector_hiding.hide_from_detectors``
+once per image and shapes the outputs (the protected images, the perturbation made visible, a JSON
+report).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
+from ..guidance.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
+                                        load_attack_targets)
+from .common import CATEGORY, StepProgress, rgb_batch, tip
+
+TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd")
+CAVEAT = ("It only survives lossless saving: JPEG re-compression, resizing or a screenshot can undo it (the robust "
+          "option trades a more visible perturbation for surviving JPEG 75-95 and +-10 % rescaling).")
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(";", ",").split(",") if t.strip()]
+    except ValueError as e:
+        raise ValueError(f"face_indices must be comma-separated face numbers (0 = largest face), got {text!r}") from e
+
+
+class DiffPrivacyHideFromDetectors:
+    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD) with a "
+                   "perturbation of a few 8-bit steps (Xue thesis ch. 3: iterative targeted FGSM on the detectors' "
+                   "face scores), while the other faces stay detectable and the photo looks unchanged. The result "
+                   "is on the 8-bit grid and checked as saved: save it as PNG (DiffPrivacySaveImageClean). " + CAVEAT +
+                   " Large faces resist small ranges: raise range_rp if the report says faces are still found.")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("image", "perturbation", "report")
+    OUTPUT_TOOLTIPS = ("The protected images (8-bit values: save as PNG, never JPEG).",
+                       "The perturbation made visible: grey is 0, full black/white is -range_rp/+range_rp.",
+                       "JSON per image: faces found, which were private, whether each is still detected by each "
+                       "detector, iterations used, and notes (no face, mask covering no face...).")
+    FUNCTION = "hide"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", tip("Photos to protect; each image of the batch separately.")),
+            "detectors": (list(TARGET_SETS), tip(
+                "Detectors attacked (white-box) at once. mtcnn: weights from the facenet-pytorch wheel. retinaface: "
+                "models/facedetection/detection_Resnet50_Final.pth. scrfd: an insightface pack's det_10g.onnx "
+                "(run in torch). The first one decides which faces there are.", default="mtcnn")),
+            "private_faces": (list(PRIVATE_MODES), tip(
+                "Which faces to hide: all; the largest; the numbers in face_indices (0 = largest); or the faces "
+                "under the mask. The others are kept detectable.", default="all")),
+            "face_indices": ("STRING", tip("With private_faces = indices: comma-separated face numbers, largest "
+                                           "first from 0.", default="0")),
+            "range_rp": ("FLOAT", tip("R_p: no pixel value moves by more than this (0-255 scale). 3 is one to three "
+                                      "8-bit steps, invisible; large faces may need 6-8.",
+                                      default=3.0, min=0.5, max=32.0, step=0.5)),
+            "epsilon": ("FLOAT", tip("Step per iteration (0-255 scale). Smaller steps with more iterations hide "
+                                     "better at the same range (thesis Fig. 3.6).",
+                                     default=0.25, min=0.05, max=8.0, step=0.05)),
+            "iterations": ("INT", tip("At most this many steps; stops as soon as every private face is gone.",
+                                      default=60, min=1, max=1000)),
+            "robust": ("BOOLEAN", tip("Also hide after JPEG (quality 75-95) and +-10 % rescaling (expectation over "
+                                      "these during the attack). Needs a larger range_rp (about 8).",
+                                      default=False)),
+            "max_megapixels": ("FLOAT", tip("Refuse larger images (time and memory grow with pixels; the error "
+                                            "gives the memory estimate). Downscale first, or raise this.",
+                                            default=12.0, min=0.1, max=100.0, step=0.1)),
+        }, "optional": {
+            "mask": ("MASK", tip("With private_faces = mask: white over the faces to hide (a face counts when half "
+                                 "of its box is covered).")),
+            "insightface_pack": ("STRING", tip("For scrfd: which models/insightface/models/<pack>/ (auto: the first "
+                                               "with a detector).", default="auto")),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def hide(self, image, detectors, private_faces, face_indices, range_rp, epsilon, iterations, robust,
+             max_megapixels, mask=None, insightface_pack="auto", unique_id=None):
+        import comfy.model_management as mm
+        images = rgb_batch(image)
+        b, h, w, _ = images.shape
+        if h * w > max_megapixels * 1e6:
+            raise ValueError(f"the image is {w}x{h} ({h * w / 1e6:.1f} MP), above max_megapixels = {max_megapixels}: "
+                             f"the attack would need about {estimate_memory(detectors.split(' + '), h, w) / 2**30:.1f} "
+                             f"GiB and time in proportion. Downscale it first (faces are found from ~20 px), or raise "
+                             f"max_megapixels if you have the memory.")
+        indices = _indices(face_indices) if private_faces == "indices" else []
+        if private_faces == "mask" and mask is None:
+            raise ValueError("private_faces = mask needs a MASK connected (white over the faces to hide)")
+        settings = HideSettings(epsilon=epsilon, max_range=range_rp, iterations=iterations, robust=robust)
+        settings.validate()
+        device = mm.get_torch_device()
+        progress = StepProgress(b * iterations, unique_id)
+        outs, deltas, report = [], [], []
+        with gradients_enabled():
+            targets = load_attack_targets(detectors.split(" + "), insightface_pack, device)
+            for t in targets:
+                for module in t.modules():
+                    thaw_inference_tensors(module)
+            for i in range(b):
+                m = None
+                if mask is not None:
+                    m = mask[min(i, mask.shape[0] - 1)] if mask.dim() == 3 else mask
+                    if m.shape != (h, w):
+                        raise ValueError(f"the mask is {tuple(m.shape[-2:])} but the image is {(h, w)}: "
+                                         f"use a mask of the image's size")
+                r = hide_from_detectors(thaw(images[i]).to(device), targets, private_faces, indices, m, settings,
+                                        lambda done, total, text, i=i: progress(i * iterations + done,
+                                                                                f"image {i + 1}/{b}: {text}"))
+                outs.append(r.image.cpu())
+                deltas.append((0.5 + r.delta / (2 * range_rp)).clamp(0, 1))
+                report.append({"image": i, "faces": len(r.faces), "private": r.private, "kept": r.kept,
+                               "boxes": [[round(float(v), 1) for v in f.box] for f in r.faces],
+                               "private_hidden": r.hidden, "kept_detected": r.kept_found,
+                               "iterations": r.iterations, "iterations_to_hide": r.iterations_to_hide,
+                               "max_change": float(r.delta.abs().max()), "note": r.note})
+        return torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1)
+
+
+NODE_CLASS_MAPPINGS = {"DiffPrivacyHideFromDetectors": DiffPrivacyHideFromDetectors}
+NODE_DISPLAY_NAME_MAPPINGS = {"DiffPrivacyHideFromDetectors": "Diff-Privacy Hide Faces from Detectors"}
+# MTCNN needs no optional package (its weights ship in facenet-pytorch, checked when it loads); SCRFD needs onnx
+# (a requirement of the pack), RetinaFace only torch.
+REQUIRES: dict = {}

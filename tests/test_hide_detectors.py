@@ -1,0 +1,197 @@
+"""Hiding faces from detectors (thesis ch. 3): the attack loop on a toy detector whose verdict is known in
+closed form, the face choice, the as-saved rules, the node's bad-input handling, and MTCNN with its real
+weights on real faces.
+
+The toy detector: anchors on a 16-px grid of 16x16 windows; an anchor's face logit is
+``(mean brightness in its window - 200) / 2`` (0-255 scale), a face is any anchor above p = 0.5 (after NMS).
+A bright square of value 201 is a face that a change of -3 hides; one of 230 cannot be hidden at R_p = 3.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffprivacy.guidance import detector_hiding as dh
+from diffprivacy.guidance.face.anchors import AnchorScores, AttackTarget
+from diffprivacy.guidance.face.base import Face
+from diffprivacy.guidance.face.mtcnn import nms
+
+
+class ToyDetector(AttackTarget):
+    name = "toy"
+    min_face = 16
+
+    def __init__(self):
+        self.calls = 0
+
+    def _logits(self, x255):
+        m = F.avg_pool2d(x255.mean(1, keepdim=True), 16, 16)[0, 0]
+        ys, xs = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
+        boxes = torch.stack([xs, ys, xs + 1, ys + 1], -1).reshape(-1, 4).float() * 16
+        return boxes, ((m - 200.0) / 2.0).reshape(-1)
+
+    def detect(self, image):
+        self.calls += 1
+        boxes, z = self._logits(image.permute(2, 0, 1)[None] * 255.0)
+        keep = torch.sigmoid(z) > 0.5
+        b, s = boxes[keep], torch.sigmoid(z[keep])
+        return [Face(b[i], torch.zeros(5, 2), float(s[i])) for i in nms(b, s, 0.3).tolist()]
+
+    def anchor_scores(self, x255, focus=None):
+        boxes, z = self._logits(x255)
+        return [AnchorScores("toy", boxes, z, 0.5)]
+
+
+def _scene(values=((16, 16, 201.0), (64, 64, 210.0)), size=96):
+    img = torch.full((size, size, 3), 100.0)
+    for y, x, v in values:
+        img[y:y + 16, x:x + 16] = v
+    return img / 255.0
+
+
+def test_private_face_is_hidden_and_kept_face_stays_detected_within_the_range():
+    img = _scene()
+    toy = ToyDetector()
+    faces = toy.detect(img)
+    private = [i for i, f in enumerate(faces) if float(f.box[0]) == 16.0]
+    r = dh.hide_from_detectors(img, [toy], "indices", private, settings=dh.HideSettings(max_range=3.0))
+    assert r.hidden == {"toy": [True]} and r.kept_found == {"toy": [True]} and r.success
+    after = toy.detect(r.image)
+    assert len(after) == 1 and float(after[0].box[0]) == 64.0
+    d = r.delta
+    assert d.abs().max() <= 3.0 and torch.equal(d, d.round())            # on the 8-bit grid, within R_p
+    assert torch.equal(r.image * 255, (r.image * 255).round())
+    # only the private face's pixels moved: sign steps never touch pixels the loss does not depend on
+    assert d[:16].abs().max() == 0 and d[40:].abs().max() == 0 and d[16:32, 16:32].abs().min() > 0
+
+
+def test_stops_as_soon_as_every_private_face_is_gone():
+    r = dh.hide_from_detectors(_scene(), [ToyDetector()], "all",
+                               settings=dh.HideSettings(epsilon=0.5, max_range=20.0, iterations=200, check_every=1))
+    assert r.iterations_to_hide is not None and r.iterations == r.iterations_to_hide < 60
+
+
+def test_a_face_out_of_range_is_reported_not_hidden():
+    r = dh.hide_from_detectors(_scene(((16, 16, 250.0),)), [ToyDetector()], "all",
+                               settings=dh.HideSettings(max_range=3.0, iterations=20))
+    assert r.hidden == {"toy": [False]} and "not every private face could be hidden" in r.note
+    assert r.delta.abs().max() <= 3.0
+
+
+def test_no_face_returns_the_image_unchanged_with_a_note():
+    img = torch.rand(64, 64, 3) * 0.5
+    r = dh.hide_from_detectors(img, [ToyDetector()], "all")
+    assert "no face" in r.note and r.iterations == 0
+    assert torch.allclose(r.image, (img * 255).round() / 255)
+
+
+def test_a_mask_covering_no_face_changes_nothing():
+    img = _scene()
+    mask = torch.zeros(96, 96)
+    mask[0:10, 80:96] = 1.0
+    r = dh.hide_from_detectors(img, [ToyDetector()], "mask", mask=mask)
+    assert "covers none of the faces" in r.note and r.delta.abs().max() == 0
+    mask[16:32, 16:32] = 1.0
+    assert dh.hide_from_detectors(img, [ToyDetector()], "mask", mask=mask).hidden == {"toy": [True]}
+
+
+def _f(x, size):
+    return Face(torch.tensor([x, 0.0, x + size, size]), torch.zeros(5, 2), 0.99)
+
+
+def test_choose_private_modes():
+    faces = [_f(0, 80), _f(100, 50), _f(200, 20)]
+    assert dh.choose_private(faces, "all") == ([0, 1, 2], [])
+    assert dh.choose_private(faces, "largest") == ([0], [1, 2])
+    assert dh.choose_private(faces, "indices", [2, 1, 2]) == ([1, 2], [0])
+    mask = torch.zeros(100, 300)
+    mask[:, 95:160] = 1
+    assert dh.choose_private(faces, "mask", mask=mask) == ([1], [0, 2])
+    with pytest.raises(ValueError, match=r"indices \[5\] are out of range: 3 face"):
+        dh.choose_private(faces, "indices", [5])
+    with pytest.raises(ValueError, match="needs a MASK"):
+        dh.choose_private(faces, "mask")
+
+
+def test_jpeg_in_the_loop_passes_the_gradient_straight_through():
+    x = (torch.rand(1, 3, 32, 32) * 255).requires_grad_(True)
+    y = dh.transform(x, 1.0, 80)
+    assert not torch.equal(y.detach(), x.detach())                        # JPEG really changed it
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, torch.ones_like(g))                              # BPDA: identity backward
+
+
+def test_robust_mode_hides_after_jpeg_and_rescale_too():
+    toy = ToyDetector()
+    img = _scene(((32, 32, 205.0),), size=128)
+    s = dh.HideSettings(max_range=12.0, epsilon=1.0, iterations=60, robust=True)
+    r = dh.hide_from_detectors(img, [toy], "all", settings=s)
+    assert r.hidden == {"toy": [True]}
+    x = (r.image.permute(2, 0, 1)[None] * 255)
+    for scale, q in ((1.0, 75), (1.0, 95), (0.9, None), (1.1, None)):
+        y = dh.transform(x, scale, q).round().clamp(0, 255)
+        assert not any(float(f.box[0]) < 64 * scale for f in toy.detect(y[0].permute(1, 2, 0) / 255)), (scale, q)
+
+
+def test_settings_refuse_a_step_larger_than_the_range():
+    with pytest.raises(ValueError, match="larger than the range"):
+        dh.HideSettings(epsilon=4, max_range=3).validate()
+
+
+# -- the node: bad input --------------------------------------------------------------------------
+
+def _node():
+    from diffprivacy.nodes.detector_nodes import DiffPrivacyHideFromDetectors
+    return DiffPrivacyHideFromDetectors()
+
+
+def _run(node, image, **kw):
+    args = dict(detectors="mtcnn", private_faces="all", face_indices="0", range_rp=3.0, epsilon=0.25,
+                iterations=4, robust=False, max_megapixels=12.0)
+    args.update(kw)
+    with torch.inference_mode():   # as ComfyUI runs nodes
+        return node.hide(image, **args)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_node_takes_grayscale_and_rgba_and_passes_a_faceless_image_with_a_note(channels):
+    img = torch.rand(1, 48, 40, channels)
+    out, delta, report = _run(_node(), img)
+    assert out.shape == (1, 48, 40, 3) and delta.shape == out.shape
+    rep = json.loads(report)
+    assert rep[0]["faces"] == 0 and "no face" in rep[0]["note"] and "20 px" in rep[0]["note"]
+    rgb = img[..., :3] if channels == 4 else img.expand(-1, -1, -1, 3)
+    assert torch.allclose(out, (rgb * 255).round() / 255)
+
+
+def test_node_refuses_a_4096_square_image_with_the_reason_and_a_memory_estimate():
+    img = torch.zeros(1, 4096, 4096, 3)
+    with pytest.raises(ValueError, match=r"4096x4096 \(16\.8 MP\).*about [0-9.]+ GiB"):
+        _run(_node(), img)
+
+
+def test_node_needs_a_mask_for_mask_mode():
+    with pytest.raises(ValueError, match="needs a MASK"):
+        _run(_node(), torch.rand(1, 32, 32, 3), private_faces="mask")
+
+
+# -- MTCNN, real weights, real faces -------------------------------------------------------------
+
+def test_mtcnn_misses_two_private_real_faces_and_still_finds_the_kept_ones():
+    """group-8-faces.jpg, cropped to three faces (~55 px wide, as in group photos): two hidden, one kept."""
+    from conftest import shared_path
+    from face_fixtures import load_photo, mtcnn
+    from diffprivacy.evaluation.pixel_metrics import ssim
+    from diffprivacy.guidance.face.mtcnn_target import MTCNNTarget
+    img = load_photo(shared_path("data", "photos", "group-8-faces.jpg"))[100:230, 190:530].contiguous()
+    target = MTCNNTarget(mtcnn())
+    faces = target.detect(img)
+    assert len(faces) == 3
+    r = dh.hide_from_detectors(img, [target], "indices", [0, 1], settings=dh.HideSettings(max_range=3.0))
+    assert r.hidden == {"mtcnn": [True, True]} and r.kept_found == {"mtcnn": [True]}, r.log
+    assert r.delta.abs().max() <= 3.0
+    assert float(ssim(img, r.image)[0]) >= 0.99
+    assert len(target.detect(r.image)) == 1
