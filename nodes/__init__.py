@@ -23,7 +23,9 @@ NODE_MODULES = (
     "eval_nodes",
     "baseline_nodes",
     "identity_nodes",
+    "fsap_nodes",
     "dp_nodes",
+    "detector_nodes",
     "difp_nodes",
 )
 
