@@ -101,10 +101,11 @@ def main(argv=None) -> int:
                     before = detection_outcome(fn, image, pb, kb)
                     after = detection_outcome(fn, saved, pb, kb)
                     # a transfer detector that never saw a face on the original says nothing about hiding it
+                    was_found = [not b for b in before["private_hidden"]]
                     row["detectors"][dname] = {
-                        "private_hidden": [h for h, b in zip(after["private_hidden"], before["private_hidden"]) if not b],
+                        "private_hidden": [h for h, f in zip(after["private_hidden"], was_found) if f],
                         "kept_found": [k for k, b in zip(after["kept_found"], before["kept_found"]) if b],
-                        "found_on_original": [not b for b in before["private_hidden"]]}
+                        "found_on_original": was_found}
                 first = targets[0].detect
                 row["blur"] = tuned_baseline(image, [f.box for f in r.faces], "blur", BLUR_STEPS, first, pb, kb)
                 row["mosaic"] = tuned_baseline(image, [f.box for f in r.faces], "mosaic", MOSAIC_STEPS, first, pb, kb)

@@ -3,7 +3,6 @@ plus bad input posted to the live server: the server keeps serving."""
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import nodes_of

@@ -76,7 +76,8 @@ def _find_in_packs(files: tuple[str, ...], pack: str, what: str) -> Path:
             if (d / name).is_file():
                 return d / name
     roots = [str(r / "models" / (pack if pack not in ("auto", "", None) else "<pack>")) for r in _folder("insightface")]
-    raise FileNotFoundError(f"{what}: none of {list(files)} was found in {roots or ['<ComfyUI>/models/insightface/models/<pack>']} "
+    where = roots or ["<ComfyUI>/models/insightface/models/<pack>"]
+    raise FileNotFoundError(f"{what}: none of {list(files)} was found in {where} "
                             f"(pack {pack!r}; packs present: {[p.name for p in insightface_pack_dirs()] or 'none'}). "
                             + INSIGHTFACE_HELP)
 

@@ -143,7 +143,8 @@ def _const_of_shape(n, shape):
 
 OPS = {
     "Conv": _conv,
-    "BatchNormalization": lambda n, x, s, b, m, v: F.batch_norm(x, m, v, s, b, False, 0.0, n.attrs.get("epsilon", 1e-5)),
+    "BatchNormalization": lambda n, x, s, b, m, v: F.batch_norm(x, m, v, s, b, False, 0.0,
+                                                                n.attrs.get("epsilon", 1e-5)),
     "Relu": lambda n, x: F.relu(x),
     "LeakyRelu": lambda n, x: F.leaky_relu(x, n.attrs.get("alpha", 0.01)),
     "PRelu": lambda n, x, s: torch.where(x >= 0, x, x * (s.view(1, -1, 1, 1) if s.dim() == 1 and x.dim() == 4 else s)),
