@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, shared_path
+from conftest import REPO, require_package, shared_path
 
 import dataset_runner as dr
 
@@ -49,7 +49,7 @@ def _outputs(out: Path) -> list[str]:
 
 
 def test_ray_with_two_cpu_actors_protects_every_image_and_a_second_run_does_nothing(tmp_path):
-    pytest.importorskip("ray") if os.environ.get("CI") != "true" else None
+    require_package("ray", "ray[data] from requirements-test.txt")
     src = _dataset(tmp_path)
     out, keys = tmp_path / "out", tmp_path / "keys"
     first = dr.run("blur", src, out, keys, SETTINGS, use_ray=True, actors=2, progress=False, log=lambda m: None)
@@ -76,13 +76,8 @@ def test_without_ray_the_same_command_gives_the_same_outputs(tmp_path):
 
 
 def _has_ray() -> bool:
-    try:
-        import ray  # noqa: F401
-        return True
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            raise
-        return False
+    require_package("ray", "ray[data] from requirements-test.txt")
+    return True
 
 
 def test_a_run_killed_half_way_and_rerun_loses_nothing_and_writes_nothing_twice(tmp_path):
