@@ -16,7 +16,8 @@ from comfy_server import REPO, ComfyServer  # scripts/, beside this file
 
 # Modules defining `workflows() -> list[Graph]`, listed explicitly.
 DEFINITIONS = ["workflows_schedule", "workflows_encrypt", "workflows_key_e", "workflows_eval",
-               "workflows_identity", "workflows_dp", "workflows_difp", "workflows_detectors"]
+               "workflows_identity", "workflows_dp", "workflows_difp", "workflows_detectors",
+               "workflows_fsap"]
 
 
 def main() -> int:
