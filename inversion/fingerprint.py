@@ -1,10 +1,17 @@
 """Short, stable fingerprints of a diffusion model and a text encoder, so a key file made for
 one checkpoint is refused with another.
 
-What is hashed (SHA-256, shown as ``dp1-`` + 16 hex digits):
+What is hashed (SHA-256, shown as ``dp2-`` + 16 hex digits):
 
-- the name and shape of every tensor in the state dict (architecture, and which checkpoint
-  family: a different layout always gives a different fingerprint);
+- only tensors that a checkpoint file holds: a MODEL's ``diffusion_model.*`` and a CLIP's
+  ``text_model.*`` (the transformer itself). What ComfyUI makes up around them is left out: the
+  noise schedule's buffers (computed), the text encoder's ``logit_scale`` (a constant) and
+  ``text_projection.weight``, which SD 1.5 files lack and which ComfyUI 0.3.75 leaves
+  uninitialised (so it changes from one load to the next) where newer versions zero-fill it. A key
+  made on one ComfyUI version so loads on another with the same checkpoint file. (A bare module
+  without those prefixes is hashed whole.)
+- the name and shape of each of those tensors (architecture, and which checkpoint family: a
+  different layout always gives a different fingerprint);
 - the **sign bits** of a deterministic strided sample of the weights: up to 64 floating-point
   tensors evenly spaced in sorted-name order, 4096 evenly spaced elements from each;
 - the patches the ModelPatcher applies on top (LoRAs and the like): their target names,
@@ -21,6 +28,10 @@ Hashing all 860M parameters of SD 1.5 on every save would take seconds; this rea
 elements. The part from the weights is cached per module object (in a WeakKeyDictionary, so it
 never keeps a model alive), the part from the patches per patcher and its ``patches_uuid``.
 Weights that ComfyUI has patched in place are read from the patcher's backup (the originals).
+
+Version 1 (``dp1-``, key files written before this rule) hashed every tensor of the state dict. A
+recorded ``dp1-`` model fingerprint is still checked with that algorithm (:func:`same_model`); a
+``dp1-`` text-encoder fingerprint cannot be (it hashed the uninitialised tensor) and is not checked.
 """
 from __future__ import annotations
 
@@ -29,32 +40,66 @@ import weakref
 
 import torch
 
-FINGERPRINT_PREFIX = "dp1-"
+FINGERPRINT_PREFIX = "dp2-"
+LEGACY_PREFIX = "dp1-"  # version 1: every tensor of the state dict
 MAX_SAMPLED_TENSORS = 64
 SAMPLES_PER_TENSOR = 4096
 SAMPLES_PER_PATCH_TENSOR = 256
 
-_weights_digest_cache: "weakref.WeakKeyDictionary[torch.nn.Module, bytes]" = weakref.WeakKeyDictionary()
+_weights_digest_cache: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _patches_digest_cache: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
 
 
-def model_fingerprint(model_patcher) -> str:
-    """Fingerprint of a ComfyUI MODEL (a ModelPatcher; a bare nn.Module is accepted too)."""
-    return _patcher_fingerprint(model_patcher, kind=b"model")
+MODEL_TENSORS = "diffusion_model."  # what a MODEL holds from the checkpoint file
+CLIP_TENSORS = "text_model."        # what a CLIP holds from it (the transformer, without text_projection)
+
+
+def model_fingerprint(model_patcher, version: int = 2) -> str:
+    """Fingerprint of a ComfyUI MODEL (a ModelPatcher; a bare nn.Module is accepted too).
+    ``version`` 1: the algorithm of ``dp1-`` key files (every tensor), for checking those."""
+    return _patcher_fingerprint(model_patcher, b"model", MODEL_TENSORS, version)
 
 
 def clip_fingerprint(clip) -> str:
     """Fingerprint of a ComfyUI CLIP (comfy.sd.CLIP: its text encoder and the patches on it)."""
     patcher = getattr(clip, "patcher", None)
-    return _patcher_fingerprint(patcher if patcher is not None else clip.cond_stage_model, kind=b"clip")
+    return _patcher_fingerprint(patcher if patcher is not None else clip.cond_stage_model, b"clip", CLIP_TENSORS, 2)
 
 
-def _patcher_fingerprint(obj, kind: bytes) -> str:
+def same_model(recorded: str, model_patcher) -> bool:
+    """Whether a recorded model fingerprint (``dp2-``, or ``dp1-`` from older key files) is this MODEL's."""
+    version = 1 if str(recorded).startswith(LEGACY_PREFIX) else 2
+    return recorded == model_fingerprint(model_patcher, version)
+
+
+def same_clip(recorded: str, clip) -> bool | None:
+    """Whether a recorded text-encoder fingerprint is this CLIP's; None for a ``dp1-`` one, which cannot be
+    checked (it hashed ``text_projection.weight``, uninitialised memory in ComfyUI 0.3.75)."""
+    if str(recorded).startswith(LEGACY_PREFIX):
+        return None
+    return recorded == clip_fingerprint(clip)
+
+
+def comparable(a: str | None, b: str | None) -> bool:
+    """Two recorded fingerprints that can be compared with each other: both present and of this version."""
+    return bool(a) and bool(b) and a.startswith(FINGERPRINT_PREFIX) and b.startswith(FINGERPRINT_PREFIX)
+
+
+def _patcher_fingerprint(obj, kind: bytes, part: str, version: int) -> str:
     module = obj if isinstance(obj, torch.nn.Module) else obj.model
     h = hashlib.sha256(kind)
-    h.update(_weights_digest(module, getattr(obj, "backup", None) or {}))
+    h.update(_weights_digest(module, getattr(obj, "backup", None) or {}, part if version >= 2 else None))
     h.update(_patches_digest(obj))
-    return FINGERPRINT_PREFIX + h.hexdigest()[:16]
+    return (FINGERPRINT_PREFIX if version >= 2 else LEGACY_PREFIX) + h.hexdigest()[:16]
+
+
+def _checkpoint_names(names: list, part: str | None) -> list:
+    """The state-dict names a checkpoint file holds: those with ``part`` as a path component (all names
+    when none has it, or when ``part`` is None)."""
+    if part is None:
+        return names
+    held = [n for n in names if n.startswith(part) or f".{part}" in n]
+    return held or names
 
 
 def _sign_bits(t: torch.Tensor, count: int) -> bytes:
@@ -68,12 +113,12 @@ def _sign_bits(t: torch.Tensor, count: int) -> bytes:
 
 
 @torch.no_grad()
-def _weights_digest(module: torch.nn.Module, backup: dict) -> bytes:
-    cached = _weights_digest_cache.get(module)
-    if cached is not None:
-        return cached
+def _weights_digest(module: torch.nn.Module, backup: dict, part: str | None) -> bytes:
+    cached = _weights_digest_cache.setdefault(module, {})
+    if part in cached:
+        return cached[part]
     state = module.state_dict()
-    names = sorted(state)
+    names = _checkpoint_names(sorted(state), part)
     h = hashlib.sha256()
     for name in names:
         h.update(f"{name}:{tuple(state[name].shape)};".encode())
@@ -87,7 +132,7 @@ def _weights_digest(module: torch.nn.Module, backup: dict) -> bytes:
         h.update(name.encode())
         h.update(_sign_bits(tensor, SAMPLES_PER_TENSOR))
     digest = h.digest()
-    _weights_digest_cache[module] = digest
+    cached[part] = digest
     return digest
 
 

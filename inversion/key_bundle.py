@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from .key_check import LATENT_SCALE, key_e_provenance, key_i_from_file
 from .key_e import KeyE
-from .keyfile import KEY_E, KEY_I, META_IMAGE_HEIGHT, META_IMAGE_WIDTH, metadata_number
-
-LATENT_SCALE = 8  # pixels per latent cell (SD-family VAEs)
+from .keyfile import (KEY_E, KEY_I, META_CLIP_FINGERPRINT, META_IMAGE_HEIGHT, META_IMAGE_WIDTH, META_MODEL_FINGERPRINT,
+                      metadata_number)
 
 
 def bundle_tensors(key_i: dict, key_e) -> dict:
@@ -21,7 +21,8 @@ def bundle_tensors(key_i: dict, key_e) -> dict:
 
 
 def bundle_from_tensors(tensors: dict, metadata: dict):
-    """(LATENT, CONDITIONING with one entry of batch ten) from a key file's tensors."""
+    """(LATENT, CONDITIONING with one entry of batch ten) from a key file's tensors, each carrying the provenance
+    the file records (step count, image size, fingerprints: :mod:`.key_check`)."""
     if KEY_I not in tensors or KEY_E not in tensors:
         missing = [n for n in (KEY_I, KEY_E) if n not in tensors]
         raise ValueError(f"this key file holds no {' / '.join(missing)} (is it a Key-E training file rather than "
@@ -35,4 +36,5 @@ def bundle_from_tensors(tensors: dict, metadata: dict):
         if size != (key_i.shape[2] * LATENT_SCALE, key_i.shape[3] * LATENT_SCALE):
             raise ValueError(f"this key file is malformed: Key-I of shape {tuple(key_i.shape)} does not match "
                              f"its recorded image size {size[1]}x{size[0]}")
-    return {"samples": key_i.float()}, key_e.to_conditioning()
+    provenance = key_e_provenance(metadata.get(META_MODEL_FINGERPRINT), metadata.get(META_CLIP_FINGERPRINT))
+    return key_i_from_file(key_i.float(), metadata), key_e.with_provenance(provenance).to_conditioning()

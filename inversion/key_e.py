@@ -3,13 +3,16 @@
 Key-E travels as ComfyUI CONDITIONING (one entry holding a batch of ten, or ten entries), inside key
 files (a [10, tokens, width] tensor and its pooled outputs), and as a text stand-in (one prompt for
 every stage). :class:`KeyE` owns every conversion between those forms, so no other module slices
-stage batches or names key-file tensors.
+stage batches or names key-file tensors. Each entry may carry the Key-E's provenance (the fingerprints
+of the model and text encoder it was made with, :mod:`.key_check`), which every form keeps.
 """
 from __future__ import annotations
 
 import torch
 
 from ..guidance.schedule import NUM_STAGES, scheduled_conditioning
+from .fingerprint import clip_fingerprint
+from .key_check import KEY_E_INFO, key_e_provenance
 from .keyfile import KEY_E, KEY_E_POOLED
 
 
@@ -49,9 +52,11 @@ class KeyE:
 
     @classmethod
     def from_texts(cls, clip, stage_text: str) -> "KeyE":
-        """A text stand-in (nothing learnt): one line for every stage, or ten lines C^0 (t 0-99) first."""
+        """A text stand-in (nothing learnt): one line for every stage, or ten lines C^0 (t 0-99) first. It records
+        the text encoder it was encoded with."""
         encoded: dict[str, list] = {}
-        return cls([encoded.setdefault(t, encode_text(clip, t)) for t in stage_texts(stage_text)])
+        key_e = cls([encoded.setdefault(t, encode_text(clip, t)) for t in stage_texts(stage_text)])
+        return key_e.with_provenance(key_e_provenance(None, clip_fingerprint(clip)))
 
     @classmethod
     def from_tensors(cls, tensors: dict, source: str = "this key file") -> "KeyE":
@@ -84,14 +89,31 @@ class KeyE:
     def pooled(self) -> torch.Tensor | None:
         """[10, D] pooled outputs when every stage carries one, else None."""
         pooled = [extra.get("pooled_output") for _, extra in self.entries]
+    # -- provenance ---------------------------------------------------------------------------
+    @property
+    def provenance(self) -> dict | None:
+        """The fingerprints of the model / text encoder this Key-E was made with, or None when unknown (a
+        conditioning from stock nodes)."""
+        for _, extra in self.entries:
+            if isinstance(extra.get(KEY_E_INFO), dict):
+                return dict(extra[KEY_E_INFO])
+        return None
+
+    def with_provenance(self, provenance: dict) -> "KeyE":
+        """This Key-E recording ``provenance`` (from :func:`.key_check.key_e_provenance`) in every entry."""
+        return KeyE([[t, {**extra, KEY_E_INFO: dict(provenance)}] for t, extra in self.entries])
+
         if all(isinstance(p, torch.Tensor) for p in pooled):
             return torch.cat([p.reshape(1, -1) for p in pooled])
         return None
 
     def to_conditioning(self) -> list:
-        """One CONDITIONING entry with a batch of ten stages (what Learn / Load Key-E output)."""
-        pooled = self.pooled
-        return [[self.stages, {"pooled_output": pooled} if pooled is not None else {}]]
+        """One CONDITIONING entry with a batch of ten stages (what Learn / Load Key-E output), with its provenance."""
+        pooled, provenance = self.pooled, self.provenance
+        extra = {"pooled_output": pooled} if pooled is not None else {}
+        if provenance is not None:
+            extra[KEY_E_INFO] = provenance
+        return [[self.stages, extra]]
 
     def to_tensors(self) -> dict:
         """The key-file tensors: ``key_e`` and, when present, ``key_e_pooled`` (float32, CPU, contiguous)."""

@@ -22,6 +22,7 @@ import torch
 from .keyfile import (KEY_E, KEY_E_POOLED, META_CLIP_FINGERPRINT, META_MODEL_FINGERPRINT, read_key_file,
                       write_key_file)
 from ..guidance.schedule import NUM_STAGES
+from .key_check import key_e_provenance
 from .key_e import KeyE
 from .msi import MSI
 from .train_key_e import KeyETrainingOptions, KeyETrainingState
@@ -54,7 +55,10 @@ class KeyEFile:
         return self.key_e().to_conditioning()
 
     def key_e(self) -> KeyE:
-        return KeyE.from_stages(self.cond.clone(), self.pooled.clone() if self.pooled is not None else None)
+        """Key-E, recording the model and text encoder the file says it was learnt with."""
+        key_e = KeyE.from_stages(self.cond.clone(), self.pooled.clone() if self.pooled is not None else None)
+        return key_e.with_provenance(key_e_provenance(self.metadata.get(META_MODEL_FINGERPRINT),
+                                                      self.metadata.get(META_CLIP_FINGERPRINT)))
 
 
 def write_key_e_file(path, state: KeyETrainingState, cond: torch.Tensor, pooled, options: KeyETrainingOptions, *,

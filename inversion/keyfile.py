@@ -67,7 +67,7 @@ _SALT_BYTES = 16
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-_MAX_SCRYPT_MEMORY = 1 << 30           # refuse headers asking for more than 1 GiB (a tampered header must not exhaust RAM)
+_MAX_SCRYPT_MEMORY = 1 << 30           # refuse headers asking for more than 1 GiB (tampering must not exhaust RAM)
 
 
 class KeyFileExistsError(FileExistsError, ValueError):
@@ -94,7 +94,7 @@ def write_key_file(path, tensors: dict, metadata: dict, password: str | None = N
 
 def key_bundle_metadata(*, steps: int, tau: float, strength: float, image_width: int, image_height: int,
                         model_fingerprint: str, clip_fingerprint: str) -> dict:
-    """The standard metadata of a key bundle, as strings (what check_compatible reads)."""
+    """The standard metadata of a key bundle, as strings (what key_check.check_key_file reads)."""
     schedule = {"sampler": "ddim", "eta": 0.0, "stages": 10, "stage_width": 100, "tau": float(tau),
                 "strength": float(strength)}
     return {META_STEPS: str(int(steps)), META_TAU: repr(float(tau)), META_STRENGTH: repr(float(strength)),
@@ -323,39 +323,7 @@ def _load_unsealed(data: bytes, meta: dict, path: Path) -> tuple[dict, dict]:
     return tensors, {k: v for k, v in meta.items() if k not in RESERVED_FIELDS}
 
 
-# ---------------------------------------------------------------- compatibility
-
-def check_compatible(metadata: dict, *, fingerprint: str | None = None, clip_fingerprint: str | None = None,
-                     steps: int | None = None, image_size: tuple[int, int] | None = None) -> None:
-    """Raise ValueError naming every way the key does not fit what it is used with.
-
-    ``fingerprint``: the diffusion model's (model_fingerprint); ``clip_fingerprint``: the text
-    encoder's; ``image_size``: (width, height) in pixels. Arguments left None are not checked.
-    """
-    problems = []
-
-    def recorded(field, what):
-        value = metadata.get(field)
-        if value is None:
-            problems.append(f"the key file does not record its {what}")
-        return value
-
-    if fingerprint is not None and (have := recorded(META_MODEL_FINGERPRINT, "diffusion model")) is not None \
-            and have != fingerprint:
-        problems.append(f"it was made for another diffusion model (key: {have}, connected model: {fingerprint})")
-    if clip_fingerprint is not None and (have := recorded(META_CLIP_FINGERPRINT, "text encoder")) is not None \
-            and have != clip_fingerprint:
-        problems.append(f"it was made with another text encoder (key: {have}, connected CLIP: {clip_fingerprint})")
-    if image_size is not None:
-        w, h = recorded(META_IMAGE_WIDTH, "image width"), recorded(META_IMAGE_HEIGHT, "image height")
-        if w is not None and h is not None and (int(w), int(h)) != (int(image_size[0]), int(image_size[1])):
-            problems.append(f"it was made for {w}x{h} images (width x height), not "
-                            f"{int(image_size[0])}x{int(image_size[1])}")
-    if steps is not None and (have := recorded(META_STEPS, "step count")) is not None and int(have) != int(steps):
-        problems.append(f"it was made with {have} sampling steps, not {int(steps)} (recovery must use the same count)")
-    if problems:
-        raise ValueError("this key does not fit: " + "; ".join(problems))
-
+# ---------------------------------------------------------------- fields
 
 def metadata_number(metadata: dict, field: str, kind=float):
     """A numeric metadata field, or a ValueError naming it."""

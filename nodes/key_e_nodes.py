@@ -17,16 +17,18 @@ from ..inversion.clip_features import DEFAULT_LAYERS, parse_layers
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
 from ..inversion.key_e import KeyE
 from ..inversion.key_e_file import read_key_e_file, write_key_e_file
-from ..inversion.keyfile import KeyFileExistsError, check_compatible
+from ..inversion.key_check import check_key_file, key_e_provenance
+from ..inversion.keyfile import KeyFileExistsError
 from ..inversion.loss_curve import loss_curve_image, loss_curve_pil
 from ..inversion.msi import VARIANT_MULTI_SCALE, VARIANT_ONE_EMBEDDING
 from ..inversion.train_key_e import LR_SCHEDULES, KeyETrainingOptions, train_key_e
-from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, claim_unused, list_key_files, resolve_key_path,
-                     write_new_output_file)
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, claim_unused, list_key_files,
+                     resolve_key_path, write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 
-VARIANT_CHOICES = {"multi-scale MSI (paper)": VARIANT_MULTI_SCALE, "one embedding (Ours-OE ablation)": VARIANT_ONE_EMBEDDING}
+VARIANT_CHOICES = {"multi-scale MSI (paper)": VARIANT_MULTI_SCALE,
+                   "one embedding (Ours-OE ablation)": VARIANT_ONE_EMBEDDING}
 PRECISION_CHOICES = {"fp32 (reference)": "fp32", "bf16 autocast (faster on GPU)": "bf16"}
 PASSWORD_TOOLTIP = ("Password sealing the Key-E file (AES-256-GCM, scrypt); empty writes an unsealed file that anyone "
                     "holding it can use. Key-E is half of the key that undoes the protection. " + PASSWORD_WARNING)
@@ -96,7 +98,10 @@ class DiffPrivacyLearnKeyE:
             "lr_schedule": (list(LR_SCHEDULES), {"tooltip": "constant (reference) or cosine decay to zero."}),
             "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 10000,
                                      "tooltip": "Linear learning-rate warm-up steps (reference: 0)."}),
-            "precision": (list(PRECISION_CHOICES), {"tooltip": "fp32: the model's own precision, as the reference (an fp16 UNet, ComfyUI's default on most GPUs, gets loss scaling so small gradients survive); bf16: autocast, faster on recent GPUs."}),
+            "precision": (list(PRECISION_CHOICES), {"tooltip": "fp32: the model's own precision, as the reference "
+                                                               "(an fp16 UNet, ComfyUI's default on most GPUs, gets "
+                                                               "loss scaling so small gradients survive); bf16: "
+                                                               "autocast, faster on recent GPUs."}),
             "random_flip": ("BOOLEAN", {"default": True, "tooltip": "Random horizontal flip of the image "
                                                                     "(reference: p = 0.5)."}),
             "resolution": ("INT", {"default": 512, "min": 0, "max": 2048, "step": 8,
@@ -135,7 +140,7 @@ class DiffPrivacyLearnKeyE:
         if resume_path and resume_path.strip():
             path = resolve_key_path("", resume_path)
             saved = read_key_e_file(path, password or None)
-            check_compatible(saved.metadata, fingerprint=model_fp, clip_fingerprint=clip_fp)
+            check_key_file(saved.metadata, model=model, clip=clip)
             state = saved.state
             log.info("[Diff-Privacy] resuming Key-E training from %s at step %d", path, state.steps_done)
         else:
@@ -157,7 +162,7 @@ class DiffPrivacyLearnKeyE:
         except KeyFileExistsError:
             raise ValueError(f"a file appeared at {path} while training; choose another filename_prefix") from None
         uc, uc_pooled = encoder.uncond()
-        key_e = KeyE.from_stages(cond, pooled).to_conditioning()
+        key_e = KeyE.from_stages(cond, pooled).with_provenance(key_e_provenance(model_fp, clip_fp)).to_conditioning()
         uncond = [[uc, {"pooled_output": uc_pooled} if uc_pooled is not None else {}]]
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use Key-E"
         text = f"{path.name}: {state.steps_done} steps, last loss {state.losses[-1]:.4f} ({note})"
@@ -169,7 +174,8 @@ class DiffPrivacyLoadKeyE:
     CATEGORY = "Diff-Privacy/keys"
     DESCRIPTION = ("Loads a Key-E file written by Learn Key-E: Key-E as CONDITIONING and its loss curve. Refuses a "
                    "wrong password, a damaged file and (when model/clip are connected) a Key-E made for another "
-                   "model or text encoder.")
+                   "model or text encoder. Key-E comes out recording the model and text encoder it was learnt with, "
+                   "so Make Key-I and Recover refuse other ones whether or not model/clip are connected here.")
     RETURN_TYPES = ("CONDITIONING", "IMAGE", "INT")
     RETURN_NAMES = ("key_e", "loss_curve", "steps_done")
     OUTPUT_TOOLTIPS = ("Key-E: one conditioning entry with a batch of ten stages C^0..C^9.",
@@ -198,8 +204,7 @@ class DiffPrivacyLoadKeyE:
     def load(self, key_file, password, key_path="", model=None, clip=None):
         path = resolve_key_path(key_file, key_path or "")
         saved = read_key_e_file(path, password or None)
-        check_compatible(saved.metadata, fingerprint=model_fingerprint(model) if model is not None else None,
-                         clip_fingerprint=clip_fingerprint(clip) if clip is not None else None)
+        check_key_file(saved.metadata, model=model, clip=clip)
         return (saved.conditioning(), loss_curve_image(saved.state.losses), saved.state.steps_done)
 
 

@@ -18,12 +18,14 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..inversion.ddim import KEY_I_INFO
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
+from ..inversion.key_check import check_key_file, check_keys
+from ..inversion.key_e import KeyE
 from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors
-from ..inversion.keyfile import (KEY_I, META_STEPS, META_STRENGTH, META_TAU, check_compatible, key_bundle_metadata,
-                                 metadata_number, read_key_file, write_key_file)
-from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, resolve_key_path, write_new_output_file)
+from ..inversion.keyfile import (KEY_I, META_STEPS, META_STRENGTH, META_TAU, key_bundle_metadata, metadata_number,
+                                 read_key_file, write_key_file)
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, resolve_key_path,
+                     write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 
@@ -72,10 +74,9 @@ class DiffPrivacySaveKey:
         }}
 
     def save(self, key_i, key_e, model, clip, steps, tau, strength, filename_prefix, password, protected=None):
-        made_with = (key_i.get(KEY_I_INFO) or {}).get("steps")  # set by Make Key-I
-        if made_with is not None and int(made_with) != steps:
-            raise ValueError(f"this Key-I was made with {made_with} DDIM steps but steps is {steps}: recovery from a "
-                             f"key saved this way would start at the wrong noise level. Set steps to {made_with}.")
+        # the step count, model and text encoders the keys record must be the ones given here
+        check_keys(key_i, KeyE.from_conditioning(key_e, allow_text=False).provenance, model=model, clip=clip,
+                   steps=steps)
         tensors = bundle_tensors(key_i, key_e)
         _, _, h, w = tensors[KEY_I].shape
         metadata = key_bundle_metadata(steps=steps, tau=tau, strength=strength, image_width=w * LATENT_SCALE,
@@ -92,7 +93,9 @@ class DiffPrivacySaveKey:
 class DiffPrivacyLoadKey:
     CATEGORY = "Diff-Privacy/keys"
     DESCRIPTION = ("Loads a key file written by Save Key: Key-I, Key-E and the settings they were made with. Refuses a "
-                   "wrong password, a damaged file, and (when model/clip are connected) a key made for another model.")
+                   "wrong password and a damaged file. Key-I and Key-E come out carrying the step count, image size, "
+                   "model and text encoder recorded in the file, so Recover refuses other settings whether or not "
+                   "model/clip are connected here (connected, a key made for another model is refused at once).")
     RETURN_TYPES = ("LATENT", "CONDITIONING", "INT", "FLOAT", "FLOAT")
     RETURN_NAMES = ("key_i", "key_e", "steps", "tau", "strength")
     OUTPUT_TOOLTIPS = ("Key-I: the inverted latent z_T.", "Key-E: one conditioning entry with a batch of ten stages.",
@@ -113,7 +116,7 @@ class DiffPrivacyLoadKey:
                                                               "folder). Overrides key_file; connect Save Key's "
                                                               "key_path here to use a key just written."}),
             "model": ("MODEL", {"tooltip": "Optional: the diffusion model to use the key with; a key made for "
-                                           "another model is refused."}),
+                                           "another model is refused here (Recover checks it in any case)."}),
             "clip": ("CLIP", {"tooltip": "Optional: the text encoder; a key made with another one is refused."}),
         }}
 
@@ -132,8 +135,7 @@ class DiffPrivacyLoadKey:
     def load(self, key_file, password, key_path="", model=None, clip=None):
         path = resolve_key_path(key_file, key_path or "")
         tensors, metadata = read_key_file(path, password or None)
-        check_compatible(metadata, fingerprint=model_fingerprint(model) if model is not None else None,
-                         clip_fingerprint=clip_fingerprint(clip) if clip is not None else None)
+        check_key_file(metadata, model=model, clip=clip)  # recovery checks the keys again: they carry their provenance
         latent, conditioning = bundle_from_tensors(tensors, metadata)
         return (latent, conditioning, metadata_number(metadata, META_STEPS, int),
                 metadata_number(metadata, META_TAU), metadata_number(metadata, META_STRENGTH))

@@ -3,7 +3,9 @@
 - DiffPrivacyMakeKeyI: DDIM inversion of the ORIGINAL image's latent under Key-E (C^{t//100} at every
   step), as the reference does; Key-I does not depend on the protected image. The image is resized to the
   working resolution exactly as the protection nodes resize it (``guidance.working_image``).
-- DiffPrivacyRecover: DDIM from Key-I under Key-E. Needs only the two keys and the step count.
+- DiffPrivacyRecover: DDIM from Key-I under Key-E. Needs only the two keys and the step count. Whatever node the
+  keys come from, it refuses a Key-I made with another step count, diffusion model or image size, or under a
+  Key-E of another text encoder (each key carries where it came from: ``inversion.key_check``).
 
 Key-I is a LATENT in ComfyUI's "latent with leftover noise" convention (what KSamplerAdvanced
 returns mid-way): samples = process_out(x_T) with x_T = z_T * sqrt(1 + sigma_T^2) at the first
@@ -51,19 +53,25 @@ class DiffPrivacyMakeKeyI:
 
     def make_key_i(self, model, key_e, vae, image, steps, resolution=512):
         latent = vae.encode(working_image(image, vae, resolution))
-        return (make_key_i(model, KeyE.from_conditioning(key_e).schedule_every_step(), latent, steps),)
+        return (make_key_i(model, KeyE.from_conditioning(key_e), latent, steps),)
 
 
 class DiffPrivacyRecover:
     DESCRIPTION = ("Identity recovery (paper Sec. 2.4): deterministic DDIM from Key-I with Key-E's stage "
-                   "conditionings. Needs only the keys, never the protected image.")
+                   "conditionings. Needs only the keys, never the protected image. Refuses keys made with another "
+                   "step count, model, text encoder or image size, and says what to set.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The SD 1.5 model the keys were made with."}),
-            "key_e": ("CONDITIONING", {"tooltip": "Key-E: the ten stage conditionings C^0..C^9 (or one text conditioning)."}),
-            "key_i": ("LATENT", {"tooltip": "Key-I, from DiffPrivacyMakeKeyI or DiffPrivacyLoadKey."}),
+            "model": ("MODEL", {"tooltip": "The SD 1.5 model the keys were made with (checked against the "
+                                           "fingerprint Key-I records)."}),
+            "key_e": ("CONDITIONING", {"tooltip": "Key-E: the ten stage conditionings C^0..C^9 (or one text "
+                                                  "conditioning). One from these nodes records its text encoder, "
+                                                  "checked against Key-I's; one from stock nodes is not checked."}),
+            "key_i": ("LATENT", {"tooltip": "Key-I, from DiffPrivacyMakeKeyI or DiffPrivacyLoadKey (it records its "
+                                            "step count, model, text encoder and image size; other LATENTs are "
+                                            "refused)."}),
             "steps": ("INT", _steps_tip("must equal the steps Key-I was made with")),
         }}
 
@@ -74,7 +82,7 @@ class DiffPrivacyRecover:
     CATEGORY = CATEGORY
 
     def recover(self, model, key_e, key_i, steps):
-        return (recover(model, KeyE.from_conditioning(key_e).schedule_every_step(), key_i, steps),)
+        return (recover(model, KeyE.from_conditioning(key_e), key_i, steps),)
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyMakeKeyI": DiffPrivacyMakeKeyI, "DiffPrivacyRecover": DiffPrivacyRecover}

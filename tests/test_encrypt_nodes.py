@@ -40,7 +40,8 @@ def test_recovery_with_the_right_keys_beats_every_wrong_key(parts):
         steps = 50
         (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, _image(1), steps, resolution=64)
         ki = key_i["samples"]  # a wrong Key-I: noise of the same size and spread (as in the paper's Fig. 7)
-        wrong_i = {"samples": torch.randn(ki.shape, generator=torch.Generator().manual_seed(5)) * ki.std()}
+        # (with the right one's provenance: a stolen or guessed Key-I passes the checks and still fails)
+        wrong_i = {**key_i, "samples": torch.randn(ki.shape, generator=torch.Generator().manual_seed(5)) * ki.std()}
 
         def err(e, i):
             (rec,) = DiffPrivacyRecover().recover(model, e, i, steps)

@@ -1,14 +1,15 @@
-"""Fingerprints and the key / clean-image nodes, called directly with ComfyUI-layout values.
+"""Fingerprints, key provenance and the key / clean-image nodes, called directly with ComfyUI-layout values.
 
-The host's ModelPatcher cannot be imported here (comfy.model_base imports torchvision, which this
-environment lacks), so the models are small real nn.Modules behind a holder with exactly the
-attributes fingerprint.py reads from comfy.model_patcher.ModelPatcher (model, patches,
-patches_uuid, backup) and from comfy.sd.CLIP (patcher). LoRA patches use the host's LoRAAdapter.
+Most models here are small real nn.Modules behind a holder with exactly the attributes fingerprint.py
+reads from comfy.model_patcher.ModelPatcher (model, patches, patches_uuid, backup) and from comfy.sd.CLIP
+(patcher); LoRA patches use the host's LoRAAdapter. What depends on a real checkpoint (tensors ComfyUI
+adds that the file lacks, Make Key-I -> Save Key -> Load Key -> Recover) uses the tiny SD checkpoint.
 """
 from __future__ import annotations
 
 import collections
 import copy
+import re
 import uuid
 import zlib
 
@@ -21,9 +22,12 @@ from PIL import Image
 
 from diffprivacy.inversion import fingerprint as fp
 from diffprivacy.inversion.fingerprint import clip_fingerprint, model_fingerprint
-from diffprivacy.inversion.keyfile import is_sealed, read_key_file
+from diffprivacy.inversion.key_check import check_key_file, key_e_provenance, key_i_latent
+from diffprivacy.inversion.key_e import KeyE
+from diffprivacy.inversion.keyfile import is_sealed, key_bundle_metadata, read_key_file
 from diffprivacy.nodes.common import list_key_files
 from diffprivacy.nodes.key_nodes import DiffPrivacyLoadKey, DiffPrivacySaveImageClean, DiffPrivacySaveKey
+from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
 
 Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # as ModelPatcher.backup stores
 
@@ -67,7 +71,7 @@ def test_fingerprint_same_weights_same_print_on_any_dtype():
     fp16, bf16 = copy.deepcopy(a.model).half(), copy.deepcopy(a.model).to(torch.bfloat16)
     prints = {model_fingerprint(PatcherLike(m)) for m in (a.model, reload, fp16, bf16)}
     assert len(prints) == 1
-    assert next(iter(prints)).startswith("dp1-") and len(next(iter(prints))) == 20
+    assert next(iter(prints)).startswith("dp2-") and len(next(iter(prints))) == 20
 
 
 def test_fingerprint_differs_for_other_weights_and_small_fine_tunes():
@@ -133,15 +137,20 @@ def output_dir(tmp_path):
     folder_paths.set_input_directory(old_in)
 
 
-def comfy_keys(seed=0, h=8, w=12):
+def comfy_keys(seed=0, h=8, w=12, model=None, clip=None, steps=50):
+    """Key-I and Key-E as Make Key-I and Learn Key-E give them: carrying the fingerprints of ``model`` / ``clip``."""
     g = torch.Generator().manual_seed(seed)
-    latent = {"samples": torch.randn(1, 4, h, w, generator=g)}
+    model_print = model_fingerprint(model) if model is not None else None
+    clip_print = clip_fingerprint(clip) if clip is not None else None
+    latent = key_i_latent(torch.randn(1, 4, h, w, generator=g), steps=steps, sigma=14.6, model_fingerprint=model_print,
+                          clip_fingerprint=clip_print)
     stages = torch.randn(10, 77, 32, generator=g)
-    return latent, [[stages, {"pooled_output": torch.randn(10, 32, generator=g)}]]
+    key_e = KeyE.from_stages(stages, torch.randn(10, 32, generator=g))
+    return latent, key_e.with_provenance(key_e_provenance(model_print, clip_print)).to_conditioning()
 
 
 def save_key(model, clip, password="", seed=0, **kw):
-    key_i, key_e = comfy_keys(seed)
+    key_i, key_e = comfy_keys(seed, model=model, clip=clip)
     args = dict(key_i=key_i, key_e=key_e, model=model, clip=clip, steps=50, tau=0.4, strength=0.6,
                 filename_prefix="diffprivacy/key", password=password)
     args.update(kw)
@@ -181,7 +190,7 @@ def test_save_refuses_a_step_count_other_than_the_key_i_was_made_with(output_dir
 
 def test_ten_entry_key_e_is_saved_like_a_batch_of_ten(output_dir):
     model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
-    key_i, key_e = comfy_keys()
+    key_i, key_e = comfy_keys(model=model, clip=clip, steps=30)
     ten = [[key_e[0][0][i:i + 1], {}] for i in range(10)]
     (path,) = DiffPrivacySaveKey().save(key_i, ten, model, clip, 30, 0.5, 0.8, "diffprivacy/ten", "")["result"]
     tensors, metadata = read_key_file(path)
@@ -221,9 +230,129 @@ def test_load_refuses_paths_outside_comfy_folders_and_bad_keys(output_dir, tmp_p
                             (dict(key_file="missing.safetensors"), "not found")):
         with pytest.raises(ValueError, match=message):
             node.load(password="", **kwargs)
+    model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
+    flat = key_i_latent(torch.zeros(4, 8, 8), steps=50, sigma=None, model_fingerprint=None, clip_fingerprint=None)
     with pytest.raises(ValueError, match="LATENT of one image"):
-        DiffPrivacySaveKey().save({"samples": torch.zeros(2, 4, 8, 8)}, comfy_keys()[1], PatcherLike(tiny_net(0)),
-                                  ClipLike(tiny_net(5, width=32)), 50, 0.4, 0.6, "diffprivacy/key", "")
+        DiffPrivacySaveKey().save(flat, comfy_keys()[1], model, clip, 50, 0.4, 0.6, "diffprivacy/key", "")
+    with pytest.raises(ValueError, match="not a Key-I: connect the key_i output of Make Key-I or Load Key"):
+        DiffPrivacySaveKey().save({"samples": torch.zeros(1, 4, 8, 8)}, comfy_keys()[1], model, clip, 50, 0.4, 0.6,
+                                  "diffprivacy/key", "")
+    assert list_key_files() == []
+
+
+# ---------------------------------------------------------------- provenance: every key checked wherever it came from
+
+def test_key_file_check_names_every_difference_and_what_to_set():
+    model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
+    meta = key_bundle_metadata(steps=50, tau=0.4, strength=0.6, image_width=512, image_height=512,
+                               model_fingerprint=model_fingerprint(model), clip_fingerprint=clip_fingerprint(clip))
+    check_key_file(meta, model=model, clip=clip, steps=50, image_size=(512, 512))
+    check_key_file(meta)  # nothing to check
+    cases = [({"model": PatcherLike(tiny_net(1))}, "another diffusion model .*connect the checkpoint"),
+             ({"clip": ClipLike(tiny_net(6, width=32))}, "another text encoder .*connect the text encoder"),
+             ({"image_size": (768, 512)}, "512x512 images"),
+             ({"steps": 100}, "50 sampling steps, not 100: set steps to 50")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_key_file(meta, **kwargs)
+    with pytest.raises(ValueError) as err:  # every difference at once
+        check_key_file(meta, **{k: v for kwargs, _ in cases for k, v in kwargs.items()})
+    assert all(re.search(message, str(err.value)) for _, message in cases)
+    with pytest.raises(ValueError, match="does not record its step count"):
+        check_key_file({}, steps=50)
+
+
+def test_older_key_files_keep_their_model_check_and_skip_the_uncheckable_text_encoder_print():
+    model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
+    legacy = model_fingerprint(model, version=1)  # how dp1 key files recorded it: every tensor
+    assert legacy.startswith("dp1-") and legacy != model_fingerprint(model)
+    meta = {"model_fingerprint": legacy, "clip_fingerprint": "dp1-0000000000000000", "steps": "50"}
+    check_key_file(meta, model=model, clip=clip)  # the dp1 text-encoder print hashed uninitialised memory
+    with pytest.raises(ValueError, match="another diffusion model"):
+        check_key_file(meta, model=PatcherLike(tiny_net(1)))
+
+
+@pytest.fixture(scope="module")
+def reloaded_sd(tiny_checkpoint_path):
+    """The tiny checkpoint loaded a second time, with every tensor the file does not hold changed: CLIP's
+    text_projection (uninitialised in ComfyUI 0.3.75, zero-filled in newer versions), logit_scale, and the
+    noise schedule's buffers ComfyUI computes."""
+    import comfy.sd
+    with torch.inference_mode():
+        model, clip = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=False,
+                                                            output_clip=True)[:2]
+        for name, t in clip.patcher.model.state_dict().items():
+            if "text_projection" in name or "logit_scale" in name:
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(7)))
+        for t in model.model.model_sampling.buffers():
+            t.mul_(-1.5)
+    return model, clip
+
+
+def test_fingerprints_ignore_tensors_a_checkpoint_file_does_not_hold(tiny_sd, reloaded_sd):
+    (model, clip, _), (model2, clip2) = tiny_sd, reloaded_sd
+    assert model.model is not model2.model and clip.patcher.model is not clip2.patcher.model
+    assert model_fingerprint(model2) == model_fingerprint(model)
+    assert clip_fingerprint(clip2) == clip_fingerprint(clip)
+    # ... while the transformer's own weights count: changing one sampled weight's signs changes the print
+    with torch.inference_mode():
+        other = copy.deepcopy(clip2.patcher.model)
+        name = sorted(n for n in other.state_dict() if "text_model" in n and n.endswith("weight"))[0]
+        other.state_dict()[name].neg_()
+    assert clip_fingerprint(ClipLike(other)) != clip_fingerprint(clip)
+
+
+def test_a_key_saved_on_one_load_opens_where_text_projection_differs(tiny_sd, reloaded_sd, output_dir):
+    (model, clip, _), (model2, clip2) = tiny_sd, reloaded_sd
+    (path,) = save_key(model, clip)[0]["result"]
+    key_i, key_e, steps, _, _ = DiffPrivacyLoadKey().load("", "", key_path=path, model=model2, clip=clip2)
+    assert steps == 50 and key_i["samples"].shape == (1, 4, 8, 12)
+
+
+def _patched(patcher_owner, part):
+    """A clone of a MODEL / CLIP with a weight patch: same file, another model as far as keys go."""
+    clone = patcher_owner.clone()
+    patcher = getattr(clone, "patcher", clone)
+    name = sorted(n for n in patcher.model.state_dict() if part in n and n.endswith("weight"))[0]
+    clone.add_patches({name: (torch.zeros_like(patcher.model.state_dict()[name]),)}, 0.5)
+    return clone
+
+
+def test_recover_checks_keys_from_load_key_though_its_model_and_clip_are_not_wired(tiny_sd, output_dir):
+    model, clip, vae = tiny_sd
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        key_e = KeyE.from_texts(clip, "a portrait photo").to_conditioning()
+        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, image, 50, resolution=64)
+        (path,) = DiffPrivacySaveKey().save(key_i, key_e, model, clip, 50, 0.4, 0.6, "diffprivacy/key", "")["result"]
+        loaded_i, loaded_e, steps, _, _ = DiffPrivacyLoadKey().load("", "", key_path=path)  # no model / clip
+        recover = DiffPrivacyRecover().recover
+        with pytest.raises(ValueError, match="made with 50 DDIM steps, not 25: set steps to 50"):
+            recover(model, loaded_e, loaded_i, 25)
+        with pytest.raises(ValueError, match="another diffusion model"):
+            recover(_patched(model, "diffusion_model"), loaded_e, loaded_i, steps)
+        other_e = KeyE.from_texts(_patched(clip, "text_model"), "a portrait photo").to_conditioning()
+        with pytest.raises(ValueError, match="another text encoder than the Key-E Key-I was made under"):
+            recover(model, other_e, loaded_i, steps)
+        resized = {**loaded_i, "samples": torch.nn.functional.interpolate(loaded_i["samples"], scale_factor=2)}
+        with pytest.raises(ValueError, match="made for 64x64 images but holds a latent of a 128x128 image"):
+            recover(model, loaded_e, resized, steps)
+        with pytest.raises(ValueError, match="not a Key-I"):
+            recover(model, loaded_e, {"samples": loaded_i["samples"]}, steps)
+        (from_file,) = recover(model, loaded_e, loaded_i, steps)
+        (in_memory,) = recover(model, key_e, key_i, 50)
+    torch.testing.assert_close(from_file["samples"], in_memory["samples"])
+
+
+def test_save_key_refuses_keys_made_with_another_model_or_text_encoder(tiny_sd, output_dir):
+    model, clip, _ = tiny_sd
+    key_i, key_e = comfy_keys(model=model, clip=clip)
+    with pytest.raises(ValueError, match="Key-I was made for another diffusion model"):
+        DiffPrivacySaveKey().save(key_i, key_e, _patched(model, "diffusion_model"), clip, 50, 0.4, 0.6,
+                                  "diffprivacy/key", "")
+    with pytest.raises(ValueError, match="Key-E was made with another text encoder"):
+        DiffPrivacySaveKey().save(key_i, key_e, model, _patched(clip, "text_model"), 50, 0.4, 0.6,
+                                  "diffprivacy/key", "")
     assert list_key_files() == []
 
 

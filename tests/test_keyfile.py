@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffprivacy.inversion import keyfile as kf
-from diffprivacy.inversion.keyfile import (KeyFileExistsError, check_compatible, is_sealed, key_bundle_metadata,
+from diffprivacy.inversion.keyfile import (KeyFileExistsError, is_sealed, key_bundle_metadata,
                                            read_key_file, write_key_file)
 
 FAST_KDF = {"n": 2 ** 4, "r": 1, "p": 1}  # tests only: the default is memory-hard (n=2**17, r=8)
@@ -244,23 +244,3 @@ def test_reserved_and_non_string_metadata_are_refused(tmp_path):
     with pytest.raises(ValueError, match="str to str"):
         write_key_file(tmp_path / "k.safetensors", make_tensors(), {"steps": 50})
     assert not (tmp_path / "k.safetensors").exists()
-
-
-def test_check_compatible_names_what_differs():
-    meta = key_bundle_metadata(steps=50, tau=0.4, strength=0.6, image_width=512, image_height=512,
-                               model_fingerprint=FINGERPRINT, clip_fingerprint="dp1-clip000000000000")
-    check_compatible(meta, fingerprint=FINGERPRINT, clip_fingerprint="dp1-clip000000000000", steps=50,
-                     image_size=(512, 512))
-    check_compatible(meta)  # nothing to check
-    cases = [({"fingerprint": "dp1-ffffffffffffffff"}, "another diffusion model"),
-             ({"clip_fingerprint": "dp1-ffffffffffffffff"}, "another text encoder"),
-             ({"image_size": (768, 512)}, "512x512 images"),
-             ({"steps": 100}, "50 sampling steps, not 100")]
-    for kwargs, message in cases:
-        with pytest.raises(ValueError, match=message):
-            check_compatible(meta, **kwargs)
-    with pytest.raises(ValueError) as err:  # every difference at once
-        check_compatible(meta, **{k: v for kwargs, _ in cases for k, v in kwargs.items()})
-    assert all(message in str(err.value) for _, message in cases)
-    with pytest.raises(ValueError, match="does not record its step count"):
-        check_compatible({}, steps=50)
