@@ -23,7 +23,7 @@ import torch
 
 from ..guidance import dp_identity as dpi
 from .analysis import analyse_face
-from .identity import cos_ie, protection_outcome
+from .identity import UNDETECTED_PROTECTED, cos_ie, protection_outcome
 from .pixel_metrics import ssim
 
 
@@ -38,7 +38,8 @@ def dp_rows(face_model, originals: list[torch.Tensor], protected: list[torch.Ten
             skipped += 1  # the original itself has no face this recognizer sees: nothing to protect or measure
             continue
         b = analyse_face(face_model, p)
-        outcomes.append(protection_outcome(face_model, a.embedding, b.embedding))
+        # a protected image without a detected face counts as protected here (as DIFP's Eq. 23; counted too)
+        outcomes.append(protection_outcome(face_model, a.embedding, b.embedding, UNDETECTED_PROTECTED))
         if b.embedding is None:
             no_face += 1
         else:

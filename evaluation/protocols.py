@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from .analysis import analyse_face, embed_at
-from .identity import (cos_ie, diversity_summary, identity_distance, leave_one_out_identification,
-                       protection_outcome)
+from .identity import (UNDETECTED_CONVENTIONS, UNDETECTED_SEPARATE, cos_ie, diversity_summary, identity_distance,
+                       leave_one_out_identification, protection_outcome, protection_success_rate, rate_thresholds)
 from .images import match_size
 from .pixel_metrics import all_pixel_metrics
 from .utility import utility_pair
@@ -34,16 +34,20 @@ def _mean(values) -> float:
 
 
 def protection_rate(face_model, originals: torch.Tensor, protected: torch.Tensor, alignment: str = ALIGNMENTS[0],
-                    progress: Progress = None) -> dict:
-    """Protection success rate (paper Table 1, DIFP Eq. 23): the share of faces the recognizer no longer
-    matches to their original (distance >= its threshold).
+                    progress: Progress = None, undetected: str = UNDETECTED_SEPARATE) -> dict:
+    """Protection success rate (paper Table 1): the share of faces the recognizer no longer matches to their
+    original (distance >= its threshold; for the ArcFace family also at the paper's 0.8, ``at_thresholds``).
 
-    ``alignment`` "own detection": the protected face is found by the detector, none found counts as
-    protected (Eq. 23); "original landmarks": the protected image is aligned where the original's face was.
+    ``alignment`` "own detection": the protected face is found by the detector; a protected image with no face
+    found is counted by ``undetected`` (:data:`.identity.UNDETECTED_CONVENTIONS`): "separate" (default) leaves
+    it out of the rate and counts it in ``undetected``, "protected" counts it as protected (DIFP Eq. 23).
+    "original landmarks": the protected image is aligned where the original's face was.
     """
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
-    rows, outcomes = [], []
+    if undetected not in UNDETECTED_CONVENTIONS:
+        raise ValueError(f"undetected must be one of {list(UNDETECTED_CONVENTIONS)}, got {undetected!r}")
+    rows, pairs = [], []
     for i, (o, p) in enumerate(zip(originals, protected)):
         p = match_size(p, o)
         ao = analyse_face(face_model, o)
@@ -53,20 +57,24 @@ def protection_rate(face_model, originals: torch.Tensor, protected: torch.Tensor
             e = analyse_face(face_model, p).embedding if alignment == ALIGNMENTS[0] else embed_at(face_model, p,
                                                                                                     ao.landmarks)
             d = None if e is None else identity_distance(face_model, ao.embedding, e)
-            ok = protection_outcome(face_model, ao.embedding, e)
-            outcomes.append(ok)
+            ok = protection_outcome(face_model, ao.embedding, e, undetected)
+            pairs.append((ao.embedding, e))
             rows.append({"index": i, "distance": d, "protected": ok,
                          **({"note": "no face detected in the protected image"} if d is None else {})})
         _tick(progress, i + 1)
-    rate = sum(outcomes) / len(outcomes) if outcomes else float("nan")
-    return {"success_rate": rate, "recognizer": face_model.name, "threshold": face_model.threshold,
-            "faces": len(outcomes), "images": rows}
+    at = {label: protection_success_rate([protection_outcome(face_model, a, b, undetected, t) for a, b in pairs])
+          for label, t in rate_thresholds(face_model).items()}
+    return {"success_rate": next(iter(at.values())), "convention": UNDETECTED_CONVENTIONS[undetected],
+            "recognizer": face_model.name, "threshold": face_model.threshold, "at_thresholds": at,
+            "faces": len(pairs), "undetected": sum(1 for _, b in pairs if b is None), "images": rows}
 
 
 def identification_accuracy(face_model, originals: torch.Tensor, evaluated: torch.Tensor, labels: list,
-                            progress: Progress = None) -> dict:
+                            progress: Progress = None, distractors: torch.Tensor | None = None) -> dict:
     """Identification accuracy (paper §3.2.1, Table 3) with every original as the probe in turn, and the
-    originals' own accuracy (the paper's 'Original' column)."""
+    originals' own accuracy (the paper's 'Original' column). An evaluated image in which no face is detected
+    counts as not identified. ``distractors``: images of other people added to the different-identity set
+    (the paper used 12,878); the count whose face was found is reported."""
     orig, ev, skipped = {}, {}, []
     for i, (o, e) in enumerate(zip(originals, evaluated)):
         ao = analyse_face(face_model, o)
@@ -74,17 +82,26 @@ def identification_accuracy(face_model, originals: torch.Tensor, evaluated: torc
             skipped.append({"index": i, "problem": "no face detected in the original"})
         else:
             orig[i] = ao.embedding
-            e = match_size(e, o)
-            ae = analyse_face(face_model, e)
-            ev[i] = ae.embedding if ae.detected else embed_at(face_model, e, ao.landmarks)
+            ae = analyse_face(face_model, match_size(e, o))
+            ev[i] = ae.embedding if ae.detected else None  # not identified: no landmarks to align it with
         _tick(progress, i + 1)
+    gallery, without_face = [], 0
+    for img in (distractors if distractors is not None else []):
+        a = analyse_face(face_model, img)
+        if a.detected:
+            gallery.append(a.embedding)
+        else:
+            without_face += 1
+    external = torch.stack(gallery) if gallery else None
     lab = dict(enumerate(labels))
-    acc, pairs = leave_one_out_identification(face_model, orig, ev, lab)
-    acc0, _ = leave_one_out_identification(face_model, orig, orig, lab)
+    acc, pairs = leave_one_out_identification(face_model, orig, ev, lab, external)
+    acc0, _ = leave_one_out_identification(face_model, orig, orig, lab, external)
     if pairs == 0:
         raise ValueError("no probe has another photo of the same person with a detected face, and someone else's "
                          "photo to compare with: give at least two people with two photos each")
-    return {"accuracy": acc, "accuracy_originals": acc0, "pairs": pairs, "skipped": skipped}
+    return {"accuracy": acc, "accuracy_originals": acc0, "pairs": pairs,
+            "evaluated_not_detected": sum(1 for e in ev.values() if e is None),
+            "distractors_external": len(gallery), "distractors_without_face": without_face, "skipped": skipped}
 
 
 def image_quality(originals: torch.Tensor, others: torch.Tensor, face_model=None, lpips_model=None,

@@ -12,6 +12,7 @@ import torch
 
 from .formatting import format_value, json_safe
 from .images import list_images, load_image, pair_names
+from .identity import UNDETECTED_CONVENTIONS, UNDETECTED_SEPARATE
 from .run import Item, evaluate
 
 
@@ -40,7 +41,8 @@ def load_identities(path: str | Path) -> dict[str, str]:
             elif isinstance(v, (str, int)):
                 out[str(k)] = str(v)
     if not out:
-        raise ValueError(f"{path} holds no identities (expected e.g. {{\"identities\": [[\"a.jpg\", \"b.jpg\"], ...]}})")
+        raise ValueError(f"{path} holds no identities "
+                         f"(expected e.g. {{\"identities\": [[\"a.jpg\", \"b.jpg\"], ...]}})")
     return out
 
 
@@ -87,14 +89,26 @@ def folder_items(originals: str | Path, protected: str | Path | None = None, rec
 
 
 def evaluate_folders(originals, protected=None, recovered=None, identities_path=None, models=None, *,
-                     progress=None, lpips="auto") -> dict:
+                     progress=None, lpips="auto", undetected: str = UNDETECTED_SEPARATE, distractors=None) -> dict:
+    """The report over folders. ``undetected``: headline convention for protected images without a detected
+    face (:data:`.identity.UNDETECTED_CONVENTIONS`); ``distractors``: a folder of other people's photos added
+    to the identification protocol's different-identity set (it must not show anyone in the originals)."""
     problems: list = []
     identities = load_identities(identities_path) if identities_path else None
     items = folder_items(originals, protected, recovered, identities, problems)
-    report = evaluate(items, models or {}, problems=problems, progress=progress, lpips=lpips)
+    gallery = []
+    if distractors is not None:
+        files = list_images(distractors)
+        if not files:
+            raise ValueError(f"no images in the distractor folder {distractors}")
+        gallery = [(f"{Path(distractors).name}/{name}", partial(load_image, path)) for name, path in files.items()]
+    report = evaluate(items, models or {}, problems=problems, progress=progress, lpips=lpips, undetected=undetected,
+                      distractors=gallery)
     report["inputs"] = {"originals": str(originals), "protected": str(protected) if protected else None,
                         "recovered": str(recovered) if recovered else None,
-                        "identities": str(identities_path) if identities_path else None}
+                        "identities": str(identities_path) if identities_path else None,
+                        "distractors": str(distractors) if distractors else None, "distractor_images": len(gallery),
+                        "undetected": UNDETECTED_CONVENTIONS[undetected]}
     return report
 
 
@@ -104,25 +118,34 @@ def summary_tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
     tables = []
     recs = report.get("recognizers", {})
     if recs:
-        tables.append(("Protection success rate (paper Table 1, DIFP Eq. 23)",
-                       ["recognizer", "metric", "threshold", "SR", "SR (detected only)", "SR (aligned at original)",
-                        "undetected", "faces", "mean distance"],
-                       [[n, s["metric"], s["threshold"], s["protection"]["success_rate"],
-                         s["protection"]["success_rate_detected_only"], s["protection"]["success_rate_aligned"],
+        first = next(iter(recs.values()))["protection"]
+        headline = first.get("convention_label", "")
+        tables.append(("Protection success rate (paper Table 1). SR: " + headline,
+                       ["recognizer", "threshold", "SR", "SR (§3.1.1: over faces detected)",
+                        "SR (DIFP Eq. 23: undetected = protected)", "SR (aligned at original)", "not detected",
+                        "faces", "mean distance"],
+                       [[n, label, (a["success_rate_separate"] if s["protection"]["convention"] == UNDETECTED_SEPARATE
+                                    else a["success_rate_eq23"]) if s["protection"]["n"] else None,
+                         a["success_rate_separate"], a["success_rate_eq23"], a["success_rate_aligned"],
                          s["protection"]["n_undetected"], s["protection"]["n"], s["protection"]["mean_distance"]]
-                        for n, s in recs.items()]))
-        tables.append(("Identification accuracy (paper §3.2.1, Table 3)",
-                       ["recognizer", "originals", "protected", "pairs"],
+                        for n, s in recs.items() for label, a in s["protection"]["at_thresholds"].items()]))
+        tables.append(("Identification accuracy (paper §3.2.1, Table 3); a protected face not detected counts as "
+                       "not identified",
+                       ["recognizer", "originals", "protected", "pairs", "protected not detected",
+                        "distractors (Set_d)"],
                        [[n, s["identification"].get("original"), s["identification"].get("protected"),
-                         s["identification"].get("pairs_protected", s["identification"].get("pairs_original"))]
+                         s["identification"].get("pairs_protected", s["identification"].get("pairs_original")),
+                         s["identification"].get("protected_not_detected"), _distractor_text(s["identification"])]
                         for n, s in recs.items()]))
         tables.append(("Face utility (paper Table 4)",
                        ["detector", "detection rate (originals)", "detection rate (protected)", "box distance (px)",
                         "landmark distance (px)", "landmarks"],
-                       [[s["detector"], s["utility"]["detection_rate_original"], s["utility"]["detection_rate_protected"],
-                         s["utility"]["box_distance"], s["utility"]["landmark_distance"], s["utility"]["landmark_points"]]
+                       [[s["detector"], s["utility"]["detection_rate_original"],
+                         s["utility"]["detection_rate_protected"], s["utility"]["box_distance"],
+                         s["utility"]["landmark_distance"], s["utility"]["landmark_points"]]
                         for s in recs.values()]))
-    for key, title in (("protected_pixels", "Protected vs original"), ("recovered_pixels", "Recovered vs original (Table 2)")):
+    for key, title in (("protected_pixels", "Protected vs original"),
+                       ("recovered_pixels", "Recovered vs original (Table 2)")):
         px = report.get(key, {})
         if px.get("n"):
             header = ["images", "MSE", "RMSE", "MAE", "PSNR (dB)", "SSIM"]
@@ -143,6 +166,15 @@ def summary_tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
     return tables
 
 
+def _distractor_text(ident: dict) -> str:
+    n = ident.get("distractors_external", 0)
+    text = "originals of the other people"
+    if "distractor_images" in ident:
+        text += (f" + {n} external ({ident['distractor_images']} images, "
+                 f"{ident['distractors_without_face']} without a face)")
+    return text
+
+
 def report_figures(report: dict, models: dict) -> dict[str, object]:
     """name -> matplotlib Figure: distance histograms and t-SNE plots per recognizer."""
     from .plots import distance_histogram, tsne_figure
@@ -156,7 +188,7 @@ def report_figures(report: dict, models: dict) -> dict[str, object]:
             figs[f"distances_{mname}"] = distance_histogram(mname, dist, s["threshold"], recd)
         e = emb.get(mname, {})
         labels = {r["file"]: r["label"] for r in report["per_file"]}
-        names_p = list(e.get("protected", {}))
+        names_p = [n for n, v in e.get("protected", {}).items() if v is not None]  # undetected: no embedding
         names_o = list(e.get("original", {}))
         if len(names_p) + len(names_o) >= 5:
             vecs = [e["protected"][n] for n in names_p] + [e["original"][n] for n in names_o]
@@ -171,7 +203,8 @@ def report_figures(report: dict, models: dict) -> dict[str, object]:
 
 
 def batch_report(originals: torch.Tensor, protected: torch.Tensor, models: dict, labels: list | None = None,
-                 recovered: torch.Tensor | None = None, progress=None) -> tuple[dict, list]:
+                 recovered: torch.Tensor | None = None, progress=None,
+                 undetected: str = UNDETECTED_SEPARATE) -> tuple[dict, list]:
     """The folder report's metrics over IMAGE batches (what the report node shows): (report, figures).
 
     ``models``: name -> FACE_MODEL; ``labels``: one identity per image or None; ``progress(done, total,
@@ -182,7 +215,7 @@ def batch_report(originals: torch.Tensor, protected: torch.Tensor, models: dict,
     labels = labels if labels is not None else [None] * n
     items = [Item(f"image {i}", (lambda i=i: originals[i]), (lambda i=i: protected[i]),
                   (lambda i=i: recovered[i]) if recovered is not None else None, labels[i]) for i in range(n)]
-    rep = evaluate(items, models, progress=progress)
+    rep = evaluate(items, models, progress=progress, undetected=undetected)
     figs = [table_figure(*t) for t in summary_tables(rep)]
     figs += list(report_figures(rep, models).values())
     if rep["problems"]:
@@ -230,7 +263,8 @@ def write_report(report: dict, out_dir: str | Path, models: dict | None = None) 
         px = r.get("protected_pixels", {})
         ms = r.get("models", {})
         rows.append([r["file"], r.get("label"), px.get("psnr"), px.get("ssim")]
-                    + [ms.get(m, {}).get("distance") for m in mnames] + [ms.get(m, {}).get("protected") for m in mnames])
+                    + [ms.get(m, {}).get("distance") for m in mnames]
+                    + [ms.get(m, {}).get("protected") for m in mnames])
     parts.append(_html_table("Per file", header, rows))
     paths["html"] = out / "report.html"
     paths["html"].write_text("\n".join(parts))

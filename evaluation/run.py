@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .analysis import FaceAnalysis, analyse_face, embed_at
-from .identity import (cos_ie, diversity_summary, identity_distance, leave_one_out_identification,
-                       protection_outcome, protection_success_rate)
+from .identity import (UNDETECTED_CONVENTIONS, UNDETECTED_SEPARATE, cos_ie, diversity_summary, identity_distance,
+                       leave_one_out_identification, protection_outcome, rate_thresholds)
 from .images import match_size
 from .lpips import LPIPSUnavailable, load_lpips
 from .pixel_metrics import all_pixel_metrics
@@ -60,13 +60,19 @@ def _load(loader: Loader | None, what: str, name: str, problems: list) -> torch.
 
 def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
              progress: Callable[[int, int, str], None] | None = None, lpips: str = "auto",
-             keep_embeddings: bool = True) -> dict:
+             keep_embeddings: bool = True, undetected: str = UNDETECTED_SEPARATE,
+             distractors: list[tuple[str, Loader]] | None = None) -> dict:
     """Every metric over ``items`` for every FACE_MODEL in ``models`` (name -> model).
 
     ``problems`` may hold entries from pairing folders; more are appended (unreadable images,
     faces not detected, images resized to match). ``lpips``: "auto" (when its weights are in the
-    model folders), "off". Returns the report dict (see evaluation/README.md).
+    model folders), "off". ``undetected``: the headline protection convention for a protected image
+    without a detected face (:data:`.identity.UNDETECTED_CONVENTIONS`; both rates are always
+    reported). ``distractors``: (name, loader) of an external gallery of other people, added to the
+    identification protocol's different-identity set. Returns the report dict (see evaluation/README.md).
     """
+    if undetected not in UNDETECTED_CONVENTIONS:
+        raise ValueError(f"undetected must be one of {list(UNDETECTED_CONVENTIONS)}, got {undetected!r}")
     problems = problems if problems is not None else []
     lp_model, lp_status = None, {"available": False, "reason": "disabled"}
     if lpips != "off":
@@ -78,7 +84,8 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
 
     per_file: list[dict] = []
     emb: dict[str, dict[str, dict[str, torch.Tensor]]] = {m: {"original": {}, "protected": {}} for m in models}
-    total = len(items)
+    distractors = distractors or []
+    total = len(items) + len(distractors)
     for k, item in enumerate(items):
         if progress:
             progress(k, total, item.name)
@@ -111,6 +118,7 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
             except Exception as e:  # a model failing on one image must not end the run
                 r["error"] = f"{type(e).__name__}: {e}"
                 problems.append({"file": item.name, "folder": "originals", "problem": f"{mname}: {r['error']}"})
+    gallery = _gallery_embeddings(distractors, models, problems, progress, len(items), total)
     if progress:
         progress(total, total, "")
 
@@ -119,7 +127,8 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
               "problems": problems, "per_file": per_file}
     labels = {it.name: it.label for it in items if it.label is not None}
     for mname, model in models.items():
-        report["recognizers"][mname] = _model_summary(model, mname, per_file, emb[mname], labels)
+        report["recognizers"][mname] = _model_summary(model, mname, per_file, emb[mname], labels, undetected,
+                                                      gallery[mname], len(distractors))
     if keep_embeddings:
         report["_embeddings"] = emb  # for plots; report.py drops it from the JSON
     return report
@@ -141,16 +150,41 @@ def _analyse_item(model, mname, item, original, protected, recovered, r: dict, e
         aligned = embed_at(model, protected, ao.landmarks)
         r["distance_aligned"] = identity_distance(model, ao.embedding, aligned)
         r["protected_aligned"] = protection_outcome(model, ao.embedding, aligned)
-        # Success as DIFP's Eq. 23 counts it: the protected image's own face (if any) is not matched.
+        # the protected image's own face, as the detector finds it; none found: no distance (the summary reports
+        # it separately, and as protected under DIFP's Eq. 23)
         r["distance"] = identity_distance(model, ao.embedding, ap.embedding) if ap.detected else None
-        r["protected"] = protection_outcome(model, ao.embedding, ap.embedding)
-        # for identification: the protected face as detected, else the best alignment there is
-        emb["protected"][item.name] = ap.embedding if ap.detected else aligned
+        r["protected"] = protection_outcome(model, ao.embedding, ap.embedding)  # None: not detected
+        # for identification: the protected face as detected; none found: not identified (no landmarks to align)
+        emb["protected"][item.name] = ap.embedding if ap.detected else None
     if recovered is not None:
         e = embed_at(model, recovered, ao.landmarks)
         r["recovered_cos_ie"] = cos_ie(ao.embedding, e)
         r["recovered_distance"] = identity_distance(model, ao.embedding, e)
         r["recovered_identified"] = r["recovered_distance"] < model.threshold
+
+
+def _gallery_embeddings(distractors, models: dict, problems: list, progress, done: int, total: int) -> dict:
+    """name -> {"embeddings": (N, D) or None, "without_face": k} for the external distractor gallery."""
+    found = {m: [] for m in models}
+    missed = {m: 0 for m in models}
+    for k, (name, loader) in enumerate(distractors):
+        if progress:
+            progress(done + k, total, name)
+        image = _load(loader, "distractors", name, problems)
+        if image is None:
+            continue
+        for mname, model in models.items():
+            try:
+                a = analyse_face(model, image)
+            except Exception as e:  # one bad gallery image must not end the run
+                problems.append({"file": name, "folder": "distractors", "problem": f"{mname}: {type(e).__name__}: {e}"})
+                continue
+            if a.detected:
+                found[mname].append(a.embedding)
+            else:
+                missed[mname] += 1
+    return {m: {"embeddings": torch.stack(found[m]) if found[m] else None, "without_face": missed[m]}
+            for m in models}
 
 
 def _pixel_summary(per_file: list[dict], key: str) -> dict:
@@ -164,19 +198,35 @@ def _pixel_summary(per_file: list[dict], key: str) -> dict:
     return out
 
 
-def _model_summary(model, mname: str, per_file: list[dict], emb: dict, labels: dict) -> dict:
+def _protection_summary(model, prot: list[dict], undetected: str) -> dict:
+    """Protection success rates at each reporting threshold under both conventions for undetected faces."""
+    detected = [r for r in prot if r["distance"] is not None]
+    at = {}
+    for label, t in rate_thresholds(model).items():
+        at[label] = {"threshold": t,
+                     "success_rate_separate": _rate(r["distance"] >= t for r in detected),
+                     "success_rate_eq23": _rate(True if r["distance"] is None else r["distance"] >= t for r in prot),
+                     "success_rate_aligned": _rate(r["distance_aligned"] >= t for r in prot)}
+    calibrated = next(iter(at.values()))
+    key = "success_rate_separate" if undetected == UNDETECTED_SEPARATE else "success_rate_eq23"
+    return {"convention": undetected, "convention_label": UNDETECTED_CONVENTIONS[undetected],
+            "success_rate": calibrated[key] if prot else None,
+            "success_rate_separate": calibrated["success_rate_separate"],
+            "success_rate_eq23": calibrated["success_rate_eq23"],
+            "success_rate_aligned": calibrated["success_rate_aligned"],
+            "n": len(prot), "n_detected": len(detected), "n_undetected": len(prot) - len(detected),
+            "undetected_rate": _rate(r["distance"] is None for r in prot),
+            "mean_distance": _mean(r["distance"] for r in prot), "at_thresholds": at}
+
+
+def _model_summary(model, mname: str, per_file: list[dict], emb: dict, labels: dict,
+                   undetected: str = UNDETECTED_SEPARATE, gallery: dict | None = None, n_gallery: int = 0) -> dict:
     rows = [r["models"][mname] for r in per_file if mname in r.get("models", {})]
     with_face = [r for r in rows if r.get("faces_original", 0) > 0]
     prot = [r for r in with_face if "protected" in r]
     s = {"metric": model.metric, "threshold": model.threshold, "detector": detector_name(model),
          "n_images": len(rows), "n_faces_original": len(with_face)}
-    s["protection"] = {
-        "success_rate": protection_success_rate([r["protected"] for r in prot]) if prot else None,
-        "success_rate_detected_only": _rate(r["protected"] for r in prot if r["distance"] is not None),
-        "success_rate_aligned": _rate(r["protected_aligned"] for r in prot),
-        "n": len(prot), "n_undetected": sum(1 for r in prot if r["distance"] is None),
-        "mean_distance": _mean(r["distance"] for r in prot),
-    }
+    s["protection"] = _protection_summary(model, prot, undetected)
     util = [r for r in rows if "faces_protected" in r]
     s["utility"] = {
         "detection_rate_original": _rate(r.get("faces_original", 0) > 0 for r in util) if util else None,
@@ -187,17 +237,28 @@ def _model_summary(model, mname: str, per_file: list[dict], emb: dict, labels: d
     }
     rec = [r for r in with_face if "recovered_cos_ie" in r]
     s["recovery"] = {"cos_ie": _mean(r["recovered_cos_ie"] for r in rec),
-                     "identification_rate": _rate(r["recovered_identified"] for r in rec), "n": len(rec)}
+                     "identification_rate": _rate(r["recovered_identified"] for r in rec), "n": len(rec),
+                     "identification_rate_at": {label: _rate(r["recovered_distance"] < t for r in rec)
+                                                for label, t in rate_thresholds(model).items()}}
     ident = {}
     if labels:
-        acc, pairs = leave_one_out_identification(model, emb["original"], emb["original"], labels)
+        gallery = gallery or {"embeddings": None, "without_face": 0}
+        external = gallery["embeddings"]
+        n_external = 0 if external is None else len(external)
+        ident["distractors_external"] = n_external
+        if n_gallery:
+            ident["distractor_images"] = n_gallery
+            ident["distractors_without_face"] = gallery["without_face"]
+        acc, pairs = leave_one_out_identification(model, emb["original"], emb["original"], labels, external)
         ident["original"] = acc if pairs else None
         ident["pairs_original"] = pairs
         if emb["protected"]:
-            acc, pairs = leave_one_out_identification(model, emb["original"], emb["protected"], labels)
+            acc, pairs = leave_one_out_identification(model, emb["original"], emb["protected"], labels, external)
             ident["protected"] = acc if pairs else None
             ident["pairs_protected"] = pairs
+            ident["protected_not_detected"] = sum(1 for n, e in emb["protected"].items() if e is None and n in labels)
     s["identification"] = ident
-    if len(emb["protected"]) >= 2:
-        s["diversity"] = diversity_summary(model, torch.stack(list(emb["protected"].values())))
+    found = [e for e in emb["protected"].values() if e is not None]
+    if len(found) >= 2:
+        s["diversity"] = diversity_summary(model, torch.stack(found))
     return s

@@ -11,6 +11,7 @@ import copy
 from ..evaluation.formatting import to_json
 from ..evaluation.key_security import key_security_figure, key_security_table
 from ..evaluation import protocols
+from ..evaluation.identity import UNDETECTED_PROTECTED, UNDETECTED_SEPARATE
 from .common import StepProgress, paired_batches, parse_labels, rgb_batch
 
 CATEGORY = "Diff-Privacy/evaluation"
@@ -20,7 +21,17 @@ REQUIRES = {"DiffPrivacyDlibFaceModel": ("dlib", "face_recognition_models"),
             "DiffPrivacyEvaluationReport": ("matplotlib", "sklearn")}
 
 _FACE_MODEL = ("FACE_MODEL", {"tooltip": "Recognizer (and detector) to measure with, at its own threshold: "
-                                         "dlib L2 0.6, FaceNet L2 1.1, ArcFace cosine."})
+                                         "dlib L2 0.6, FaceNet L2 1.1, ArcFace cosine distance 0.68 (rates of the "
+                                         "ArcFace family are also given at the paper's 0.8, read as L2 between unit "
+                                         "embeddings = cosine similarity 0.68)."})
+UNDETECTED_CHOICES = {"not counted (Diff-Privacy §3.1.1; reported separately)": UNDETECTED_SEPARATE,
+                      "count as protected (DIFP Eq. 23)": UNDETECTED_PROTECTED}
+_UNDETECTED = (list(UNDETECTED_CHOICES), {
+    "default": next(iter(UNDETECTED_CHOICES)),
+    "tooltip": "A protected image in which the detector finds no face: not counted as protected, the rate is over "
+               "the faces detected and the undetected ones are counted separately (Diff-Privacy §3.1.1: success "
+               "is a distance above the threshold); or counted as protected (DIFP Eq. 23: NP counts every face "
+               "that cannot be recognized)."})
 
 
 def _num(v) -> float:
@@ -58,8 +69,9 @@ class DiffPrivacyDlibFaceModel:
 
 
 class DiffPrivacyProtectionRate:
-    DESCRIPTION = ("Protection success rate (paper Table 1, DIFP Eq. 23): the share of faces the recognizer no "
-                   "longer matches to their original (distance >= its threshold).")
+    DESCRIPTION = ("Protection success rate (paper Table 1): the share of faces the recognizer no longer matches to "
+                   "their original (distance >= its threshold). A protected image without a detected face is reported "
+                   "separately and not counted as protected, unless DIFP's Eq. 23 convention is chosen.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -69,27 +81,34 @@ class DiffPrivacyProtectionRate:
             "protected": ("IMAGE", {"tooltip": "The protected images, in the same order."}),
             "alignment": (["own detection", "original landmarks"], {
                 "default": "own detection",
-                "tooltip": "own detection: the protected face is found by the detector; none found counts as "
-                           "protected (Eq. 23). original landmarks: the protected image is aligned where the "
-                           "original's face was (a stronger attacker)."}),
-        }}
+                "tooltip": "own detection: the protected face is found by the detector (see undetected_faces for "
+                           "images where none is found). original landmarks: the protected image is aligned where "
+                           "the original's face was (a stronger attacker)."}),
+        }, "optional": {"undetected_faces": _UNDETECTED}}
 
-    RETURN_TYPES = ("FLOAT", "STRING")
-    RETURN_NAMES = ("success_rate", "details")
-    OUTPUT_TOOLTIPS = ("NP / NT over images whose original has a face (NaN if none has).",
-                       "JSON: per image distance and outcome; images skipped and why.")
+    RETURN_TYPES = ("FLOAT", "STRING", "INT")
+    RETURN_NAMES = ("success_rate", "details", "undetected")
+    OUTPUT_TOOLTIPS = ("Share of faces protected at the recognizer's threshold, under the chosen convention for "
+                       "undetected faces (NaN if no face counts).",
+                       "JSON: per image distance and outcome, the rate at every threshold (ArcFace: also the "
+                       "paper's 0.8), images skipped and why.",
+                       "Protected images in which no face was detected (reported separately).")
     FUNCTION = "measure"
     CATEGORY = CATEGORY
 
-    def measure(self, face_model, original, protected, alignment):
+    def measure(self, face_model, original, protected, alignment, undetected_faces=next(iter(UNDETECTED_CHOICES))):
+        if undetected_faces not in UNDETECTED_CHOICES:
+            raise ValueError(f"undetected_faces must be one of {list(UNDETECTED_CHOICES)}, got {undetected_faces!r}")
         original, protected = paired_batches(original, protected, "original", "protected")
-        result = protocols.protection_rate(face_model, original, protected, alignment, StepProgress(len(original)))
-        return result["success_rate"], to_json(result)
+        result = protocols.protection_rate(face_model, original, protected, alignment, StepProgress(len(original)),
+                                           UNDETECTED_CHOICES[undetected_faces])
+        return result["success_rate"], to_json(result), result["undetected"]
 
 class DiffPrivacyIdentificationAccuracy:
     DESCRIPTION = ("Identification accuracy (paper §3.2.1, Table 3): each original in turn is the probe; a pair "
                    "(probe, evaluated image of the same person) is correct when that image is nearer to the probe "
-                   "than every original of another person.")
+                   "than every original of another person and every distractor. An evaluated image without a "
+                   "detected face counts as not identified.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -101,21 +120,26 @@ class DiffPrivacyIdentificationAccuracy:
             "identities": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": "One label per image in batch order, comma or line separated, e.g. "
                                                  "'anna, anna, ben, ben'."}),
+        }, "optional": {
+            "distractors": ("IMAGE", {"tooltip": "Optional: photos of other people (none of those in the originals) "
+                                                 "added to the different-identity set, as the paper's 12,878; the "
+                                                 "count used is in the details."}),
         }}
 
     RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("accuracy", "accuracy_originals", "details")
     OUTPUT_TOOLTIPS = ("Accuracy with the evaluated images as the same-identity set.",
                        "Accuracy of the originals themselves (the paper's 'Original' column).",
-                       "JSON: pairs counted, images without a face.")
+                       "JSON: pairs counted, evaluated images without a face, distractors used.")
     FUNCTION = "measure"
     CATEGORY = CATEGORY
 
-    def measure(self, face_model, originals, evaluated, identities):
+    def measure(self, face_model, originals, evaluated, identities, distractors=None):
         originals, evaluated = paired_batches(originals, evaluated, "originals", "evaluated")
         labels = parse_labels(identities, originals.shape[0])
+        gallery = rgb_batch(distractors, "distractors") if distractors is not None else None
         result = protocols.identification_accuracy(face_model, originals, evaluated, labels,
-                                                   StepProgress(len(originals)))
+                                                   StepProgress(len(originals)), gallery)
         return result["accuracy"], result["accuracy_originals"], to_json(result)
 
 class DiffPrivacyImageQuality:
@@ -241,7 +265,8 @@ class DiffPrivacyKeySecurity:
         models = {face_model.name: face_model} if face_model is not None else {}
         rows = key_security_table(o, rec, models)
         header = list(rows[0])
-        figs = [key_security_figure(o, rec, rows), table_figure("Key security", header, [list(r.values()) for r in rows])]
+        figs = [key_security_figure(o, rec, rows),
+                table_figure("Key security", header, [list(r.values()) for r in rows])]
         return stack_figures(figs), to_json(rows)
 
 
@@ -262,6 +287,7 @@ class DiffPrivacyEvaluationReport:
             "recovered": ("IMAGE", {"tooltip": "Optional: recovered images in the same order (recovery quality)."}),
             "face_model_2": ("FACE_MODEL", {"tooltip": "Optional second recognizer."}),
             "face_model_3": ("FACE_MODEL", {"tooltip": "Optional third recognizer."}),
+            "undetected_faces": _UNDETECTED,
         }}
 
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -271,7 +297,9 @@ class DiffPrivacyEvaluationReport:
     CATEGORY = CATEGORY
 
     def report(self, face_model, originals, protected, identities, recovered=None, face_model_2=None,
-               face_model_3=None):
+               face_model_3=None, undetected_faces=next(iter(UNDETECTED_CHOICES))):
+        if undetected_faces not in UNDETECTED_CHOICES:
+            raise ValueError(f"undetected_faces must be one of {list(UNDETECTED_CHOICES)}, got {undetected_faces!r}")
         from ..evaluation.plots import stack_figures
         from ..evaluation.report import batch_report
         originals, protected = paired_batches(originals, protected, "originals", "protected")
@@ -286,7 +314,8 @@ class DiffPrivacyEvaluationReport:
                 models[name] = m
         bar = StepProgress(n)
         rep, figs = batch_report(originals, protected, models, labels, recovered,
-                                 progress=lambda done, total, name: bar(done))
+                                 progress=lambda done, total, name: bar(done),
+                                 undetected=UNDETECTED_CHOICES[undetected_faces])
         return stack_figures(figs), to_json(rep)
 
 

@@ -3,7 +3,8 @@
 report.html and plots to --out. See evaluation/README.md.
 
   bash scripts/dev.sh python scripts/evaluate.py --originals ORIG --protected PROT [--recovered REC] \
-      --identities identities.json --out OUT [--recognizers dlib,facenet-casia@mtcnn]
+      --identities identities.json --out OUT [--recognizers dlib,facenet-casia@mtcnn] \
+      [--distractors GALLERY] [--undetected separate|protected]
 
 Key security (paper Fig. 7) of one image recovered with different keys:
 
@@ -33,6 +34,14 @@ def main(argv=None) -> int:
     ap.add_argument("--comfy", help="ComfyUI folder: find model files through its folder_paths")
     ap.add_argument("--models-dir", help="models folder to search without ComfyUI (facenet/, insightface/, lpips/)")
     ap.add_argument("--no-lpips", action="store_true", help="skip LPIPS even when its weights are present")
+    ap.add_argument("--undetected", choices=["separate", "protected"], default="separate",
+                    help="a protected image with no face detected: 'separate' (default; Diff-Privacy §3.1.1) is not "
+                         "counted as protected, the rate is over the faces detected and the undetected ones are "
+                         "reported separately; 'protected' counts it as protected (DIFP Eq. 23). Both rates are in "
+                         "the report; this chooses the headline SR")
+    ap.add_argument("--distractors", help="folder of photos of other people (none of those in --originals) added to "
+                                          "the identification protocol's different-identity set, as the paper's "
+                                          "12,878; the report states how many were used")
     ap.add_argument("--key-original", help="key security: the original image")
     ap.add_argument("--key-recovered", action="append", default=[], metavar="VARIANT=FILE",
                     help="key security: a recovery, e.g. 'wrong Key-I=a.png' (repeat per variant)")
@@ -68,7 +77,8 @@ def main(argv=None) -> int:
         bar, progress = None, None
     try:
         report = evaluate_folders(args.originals, args.protected, args.recovered, args.identities, models,
-                                  progress=progress, lpips="off" if args.no_lpips else "auto")
+                                  progress=progress, lpips="off" if args.no_lpips else "auto",
+                                  undetected=args.undetected, distractors=args.distractors)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,6 +91,11 @@ def main(argv=None) -> int:
         print(f"\n{title}\n  " + " | ".join(header))
         for r in rows:
             print("  " + " | ".join(_fmt(v) for v in r))
+    print(f"\nSR: {report['inputs']['undetected']}")
+    if args.distractors:
+        print(f"distractors: {report['inputs']['distractor_images']} images in {args.distractors}; with a face "
+              "found, per recognizer: " + ", ".join(f"{n} {s['identification'].get('distractors_external', 0)}"
+                                                    for n, s in report["recognizers"].items()))
     print(f"\n{len(report['problems'])} problem(s) recorded; report: {paths['html']}")
     return 0
 

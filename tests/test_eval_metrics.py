@@ -123,9 +123,50 @@ def test_protection_outcome_and_rate():
     o = torch.tensor([0.0, 0.0])
     assert identity.protection_outcome(m, o, torch.tensor([0.1, 0.0])) is False
     assert identity.protection_outcome(m, o, torch.tensor([0.5, 0.0])) is True   # at the threshold: not matched
-    assert identity.protection_outcome(m, o, None) is True                         # no face found: protected
+    assert identity.protection_outcome(m, o, torch.tensor([0.3, 0.0]), threshold=0.2) is True
     assert identity.protection_success_rate([True, False, True, True]) == 0.75
     assert math.isnan(identity.protection_success_rate([]))
+
+
+def test_an_undetected_protected_face_is_not_counted_as_protected_unless_difp_eq23_is_chosen():
+    m, o = _L2(), torch.tensor([0.0, 0.0])
+    assert identity.protection_outcome(m, o, None) is None                                   # §3.1.1: no outcome
+    assert identity.protection_outcome(m, o, None, identity.UNDETECTED_PROTECTED) is True    # DIFP Eq. 23
+    outcomes = [True, False, identity.protection_outcome(m, o, None)]
+    assert identity.protection_success_rate(outcomes) == 0.5  # over the faces detected
+    assert math.isnan(identity.protection_success_rate([None, None]))
+    with pytest.raises(ValueError, match="undetected must be one of"):
+        identity.protection_outcome(m, o, None, "ignored")
+
+
+def test_arcface_rates_are_given_at_the_calibrated_threshold_and_the_papers_l2_08():
+    class ArcFace:
+        name, metric, threshold = "arcface-r50+scrfd", "cosine", 0.68
+    labels = identity.rate_thresholds(ArcFace())
+    (calibrated, t1), (paper, t2) = labels.items()
+    assert t1 == 0.68 and calibrated.startswith("calibrated: cosine distance 0.68")
+    assert t2 == pytest.approx(0.32) and "0.8 as L2 between unit embeddings = cosine similarity 0.68" in paper
+    a = torch.nn.functional.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert float((a[0] - a[1]).norm()) ** 2 == pytest.approx(2 * float(1 - a[0] @ a[1]))  # L2^2 = 2 - 2 cos
+    assert list(identity.rate_thresholds(_L2())) == ["calibrated: L2 0.5"]  # other recognizers: one threshold
+
+
+def test_identification_counts_an_undetected_protected_face_as_not_identified_and_uses_external_distractors():
+    orig = {"a1": torch.tensor([0.0, 0.0]), "a2": torch.tensor([1.0, 0.0]), "a3": torch.tensor([0.2, 0.0]),
+            "b1": torch.tensor([0.0, 0.5]), "b2": torch.tensor([0.0, 0.6])}
+    labels = {"a1": "A", "a2": "A", "a3": "A", "b1": "B", "b2": "B"}
+    # 6 of 8 pairs with the originals (see above); a3's face not detected: its two winning pairs are lost
+    acc, pairs = identity.leave_one_out_identification(_L2(), orig, dict(orig, a3=None), labels)
+    assert (acc, pairs) == (pytest.approx(4 / 8), 8)
+    # an external distractor nearer to b1 than b2 is: the pair (b1, b2) is lost, nothing else changes
+    gallery = torch.tensor([[0.0, 0.45], [9.0, 9.0]])
+    acc, pairs = identity.leave_one_out_identification(_L2(), orig, orig, labels, gallery)
+    assert (acc, pairs) == (pytest.approx(5 / 8), 8)
+    # one person only: without a gallery nothing can be measured; with it, every pair counts
+    only_a = {n: orig[n] for n in ("a1", "a2", "a3")}
+    assert identity.leave_one_out_identification(_L2(), only_a, only_a, labels)[1] == 0
+    acc, pairs = identity.leave_one_out_identification(_L2(), only_a, only_a, labels, gallery)
+    assert pairs == 6 and acc == pytest.approx(4 / 6)  # a1 -> a2 (1.0) and a3 -> a2 (0.8) lose to (0, 0.45)
 
 
 def test_lpips_is_reported_absent_and_computes_from_files(tmp_path):

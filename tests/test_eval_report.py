@@ -52,8 +52,12 @@ def folders(tmp_path):
 def test_cli_reports_numbers_and_every_bad_file(folders, capsys):
     import evaluate as cli  # scripts/evaluate.py (conftest puts scripts/ on sys.path)
     orig, prot, ids, out = folders
+    gallery = out.parent / "gallery"  # other people for the identification protocol, and a photo without a face
+    gallery.mkdir()
+    shutil.copy(shared_path("data", "faces-13id", "img25.jpg"), gallery / "img25.jpg")
+    save_image(torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(2)), gallery / "noise.png")
     rc = cli.main(["--originals", str(orig), "--protected", str(prot), "--identities", str(ids), "--out", str(out),
-                   "--recognizers", "dlib,nonsense-net"])
+                   "--recognizers", "dlib,nonsense-net", "--distractors", str(gallery)])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     html = (out / "report.html").read_text()
@@ -68,13 +72,24 @@ def test_cli_reports_numbers_and_every_bad_file(folders, capsys):
     files = {r["file"]: r for r in rep["per_file"]}
     assert files["img12.jpg"]["protected_pixels"]["psnr"] == "inf"               # a copy
     assert files["img12.jpg"]["models"]["dlib"]["protected"] is False
-    assert files["img3.jpg"]["models"]["dlib"]["protected"] is True               # strong blur
+    assert files["img3.jpg"]["models"]["dlib"]["protected"] is None               # strong blur: no face found
+    assert files["img3.jpg"]["models"]["dlib"]["distance"] is None
     assert files["img8.jpg"]["models"]["dlib"]["distance"] < 0.6                  # half size, same person
     assert files["img3.jpg"]["protected_pixels"]["psnr"] < 30
     s = rep["recognizers"]["dlib"]
-    assert s["protection"]["n"] == 3 and s["protection"]["success_rate"] == pytest.approx(1 / 3)
+    # §3.1.1 (default): the undetected face is reported separately, not counted as protected; Eq. 23 counts it
+    p = s["protection"]
+    assert (p["n"], p["n_detected"], p["n_undetected"]) == (3, 2, 1)
+    assert p["success_rate"] == p["success_rate_separate"] == 0.0 and p["success_rate_eq23"] == pytest.approx(1 / 3)
+    assert p["convention"] == "separate" and list(p["at_thresholds"]) == ["calibrated: L2 0.6"]
+    ident = s["identification"]
+    assert (ident["distractor_images"], ident["distractors_external"], ident["distractors_without_face"]) == (2, 1, 1)
+    assert ident["protected_not_detected"] == 1 and rep["inputs"]["distractor_images"] == 2
+    assert "originals of the other people + 1 external (2 images, 1 without a face)" in html
     assert rep["lpips"]["available"] is False and "alex.pth" in rep["lpips"]["reason"]
-    assert "Protection success rate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Protection success rate" in printed and "distractors: 2 images" in printed
+    assert "SR: Diff-Privacy §3.1.1" in printed
 
 
 def test_cli_refuses_a_missing_folder(tmp_path, capsys):
@@ -98,8 +113,12 @@ def test_metric_nodes_on_a_copy_a_blur_and_noise():
     orig = torch.stack([a, b])
     prot = torch.stack([a.clone(), blurred])
     with torch.inference_mode():
-        rate, details = eval_nodes.DiffPrivacyProtectionRate().measure(model, orig, prot, "own detection")
-        assert rate == 0.5 and json.loads(details)["images"][1]["protected"] is True
+        rate, details, undetected = eval_nodes.DiffPrivacyProtectionRate().measure(model, orig, prot, "own detection")
+        # the strong blur hides the face from dlib's detector: reported separately, not counted as protected
+        assert (rate, undetected) == (0.0, 1) and json.loads(details)["images"][1]["protected"] is None
+        eq23 = list(eval_nodes.UNDETECTED_CHOICES)[1]
+        rate, _, undetected = eval_nodes.DiffPrivacyProtectionRate().measure(model, orig, prot, "own detection", eq23)
+        assert (rate, undetected) == (0.5, 1) and "Eq. 23" in eq23
         psnr, ssim, mse, details = eval_nodes.DiffPrivacyImageQuality().measure(orig[:1], prot[:1], model)
         assert psnr == math.inf and mse == 0 and json.loads(details)["images"][0]["cos_ie"] == pytest.approx(1.0)
         det, box_d, lm_d, _ = eval_nodes.DiffPrivacyFaceUtility().measure(model, orig[:1], prot[:1])
