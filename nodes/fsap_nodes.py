@@ -147,6 +147,7 @@ class DiffPrivacyFSAPEvaluation:
     OUTPUT_TOOLTIPS = ("Markdown table: this row, then the thesis's rows (other data and recognizers: for orientation "
                        "only).", "JSON: every number per image.")
     FUNCTION = "measure"
+    OUTPUT_NODE = True  # shows its table on the node, nothing needs to consume it
     CATEGORY = FSAP_CATEGORY
 
     def measure(self, dlib_face_model, face_model, original, protected, method):

@@ -225,15 +225,16 @@ def test_loss_curve_draws_both_losses_and_tau():
 
 # -- the thesis's evaluation row ---------------------------------------------------------------------------------------
 def test_comparison_row_counts_spr_sdr_and_region_distances_with_dlib():
-    from face_fixtures import casia_face_model, dlib_model, small_face_image
+    from face_fixtures import casia_face_model, small_face_image
     from diffprivacy.evaluation import fsap_eval
+    from diffprivacy.guidance.face.dlib_face import load_dlib_face_model
+    dlib = load_dlib_face_model(512)  # HOG on a 512 copy of the 256 photos: faster than the default 1600
     load = lambda n: torch.from_numpy(np.array(small_face_image(shared_path("data", "photos", n), 256))  # noqa: E731
                                       ).float() / 255.0
     biden, obama = load("biden.jpg"), load("obama.jpg")
     originals = torch.stack([biden, biden, biden])
     protected = torch.stack([biden, obama, torch.full_like(biden, 0.5)])  # same person, other person, no face
-    row = fsap_eval.fsap_comparison(originals, protected, dlib_model(),
-                                    {"dlib": dlib_model(), "facenet-casia": casia_face_model()})
+    row = fsap_eval.fsap_comparison(originals, protected, dlib, {"dlib": dlib, "facenet-casia": casia_face_model()})
     per = row["images"]
     assert [p["spr_dlib"] for p in per] == [False, True, False]       # no face: not protected (the thesis's rule)
     assert [p["spr_facenet-casia"] for p in per] == [False, True, False]
@@ -242,3 +243,51 @@ def test_comparison_row_counts_spr_sdr_and_region_distances_with_dlib():
     assert all(per[1][k] > 0.0 for k in fsap_eval.REGIONS) and "chin" not in per[2]
     table = fsap_eval.comparison_table({"test": row})
     assert "| test | 0.333 | 0.333 | 0.667 |" in table and "FSAP (thesis) | 0.967 | 0.96 | 1 |" in table
+
+
+# -- the shipped workflow, live ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(comfy_server, tmp_path_factory, tiny_checkpoint_path):
+    import comfy.sd
+    from diffprivacy.guidance import ip_adapter as ipa
+    d = tmp_path_factory.mktemp("fsap_live")
+    with torch.inference_mode():
+        model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=False,
+                                                      output_clip=False)[0]
+    comfy_server.put_model("ipadapter", "ip-adapter-faceid_sd15.bin",
+                           fx.write_adapter(d / "ip-adapter-faceid_sd15.bin", "faceid", **fx.tiny_shape(model)))
+    comfy_server.put_model("loras", ipa.FACEID_LORAS["faceid"], fx.write_unet_lora(d / "lora.safetensors", model))
+    comfy_server.put_model("insightface/models/buffalo_l", "w600k_r50.onnx",
+                           fx.export_arcface_onnx(d / "buffalo_l" / "w600k_r50.onnx"))
+    return comfy_server
+
+
+def _small_fsap(api):
+    from workflow_helpers import only
+    load = only(api, "LoadImage")
+    api["9001"] = {"class_type": "ImageScale", "inputs": {"image": [load, 0], "upscale_method": "area",
+                                                          "width": SIZE, "height": SIZE, "crop": "center"}}
+    for nid, node in api.items():
+        for name, value in node["inputs"].items():
+            if nid != "9001" and value == [load, 0]:
+                node["inputs"][name] = ["9001", 0]
+    api[only(api, "DiffPrivacyFSAP")]["inputs"].update(max_iterations=1, k=1, steps=STEPS, resolution=SIZE)
+    return api
+
+
+def test_fsap_workflow_runs_live_and_a_dlib_recognizer_is_refused_while_the_server_keeps_serving(served,
+                                                                                                  workflow_api):
+    from workflow_helpers import only
+    bad = _small_fsap(workflow_api("fsap"))
+    bad[only(bad, "DiffPrivacyFSAP")]["inputs"]["face_model"] = [only(bad, "DiffPrivacyDlibFaceModel"), 0]
+    entry = served.run(bad, timeout=300, expect_error=True)
+    error = [m for kind, m in entry["status"]["messages"] if kind == "execution_error"][0]
+    assert error["node_type"] == "DiffPrivacyFSAP" and "not differentiable" in error["exception_message"]
+    assert served.alive()
+    api = _small_fsap(workflow_api("fsap"))
+    entry = served.run(api, timeout=600)
+    assert served.output_images(entry)
+    (table,) = entry["outputs"][only(api, "DiffPrivacyFSAPEvaluation")]["text"]
+    assert "| SPR dlib |" in table and "FSAP (thesis)" in table
+    (report,) = entry["outputs"][only(api, "DiffPrivacyFSAP")]["text"]
+    assert "LPIPS" in report and "L_I =" in report
