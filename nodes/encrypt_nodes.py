@@ -9,21 +9,44 @@
 """
 from __future__ import annotations
 
+import torch
+
 from ..guidance import diff_privacy
 from ..guidance.ddim import ddim_sigmas
-from ..guidance.diff_privacy import model_sampling
-from ..guidance.working_image import working_image
+from ..guidance.diff_privacy import FaceChoice, model_sampling
+from ..guidance.face.base import SELECT_MODES
+from ..guidance.working_image import working_image, working_mask
 from ..inversion.key_e import KeyE, encode_text
-from .common import CATEGORY, resolution_input, tip
+from .common import CATEGORY, gradient_inputs, gradient_options, resolution_input, rgb_batch, tip
 
 GRADIENT_MODES = ("predicted x0 (fast)", "through UNet")
 
 
-def task_schedule(key_e, uncond, tau):
-    """The embedding schedule of a Key-E (or a text stand-in) and UC."""
+def _uncond_entry(uncond):
     if len(uncond) != 1:
         raise ValueError(f"uncond must be one conditioning (UC, the empty prompt), got {len(uncond)} entries")
-    return KeyE.from_conditioning(key_e).schedule(uncond[0], tau)
+    return uncond[0]
+
+
+def face_inputs() -> dict:
+    """The optional inputs that choose which faces guidance steers, and how much memory its gradient takes."""
+    return {
+        "faces": (SELECT_MODES, tip("Which faces guidance steers, each against its own original identity: all (a "
+                                    "group photo protected in one run), the largest, the faces at face_indices, or "
+                                    "the faces under face_mask. Faces not chosen are regenerated but not steered.",
+                                    default="all")),
+        "face_indices": ("STRING", tip("With faces = indices: comma-separated positions, 0 = the largest face "
+                                       "(e.g. '0, 2').", default="")),
+        "gradient_chunk": ("INT", tip("Back-propagate through the decoder this many outputs at a time. 0: auto, "
+                                      "as many as fit the free memory ComfyUI reports (all at once when they "
+                                      "fit). Smaller needs less memory for one more decoder pass per chunk.",
+                                      default=0, min=0, max=64)),
+        "face_mask": ("MASK", tip("With faces = mask: white over the faces to steer (at the original's size).")),
+    }
+
+
+def _face_choice(faces, face_indices, face_mask, index, image) -> FaceChoice:
+    return FaceChoice(faces, face_indices, working_mask(face_mask, index, image.shape[1:3]))
 
 
 REDETECT_TIP = ("Every k guided steps, find the face again on each predicted image (largest face) and align with "
@@ -82,9 +105,9 @@ class DiffPrivacyGuidedDDIMSampler:
                                               "fast) or through the UNet (paper Eq. 9, slower, more memory).")),
             "redetect_every": ("INT", tip(REDETECT_TIP.format(default="0 (anonymize keeps the layout)"),
                                            default=0, min=0, max=1000)),
-            "resolution": resolution_input("The reference face is found at this size; its landmarks are rescaled to "
+            "resolution": resolution_input("The reference faces are found at this size; their landmarks are rescaled to "
                                            "the sampled latent's size (VAE-encode the image at the same size)."),
-        }}
+        }, "optional": {**face_inputs(), **gradient_inputs()}}
 
     RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced.",)
@@ -92,10 +115,14 @@ class DiffPrivacyGuidedDDIMSampler:
     CATEGORY = CATEGORY + "/sampling"
 
     def sampler(self, model, vae, face_model, image, task, tau, lambda_above, lambda_below, diversity_weight,
-                gradient, redetect_every=0, resolution=512):
-        return (diff_privacy.guided_sampler(model, vae, face_model, working_image(image, vae, resolution), task, tau,
-                                            lambda_above, lambda_below, diversity_weight,
-                                            through_unet=gradient == GRADIENT_MODES[1], redetect_every=redetect_every),)
+                gradient, redetect_every=0, resolution=512, faces="all", face_indices="", gradient_chunk=0,
+                face_mask=None, **speed):
+        image = working_image(image, vae, resolution)
+        return (diff_privacy.guided_sampler(model, vae, face_model, image, task, tau, lambda_above, lambda_below,
+                                            diversity_weight, through_unet=gradient == GRADIENT_MODES[1],
+                                            redetect_every=redetect_every,
+                                            faces=_face_choice(faces, face_indices, face_mask, 0, image),
+                                            gradient=gradient_options(gradient_chunk, **speed)),)
 
 
 def _task_inputs(steps, strength, tau, outputs):
@@ -103,11 +130,11 @@ def _task_inputs(steps, strength, tau, outputs):
         "model": ("MODEL", tip("Your SD 1.5 model (the one Key-E was learned with).")),
         "vae": ("VAE", tip("The model's VAE: encodes the original, decodes predictions for the recognizer.")),
         "face_model": ("FACE_MODEL", tip("A differentiable face recognizer with a detector (FaceNet, ArcFace).")),
-        "image": ("IMAGE", tip("The original image, a batch of one. Guidance steers the largest face "
-                                     "away from (anonymize) or towards (hide) its identity; other faces in a group "
-                                     "photo are re-generated by the diffusion but not steered, so crop group photos "
-                                     "to one face per run for full protection.")),
-        "key_e": ("CONDITIONING", tip("Key-E: the ten stage conditionings C^0..C^9 of this image, or one text "
+        "image": ("IMAGE", tip("The original images. Each image of a batch is protected on its own, with its own "
+                               "Key-E; an image where no face is found is reported and left out, the others are "
+                               "still protected. Guidance steers the faces chosen by 'faces' (default all).")),
+        "key_e": ("CONDITIONING", tip("Key-E: the ten stage conditionings C^0..C^9 of the image (for a batch: one "
+                                      "Key-E per image, combined in batch order with Conditioning Combine), or one text "
                                        "conditioning used for every stage (nothing learnt).")),
         "uncond": ("CONDITIONING", tip("UC, the empty-prompt conditioning, used where t <= tau*T.")),
         "seed": ("INT", tip("Seed of the noising (one noise per output).", default=0, min=0,
@@ -130,21 +157,45 @@ _PARTS_TIPS = ("The guided DDIM sampler built here (for SamplerCustom).",
                "The scheduled Key-E/UC conditioning (positive; cfg 1.0).")
 
 
+_KEY_TIPS = ("The working images that were protected (wire them to Make Key-I: images without a face are "
+             "left out).", "Their Key-Es, in the same order (wire them to Make Key-I and Save Key).",
+             "Which images were protected, and why any were not.")
+
+
 class _ProtectionNode:
     """What Anonymize and Hide share: their outputs (the result and its parts for rewiring)."""
-    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS
-    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule")
+    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS + ("IMAGE", "CONDITIONING", "STRING")
+    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule", "originals", "key_e", "report")
     CATEGORY = CATEGORY
 
     PAPER = (50, 0.6, 0.4, 4)  # steps, strength, tau, outputs (the defaults shown)
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {**_task_inputs(*cls.PAPER), **cls.guidance_inputs()}}
+        return {"required": {**_task_inputs(*cls.PAPER), **cls.guidance_inputs()},
+                "optional": {**face_inputs(), **gradient_inputs()}}
 
     @staticmethod
-    def _outputs(run, schedule):
-        return run.images, run.latents, run.sampler, run.sigmas, schedule
+    def _protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask, protect):
+        """``protect(working_image, schedule, FaceChoice)`` for each image with its own Key-E; outputs."""
+        images = rgb_batch(image)
+        key_es = KeyE.for_batch(key_e, images.shape[0])
+        uc = _uncond_entry(uncond)
+
+        def one(i):
+            img = working_image(images[i:i + 1], vae, resolution)
+            schedule = key_es[i].schedule(uc, tau)
+            return protect(img, schedule, _face_choice(faces, face_indices, face_mask, i, img)), img, schedule
+
+        outcome = diff_privacy.protect_each(images.shape[0], one)
+        runs = [r for _, r in outcome.results]
+        first, _, schedule = runs[0]
+        return (torch.cat([run.images for run, _, _ in runs]),
+                {"samples": torch.cat([run.latents["samples"] for run, _, _ in runs])},
+                first.sampler, first.sigmas, schedule,
+                torch.cat([img for _, img, _ in runs]),
+                KeyE.batch_conditioning([key_es[i] for i, _ in outcome.results]),
+                outcome.report(images.shape[0]))
 
 
 class DiffPrivacyAnonymize(_ProtectionNode):
@@ -161,16 +212,19 @@ class DiffPrivacyAnonymize(_ProtectionNode):
                 "diversity_weight": ("FLOAT", tip("Weight of L_div (outputs apart) against L_Idis (paper: 1).",
                                                   default=1.0, min=0.0, max=100.0, step=0.05))}
 
-    OUTPUT_TOOLTIPS = ("The anonymized images.", "Their latents.") + _PARTS_TIPS
+    OUTPUT_TOOLTIPS = ("The anonymized images (num_outputs per protected image, in batch order).",
+                       "Their latents.") + _PARTS_TIPS + _KEY_TIPS
     FUNCTION = "anonymize"
 
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
-                  guidance_scale, diversity_weight, resolution=512):
-        schedule = task_schedule(key_e, uncond, tau)
-        run = diff_privacy.anonymize(model, vae, face_model, working_image(image, vae, resolution), schedule,
-                                     seed=seed, steps=steps, strength=strength, num_outputs=num_outputs,
-                                     guidance_scale=guidance_scale, diversity_weight=diversity_weight)
-        return self._outputs(run, schedule)
+                  guidance_scale, diversity_weight, resolution=512, faces="all", face_indices="", gradient_chunk=0,
+                  face_mask=None, **speed):
+        return self._protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
+                                   lambda img, schedule, choice: diff_privacy.anonymize(
+                                       model, vae, face_model, img, schedule, seed=seed, steps=steps,
+                                       strength=strength, num_outputs=num_outputs, guidance_scale=guidance_scale,
+                                       diversity_weight=diversity_weight, faces=choice,
+                                       gradient=gradient_options(gradient_chunk, **speed)))
 
 
 class DiffPrivacyHide(_ProtectionNode):
@@ -191,16 +245,19 @@ class DiffPrivacyHide(_ProtectionNode):
                             "detections per output over the 80 steps run, little next to the UNet"),
                     default=10, min=0, max=1000))}
 
-    OUTPUT_TOOLTIPS = ("The identity-hidden images.", "Their latents.") + _PARTS_TIPS
+    OUTPUT_TOOLTIPS = ("The identity-hidden images (num_outputs per protected image, in batch order).",
+                       "Their latents.") + _PARTS_TIPS + _KEY_TIPS
     FUNCTION = "hide"
 
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
-             lambda_above, lambda_below, redetect_every=10, resolution=512):
-        schedule = task_schedule(key_e, uncond, tau)
-        run = diff_privacy.hide(model, vae, face_model, working_image(image, vae, resolution), schedule, seed=seed,
-                                tau=tau, steps=steps, strength=strength, num_outputs=num_outputs,
-                                lambda_above=lambda_above, lambda_below=lambda_below, redetect_every=redetect_every)
-        return self._outputs(run, schedule)
+             lambda_above, lambda_below, redetect_every=10, resolution=512, faces="all", face_indices="",
+             gradient_chunk=0, face_mask=None, **speed):
+        return self._protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
+                                   lambda img, schedule, choice: diff_privacy.hide(
+                                       model, vae, face_model, img, schedule, seed=seed, tau=tau, steps=steps,
+                                       strength=strength, num_outputs=num_outputs, lambda_above=lambda_above,
+                                       lambda_below=lambda_below, redetect_every=redetect_every, faces=choice,
+                                       gradient=gradient_options(gradient_chunk, **speed)))
 
 
 class DiffPrivacyTextKeyE:

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffprivacy.inversion.ddim import ddim_sigmas
+from diffprivacy.guidance.ddim import ddim_sigmas
+from diffprivacy.guidance.working_image import working_image
 from diffprivacy.nodes.encrypt_nodes import (DiffPrivacyAnonymize, DiffPrivacyDDIMSigmas,
-                                             DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide, working_image)
+                                             DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide)
 from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
 from toy_models import ToyFaceModel
 
@@ -71,7 +72,7 @@ def test_anonymize_node_gives_distinct_outputs_further_from_the_original(parts):
             return DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 7, 10, 0.6, 0.4, 4, lam, 1.0,
                                               resolution=64)
         plain, guided = run(0.0), run(20.0)
-    images, latents, sampler, sigmas, schedule = guided
+    images, latents, sampler, sigmas, schedule = guided[:5]
     assert images.shape == (4, 64, 64, 3) and latents["samples"].shape == (4, 4, 8, 8)
     assert (images[0] - images[1]).abs().max() > 1e-3  # four different noisings
     assert torch.equal(sigmas, ddim_sigmas(model.get_model_object("model_sampling"), 10, 0.6))
@@ -100,16 +101,52 @@ def test_hide_node_keeps_identity_closer_and_sampler_plugs_into_sampler_custom(p
     assert not torch.allclose(samples, plain[1]["samples"], atol=1e-4)
 
 
-def test_batches_are_rejected_clearly(parts):
+class _FacelessWhenFlat(ToyFaceModel):
+    """The toy recognizer, with a detector that finds nothing in a flat image."""
+
+    def detect(self, image):
+        return [] if float(image.std()) < 0.01 else super().detect(image)
+
+
+def test_a_batch_is_protected_image_by_image_and_a_faceless_image_is_reported(parts, tmp_path):
+    import folder_paths
+    from diffprivacy.nodes.key_nodes import DiffPrivacySaveKey
     model, clip, vae, key_e, uc = parts
-    with torch.inference_mode(), pytest.raises(ValueError, match="one image at a time"):
-        DiffPrivacyAnonymize().anonymize(model, vae, ToyFaceModel(), _image(0).repeat(2, 1, 1, 1), key_e, uc,
-                                         0, 10, 0.6, 0.4, 4, 1.0, 1.0)
+    batch = torch.cat([_image(0), torch.full_like(_image(0), 0.5), _image(2)])
+    key_es = key_e * 3  # Conditioning Combine of three Key-Es: one per image, in batch order
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    face = _FacelessWhenFlat()  # built outside inference mode, as a loader node's model is thawed for autograd
+    try:
+        with torch.inference_mode():
+            out = DiffPrivacyAnonymize().anonymize(model, vae, face, batch, key_es, uc, 0, 10, 0.6, 0.4,
+                                                   2, 1.0, 1.0, resolution=64)
+            images, latents, originals, kept_key_e, report = out[0], out[1], out[5], out[6], out[7]
+            (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, kept_key_e, vae, originals, 10, resolution=64)
+            saved = DiffPrivacySaveKey().save(key_i, kept_key_e, model, clip, 10, 0.4, 0.6, "diffprivacy/key", "",
+                                              protected=images)
+    finally:
+        folder_paths.set_output_directory(old)
+    assert images.shape[0] == 4 and latents["samples"].shape[0] == 4  # 2 outputs for each of 2 protected images
+    assert originals.shape[0] == 2 and torch.allclose(originals[1], working_image(_image(2), vae, 64)[0], atol=1e-5)
+    assert key_i["samples"].shape[0] == 2 and len(kept_key_e) == 2
+    paths = saved["result"][0].splitlines()
+    assert len(paths) == 2 and len(set(paths)) == 2 and all((tmp_path / "diffprivacy").glob("key_*"))
+    assert "protected 2 of 3" in report and "image 1: not protected: No face was detected" in report
+
+
+def test_a_batch_where_no_image_has_a_face_fails_and_says_why(parts):
+    model, clip, vae, key_e, uc = parts
+    flat = torch.full_like(_image(0), 0.5).repeat(2, 1, 1, 1)
+    face = _FacelessWhenFlat()
+    with torch.inference_mode(), pytest.raises(ValueError, match="no image of the batch could be protected"):
+        DiffPrivacyAnonymize().anonymize(model, vae, face, flat, key_e, uc, 0, 10, 0.6, 0.4, 1,
+                                         1.0, 1.0, resolution=64)
 
 
 def test_text_key_e_is_ten_stages_the_key_file_accepts(tiny_sd):
     from diffprivacy.nodes.encrypt_nodes import DiffPrivacyTextKeyE
-    from diffprivacy.nodes.key_nodes import comfy_from_key_tensors, key_tensors_from_comfy
+    from diffprivacy.inversion.key_bundle import bundle_from_tensors, bundle_tensors
     _, clip, _ = tiny_sd
     with torch.inference_mode():
         one, uc = DiffPrivacyTextKeyE().encode(clip, "a photo of a person")
@@ -122,5 +159,5 @@ def test_text_key_e_is_ten_stages_the_key_file_accepts(tiny_sd):
     assert torch.allclose(ten[0][0], expected) and not torch.allclose(ten[0][0][0], ten[0][0][1])
     assert not torch.allclose(uc[0][0][0], one[0][0][0])
     key_i = {"samples": torch.zeros(1, 4, 8, 8)}
-    _, back = comfy_from_key_tensors(key_tensors_from_comfy(key_i, ten), {})  # what Save/Load Key do
+    _, back = bundle_from_tensors(bundle_tensors(key_i, ten), {})  # what Save/Load Key do
     assert torch.allclose(back[0][0], ten[0][0])
