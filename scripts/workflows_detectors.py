@@ -12,9 +12,18 @@ def hide_from_detectors():
               "3 levels out of 255, and saves it as PNG without metadata. The report says, per face, whether the "
               "detector still finds it. Only lossless saving keeps the protection: JPEG re-compression, resizing or "
               "a screenshot can undo it (turn on 'robust' and raise the range for that). Choose which faces to "
-              "hide with private_faces (all, largest, indices, or a mask).")
+              "hide with private_faces (all, largest, indices, or a mask).",
+              "What: hides the faces of your photo from face detectors (MTCNN) with a perturbation of at most 3 "
+              "levels out of 255 that people do not see (thesis ch. 3), and saves it as PNG without metadata.\n"
+              "Where: your photo in Load Image (upload it, or put it in ComfyUI's input/ folder as face.png); "
+              "MTCNN's weights come with the facenet-pytorch wheel, no model file needed.\n"
+              "Settings that matter: private_faces (which faces to hide; the others stay detectable), range_rp "
+              "(raise it if the report says faces are still found), robust (survive JPEG / resizing, more visible).")
+    g.stage("Load")
     image = g.node("LoadImage", image="face.png")
+    g.stage("Hide from detectors")
     hide = g.node("DiffPrivacyHideFromDetectors", image=image.out(0), detectors="mtcnn", private_faces="all")
+    g.stage("Save and check")
     g.node("DiffPrivacySaveImageClean", images=hide.out(0), filename_prefix="diffprivacy/hidden-from-detectors")
     g.node("PreviewImage", title="perturbation (grey = unchanged)", images=hide.out(1))
     g.node("PreviewAny", title="report (JSON)", source=hide.out(2))

@@ -82,7 +82,7 @@ def workflows():
         "What: anonymizes the face in your photo with its learnt Key-E (four new identities, paper 2.3.3), saves them "
         "without metadata, and seals Key-I + Key-E into one key file for the recover workflow.\n"
         f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}; in Load Key-E pick the file learn-key-e wrote "
-        "(R refreshes the list). MTCNN + FaceNet-CASIA need no file.\n"
+        "(R refreshes the list). Face Model Loader (auto) picks the face models installed.\n"
         "Settings that matter: S, S_ns, tau and the working resolution in Settings (shared by protection, Key-I and "
         "the key), guidance_scale on Anonymize, and a password on Save Key to seal the key.",
         num_outputs=4, guidance_scale=1.0, diversity_weight=1.0)
@@ -94,7 +94,7 @@ def workflows():
         "What: hides the identity in your photo from people while face recognizers still match it (visual identity "
         "hiding, paper 2.3.4), saves it without metadata, and seals Key-I + Key-E into one key file.\n"
         f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}; in Load Key-E pick the file learn-key-e wrote "
-        "(R refreshes the list). MTCNN + FaceNet-CASIA need no file.\n"
+        "(R refreshes the list). Face Model Loader (auto) picks the face models installed.\n"
         "Settings that matter: S, S_ns, tau and the working resolution in Settings, lambda above / below tau on "
         "Hide, and a password on Save Key to seal the key.",
         num_outputs=1, lambda_above=1.5, lambda_below=2.5, redetect_every=10)
@@ -123,7 +123,8 @@ def workflows():
                  "the Key-E half of this key.",
                  "What: anonymization with a text prompt as Key-E (nothing learnt, no CLIP vision): the quickest way "
                  "to try the method; its key file works with the recover workflow.\n"
-                 f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}. MTCNN + FaceNet-CASIA need no file.\n"
+                 f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}. Face Model Loader (auto) picks the "
+                 "face models installed.\n"
                  "Settings that matter: the prompt on Text Key-E (whoever guesses it holds the Key-E half of the key), "
                  "S, S_ns, tau and the working resolution in Settings, and a password on Save Key.")
     text.stage(LOAD)

@@ -21,7 +21,8 @@ WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 # Models the README's model table tells the user to place (name -> folder under models/).
 README_MODELS = {"v1-5-pruned-emaonly.safetensors": "checkpoints", "clip-vit-large-patch14.safetensors": "clip_vision",
                  "antelopev2": "insightface/models", "buffalo_l": "insightface/models",
-                 "ip-adapter-faceid_sd15.bin": "ipadapter"}
+                 "ip-adapter-faceid_sd15.bin": "ipadapter", "ip-adapter_sd15.safetensors": "ipadapter",
+                 "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision"}
 PHOTO = (".png", ".jpg", ".jpeg", ".webp")
 
 
