@@ -1,6 +1,7 @@
 """Every node has a help page (web/docs/<NodeId>.md, ComfyUI's node help through WEB_DIRECTORY) that names each
-of its inputs and outputs and has the sections a user looks for; the live server serves each page at the URL the
-front end asks for (comfyui-frontend-package: /extensions/<pack folder>/docs/<NodeId>.md)."""
+of its inputs and outputs and has the sections a user looks for, written out (no TODO left by
+scripts/make_help_pages.py); the live server serves each page at the URL the front end asks for
+(comfyui-frontend-package: /extensions/<pack folder>/docs/<NodeId>.md)."""
 import re
 import urllib.parse
 import urllib.request
@@ -23,9 +24,12 @@ def test_every_node_has_a_help_page_naming_its_inputs_and_outputs():
     for node_id, cls in sorted(_nodes().items()):
         page = DOCS / f"{node_id}.md"
         if not page.is_file():
-            problems.append(f"{node_id}: no {page.relative_to(REPO)}")
+            problems.append(f"{node_id}: no {page.relative_to(REPO)} (bash scripts/dev.sh python "
+                            "scripts/make_help_pages.py writes one to fill in)")
             continue
         text = page.read_text()
+        if "TODO" in text:
+            problems.append(f"{node_id}: its page still has TODO parts")
         problems += [f"{node_id}: no '{s}' section" for s in SECTIONS if s not in text]
         spec = cls.INPUT_TYPES()
         inputs = [name for section in ("required", "optional") for name in spec.get(section, {})]
