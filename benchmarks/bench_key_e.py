@@ -109,7 +109,8 @@ def main() -> int:
     eval_every = args.eval_every or max(1, ref_steps // 30)
     image = torch.rand(1, res, res, 3, generator=torch.Generator().manual_seed(0))
     gpu = torch.cuda.is_available()
-    print(f"device: {torch.cuda.get_device_name() if gpu else 'cpu'}; models: {'SD 1.5 full size' if args.full else 'tiny'}")
+    device = torch.cuda.get_device_name() if gpu else "cpu"
+    print(f"device: {device}; models: {'SD 1.5 full size' if args.full else 'tiny'}")
 
     ref = KeyETrainingOptions(steps=ref_steps, resolution=res)
     start, rc = run(models, image, ref, eval_every)

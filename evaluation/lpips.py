@@ -57,7 +57,8 @@ class LPIPS:
         for idx, cin, cout, k, s, p in _CONVS:
             w, b = backbone[f"features.{idx}.weight"], backbone[f"features.{idx}.bias"]
             if tuple(w.shape) != (cout, cin, k, k):
-                raise ValueError(f"AlexNet features.{idx}.weight has shape {tuple(w.shape)}, expected {(cout, cin, k, k)}")
+                raise ValueError(f"AlexNet features.{idx}.weight has shape {tuple(w.shape)}, "
+                                 f"expected {(cout, cin, k, k)}")
             self.convs.append((idx, w.float(), b.float(), s, p))
         self.heads = [heads[f"lin{i}.model.1.weight"].float() for i in range(5)]
         self.source = source

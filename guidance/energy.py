@@ -38,7 +38,8 @@ def identity_dissimilarity(emb: torch.Tensor, ref: torch.Tensor) -> torch.Tensor
 
 
 def diversity(emb: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
-    """L_div = sum over unordered pairs i < j of max(cos(F(x0_hat^i), F(x0_hat^j)), 0) (Eq. 15, as the reference counts it)."""
+    """L_div = sum over unordered pairs i < j of max(cos(F(x0_hat^i), F(x0_hat^j)), 0) (Eq. 15, as the reference
+    counts it)."""
     if emb.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got {tuple(emb.shape)}")
     if emb.shape[0] < 2:

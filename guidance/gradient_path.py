@@ -157,7 +157,8 @@ def check_tiny_layout(sd: dict, path, latent_channels: int) -> None:
         missing = sorted(set(expected) - set(got))[:3]
         odd = sorted(k for k in got if k in expected and got[k] != expected[k])[:3]
         raise ValueError(f"{Path(path).name} does not have ComfyUI's TAESD decoder layout for {latent_channels}-"
-                         f"channel latents (missing {missing}, other shapes {odd}, {len(set(got) - set(expected))} extra "
+                         f"channel latents (missing {missing}, other shapes {odd}, "
+                         f"{len(set(got) - set(expected))} extra "
                          "tensors)")
 
 

@@ -301,7 +301,8 @@ def _nearest_face(faces, landmarks: torch.Tensor):
 
 def _thaw_diffusion_model(model) -> None:
     """Make the UNet behind a k-diffusion model wrapper autograd-usable (ComfyUI loads inference tensors)."""
-    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)  # KSamplerX0Inpaint -> guider -> BaseModel
+    # KSamplerX0Inpaint -> guider -> BaseModel
+    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
     target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
     if target is not None:
         thaw_inference_tensors(target)

@@ -74,7 +74,8 @@ def check_sd15_family(model) -> None:
     name = type(cfg).__name__
     family = ("SDXL" if "SDXL" in name or "SSD1B" in name or "Vega" in name or "KOALA" in name else
               "SD 2.x" if name.startswith("SD2") else name)
-    raise ValueError(f"this MODEL is a {family} model ({name}); IP-Adapter / FaceID SD 1.5 files only fit SD 1.5-family "
+    raise ValueError(f"this MODEL is a {family} model ({name}); IP-Adapter / FaceID SD 1.5 files only fit "
+                     f"SD 1.5-family "
                      f"checkpoints (context width 768, 16 cross-attention layers). Load an SD 1.5 checkpoint.")
 
 
@@ -173,7 +174,8 @@ class StreamSet:
         w = layer.to_k_ip.weight
         tokens = torch.cat([stream.off.to(device=w.device, dtype=w.dtype),
                             stream.on.to(device=w.device, dtype=w.dtype)])
-        kv = (layer.to_k_ip(tokens).to(device=device, dtype=dtype), layer.to_v_ip(tokens).to(device=device, dtype=dtype))
+        kv = (layer.to_k_ip(tokens).to(device=device, dtype=dtype),
+              layer.to_v_ip(tokens).to(device=device, dtype=dtype))
         if not grad:
             self._kv_cache[key] = kv
         return kv

@@ -231,7 +231,8 @@ def detect_kind(sd: dict[str, torch.Tensor], source: str = "the file") -> Adapte
     if not numbers or any(f"{n}.to_v_ip.weight" not in ipa for n in numbers):
         raise ValueError(f"{source}: ip_adapter.* holds no complete to_k_ip / to_v_ip pairs: {expected}")
     if numbers != list(range(1, 2 * len(numbers), 2)):
-        raise ValueError(f"{source}: ip_adapter layers are numbered {numbers[:6]}..., expected 1, 3, 5, ...: {expected}")
+        raise ValueError(f"{source}: ip_adapter layers are numbered {numbers[:6]}..., expected 1, 3, 5, ...: "
+                         f"{expected}")
     ks = [ipa[f"{n}.to_k_ip.weight"] for n in numbers]
     cross = ks[0].shape[1]
     if any(k.dim() != 2 or k.shape[1] != cross for k in ks):

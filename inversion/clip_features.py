@@ -29,7 +29,8 @@ def parse_layers(text: str | Sequence[int]) -> tuple[int, ...]:
         try:
             layers = tuple(int(p) for p in parts)
         except ValueError:
-            raise ValueError(f"layers must be comma-separated integers such as '3, 7, 11, 15, 24', got {text!r}") from None
+            raise ValueError(f"layers must be comma-separated integers such as '3, 7, 11, 15, 24', got "
+                             f"{text!r}") from None
     else:
         layers = tuple(int(x) for x in text)
     if not layers:

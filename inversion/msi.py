@@ -104,7 +104,8 @@ class MSI(nn.Module):
                              f"got {tuple(features.shape)}")
         stages = stages.to(device=features.device, dtype=torch.long).reshape(-1)
         if stages.numel() != features.shape[0]:
-            raise ValueError(f"one stage per feature row expected: {stages.numel()} stages for {features.shape[0]} rows")
+            raise ValueError(f"one stage per feature row expected: {stages.numel()} stages for {features.shape[0]} "
+                             f"rows")
         if self.variant == VARIANT_ONE_EMBEDDING:
             features = features[:, -1:]  # Ours-OE: the last layer only
         tokens = torch.stack([p(features[:, j]) for j, p in enumerate(self.projectors)], dim=1)  # [B, L, w]

@@ -99,7 +99,8 @@ class KeyETrainingState:
 
 
 @torch.no_grad()
-def prepare_training_image(model_patcher, vae, clip_vision, image: torch.Tensor, options: KeyETrainingOptions) -> TrainingImage:
+def prepare_training_image(model_patcher, vae, clip_vision, image: torch.Tensor,
+                           options: KeyETrainingOptions) -> TrainingImage:
     """Encode the first image of the batch (and its mirror image when flips are on) once."""
     img = resize_for_training(image[:1], options.resolution)
     if options.random_flip:
@@ -192,7 +193,8 @@ def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, opti
     device = model_patcher.load_device
     comfy.model_management.load_models_gpu([model_patcher, clip.patcher], force_full_load=True)
     encoder.prepare()
-    requires_grad = {id(m): {n: p.requires_grad for n, p in m.named_parameters()} for m in (model, clip.cond_stage_model)}
+    requires_grad = {id(m): {n: p.requires_grad for n, p in m.named_parameters()}
+                     for m in (model, clip.cond_stage_model)}
     devices = [device] if device.type == "cuda" else []
     with gradients_enabled(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(options.seed)
@@ -210,7 +212,8 @@ def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, opti
             return state, cond, pooled, encoder
         torch.manual_seed(options.seed + state.steps_done)  # dropout draws, reproducible across resumes
         try:
-            cond, pooled = _optimise(model, clip, msi, encoder, data, options, state, on_step, check_interrupt, on_checkpoint)
+            cond, pooled = _optimise(model, clip, msi, encoder, data, options, state, on_step, check_interrupt,
+                                     on_checkpoint)
         finally:
             for m in (model, clip.cond_stage_model):
                 flags = requires_grad[id(m)]

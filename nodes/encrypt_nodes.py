@@ -105,7 +105,8 @@ class DiffPrivacyGuidedDDIMSampler:
                                               "fast) or through the UNet (paper Eq. 9, slower, more memory).")),
             "redetect_every": ("INT", tip(REDETECT_TIP.format(default="0 (anonymize keeps the layout)"),
                                            default=0, min=0, max=1000)),
-            "resolution": resolution_input("The reference faces are found at this size; their landmarks are rescaled to "
+            "resolution": resolution_input("The reference faces are found at this size; their landmarks are "
+                                           "rescaled to "
                                            "the sampled latent's size (VAE-encode the image at the same size)."),
         }, "optional": {**face_inputs(), **gradient_inputs()}}
 
@@ -134,8 +135,8 @@ def _task_inputs(steps, strength, tau, outputs):
                                "Key-E; an image where no face is found is reported and left out, the others are "
                                "still protected. Guidance steers the faces chosen by 'faces' (default all).")),
         "key_e": ("CONDITIONING", tip("Key-E: the ten stage conditionings C^0..C^9 of the image (for a batch: one "
-                                      "Key-E per image, combined in batch order with Conditioning Combine), or one text "
-                                       "conditioning used for every stage (nothing learnt).")),
+                                      "Key-E per image, combined in batch order with Conditioning Combine), or one "
+                                      "text conditioning used for every stage (nothing learnt).")),
         "uncond": ("CONDITIONING", tip("UC, the empty-prompt conditioning, used where t <= tau*T.")),
         "seed": ("INT", tip("Seed of the noising (one noise per output).", default=0, min=0,
                              max=0xffffffffffffffff, control_after_generate=True)),

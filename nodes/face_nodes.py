@@ -100,7 +100,8 @@ class DiffPrivacyFaceAnalyze:
             "image": ("IMAGE", {"tooltip": "Images to analyse; every image of the batch is processed."}),
             "face": (list(CHOOSE_MODES), {
                 "default": "largest",
-                "tooltip": "Which faces to keep per image: the largest, the one at face_index (largest first), or all."}),
+                "tooltip": "Which faces to keep per image: the largest, the one at face_index (largest first), or "
+                           "all."}),
             "face_index": ("INT", {"default": 0, "min": 0, "max": 64,
                                    "tooltip": "Used when face is 'index': 0 is the largest face."}),
             "if_no_face": (list(NO_FACE_MODES), {
@@ -129,13 +130,15 @@ class DiffPrivacyIdentityDistance:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "face_model": ("FACE_MODEL", {"tooltip": "From DiffPrivacyFaceModelLoader; its metric and threshold decide."}),
+            "face_model": ("FACE_MODEL", {"tooltip": "From DiffPrivacyFaceModelLoader; its metric and threshold "
+                                                     "decide."}),
             "image_a": ("IMAGE", {"tooltip": "First images (e.g. originals)."}),
             "image_b": ("IMAGE", {"tooltip": "Second images (e.g. protected); pair i compares image_a[i] with "
                                              "image_b[i]; a single image is compared with every image of the other."}),
             "if_no_face": (list(NO_FACE_MODES), {
                 "default": "error",
-                "tooltip": "error: stop with a message naming the image; pass through: report the pair as without face."}),
+                "tooltip": "error: stop with a message naming the image; pass through: report the pair as without "
+                           "face."}),
         }}
 
     RETURN_TYPES = ("FLOAT", "BOOLEAN", "STRING")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from ..guidance import identity_streams as streams
 from ..guidance import ip_adapter
@@ -139,7 +138,8 @@ class DiffPrivacyApplyIdentityStreams:
             "identity_adapter": ("IDENTITY_ADAPTER", tip(
                 "A FaceID adapter (ip-adapter-faceid_sd15.bin or -faceid-plusv2). Its LoRA is applied to the model "
                 "clone; without the LoRA it runs with a warning in the log and identity quality drops.")),
-            "face_embedding": ("FACE_EMBEDDING", tip("The donor identity from Face Embedding (ArcFace r50, buffalo_l).")),
+            "face_embedding": ("FACE_EMBEDDING", tip("The donor identity from Face Embedding (ArcFace r50, "
+                                                     "buffalo_l).")),
             "style_adapter": ("IDENTITY_ADAPTER", tip("A style adapter: ip-adapter_sd15 or ip-adapter-plus_sd15.")),
             "style_image": ("IMAGE", tip("The style image(s), read by clip_vision.")),
             "clip_vision": ("CLIP_VISION", tip("CLIP-ViT-H-14 (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) for style "

@@ -22,7 +22,8 @@ class DiffPrivacyEmbeddingSchedule:
                                              "identity hiding."}),
                 "stage_text": ("STRING", {"multiline": True, "default": "a photo of a person",
                                           "tooltip": "Used when stage_conditioning is not connected: one line for "
-                                                     "all ten stages, or ten lines for C^0 (t 0-99) ... C^9 (t 900-999)."}),
+                                                     "all ten stages, or ten lines for C^0 (t 0-99) ... "
+                                                     "C^9 (t 900-999)."}),
             },
             "optional": {
                 "stage_conditioning": ("CONDITIONING", {

@@ -22,11 +22,12 @@ def _import_facenet_module():
     # location, as part of a throw-away package named after the pack, so its relative imports resolve
     # without touching sys.path.
     root = Path(__file__).resolve().parents[1]
-    for name, path in (("_dp", root), ("_dp.guidance", root / "guidance"), ("_dp.guidance.face", root / "guidance" / "face")):
+    face = root / "guidance" / "face"
+    for name, path in (("_dp", root), ("_dp.guidance", root / "guidance"), ("_dp.guidance.face", face)):
         pkg = types.ModuleType(name)
         pkg.__path__ = [str(path)]
         sys.modules.setdefault(name, pkg)
-    spec = importlib.util.spec_from_file_location("_dp.guidance.face.facenet", root / "guidance" / "face" / "facenet.py")
+    spec = importlib.util.spec_from_file_location("_dp.guidance.face.facenet", face / "facenet.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

@@ -24,8 +24,10 @@ def _rand(g, *shape, dtype):
 
 def _perceiver(p: dict, prefix: str, g, c: int, in_dim: int, depth: int = 4, ff_mult: int = 4, dtype=torch.float16):
     inner = c  # heads * 64 = C in the released files (12 heads for C = 768)
-    p[prefix + "proj_in.weight"], p[prefix + "proj_in.bias"] = _rand(g, c, in_dim, dtype=dtype), torch.zeros(c, dtype=dtype)
-    p[prefix + "proj_out.weight"], p[prefix + "proj_out.bias"] = _rand(g, c, c, dtype=dtype), torch.zeros(c, dtype=dtype)
+    p[prefix + "proj_in.weight"] = _rand(g, c, in_dim, dtype=dtype)
+    p[prefix + "proj_in.bias"] = torch.zeros(c, dtype=dtype)
+    p[prefix + "proj_out.weight"] = _rand(g, c, c, dtype=dtype)
+    p[prefix + "proj_out.bias"] = torch.zeros(c, dtype=dtype)
     p[prefix + "norm_out.weight"], p[prefix + "norm_out.bias"] = torch.ones(c, dtype=dtype), torch.zeros(c, dtype=dtype)
     for i in range(depth):
         a, f = f"{prefix}layers.{i}.0.", f"{prefix}layers.{i}.1."
@@ -102,7 +104,8 @@ def tiny_shape(model, clip_vision=None, lora_rank: int = 4) -> dict:
 
 
 def write_unet_lora(path: Path, model, rank: int = 4, seed: int = 1, scale: float = 0.05) -> Path:
-    """A kohya-format UNet LoRA (``lora_unet_..._attn{1,2}_to_{q,k,v,out_0}``, as the FaceID LoRA files) for ``model``."""
+    """A kohya-format UNet LoRA (``lora_unet_..._attn{1,2}_to_{q,k,v,out_0}``, as the FaceID LoRA files) for
+    ``model``."""
     import comfy.lora
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +134,8 @@ def export_arcface_onnx(path: Path) -> Path:
 
 
 def cached_sd15_file(kind: str, name: str) -> Path:
-    """The SD 1.5-shaped file of ``kind`` (released shapes, random fp16 weights), built once and cached outside the clone."""
+    """The SD 1.5-shaped file of ``kind`` (released shapes, random fp16 weights), built once and cached outside the
+    clone."""
     import os
     import tiny_models
     d = tiny_models.fixture_dir() / "ipadapter-v1"

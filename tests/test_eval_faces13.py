@@ -29,7 +29,8 @@ def test_originals_identified_by_facenet_casia():
     model = casia_face_model()
     imgs, landmarks, labels = faces13()
     with torch.no_grad():
-        emb = {i: model.embed(img.permute(2, 0, 1)[None], lm[None])[0] for i, (img, lm) in enumerate(zip(imgs, landmarks))}
+        emb = {i: model.embed(img.permute(2, 0, 1)[None], lm[None])[0]
+               for i, (img, lm) in enumerate(zip(imgs, landmarks))}
     acc, pairs = leave_one_out_identification(model, emb, emb, {i: int(l) for i, l in enumerate(labels)})
     assert pairs > 200 and acc >= 0.95
     # someone else's photos as the "evaluated" set break identification: the protocol can fail

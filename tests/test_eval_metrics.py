@@ -177,7 +177,8 @@ def test_lpips_is_reported_absent_and_computes_from_files(tmp_path):
     for idx, cin, cout, k, _, _ in lpips._CONVS:
         backbone[f"features.{idx}.weight"] = torch.randn(cout, cin, k, k, generator=g) * 0.05
         backbone[f"features.{idx}.bias"] = torch.zeros(cout)
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 192, 384, 256, 256))}
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+             for i, c in enumerate((64, 192, 384, 256, 256))}
     torch.save(backbone, tmp_path / "alexnet-owt-7be5be79.pth")
     torch.save(heads, tmp_path / "alex.pth")
     model = lpips.load_lpips([tmp_path])

@@ -22,7 +22,8 @@ def square(name: str, side: int = 384) -> torch.Tensor:
     h, w = img.shape[:2]
     c = min(h, w)
     img = img[(h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c]
-    return torch.nn.functional.interpolate(img.permute(2, 0, 1)[None], size=(side, side), mode="area")[0].permute(1, 2, 0)
+    small = torch.nn.functional.interpolate(img.permute(2, 0, 1)[None], size=(side, side), mode="area")
+    return small[0].permute(1, 2, 0)
 
 
 @pytest.fixture()

@@ -38,7 +38,8 @@ def _distance_to_original(latents):
 
 
 def test_anonymization_moves_identity_away_monotonically_in_lambda():
-    dists = [_distance_to_original(_run(lam, anonymize_energy(1.0, 0.0), ORIGINAL)) for lam in (0.0, 1.0, 2.0, 4.0, 8.0)]
+    dists = [_distance_to_original(_run(lam, anonymize_energy(1.0, 0.0), ORIGINAL))
+             for lam in (0.0, 1.0, 2.0, 4.0, 8.0)]
     assert all(a < b for a, b in zip(dists, dists[1:])), dists
     assert dists[-1] - dists[0] > 0.3, dists
 

@@ -50,7 +50,8 @@ def models_dir(tmp_path, files, monkeypatch):
     import folder_paths
     for name in ("ipadapter", "loras"):
         (tmp_path / name).mkdir()
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(tmp_path / name)], {".bin", ".safetensors"}))
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
+                            ([str(tmp_path / name)], {".bin", ".safetensors"}))
     return tmp_path
 
 
@@ -112,7 +113,8 @@ def test_sd15_files_have_the_released_shapes_and_patch_all_16_layers_of_the_full
         s_on = adapters["ip-adapter-plus"].tokens(clip_states=torch.randn(1, 257, 1280, generator=g))
         s_off = adapters["ip-adapter-plus"].tokens(clip_states=torch.zeros(1, 257, 1280))
         patched, ss = ids.apply_identity_streams(model, [
-            ids.Stream("identity", adapters["faceid"], on, off), ids.Stream("style", adapters["ip-adapter-plus"], s_on, s_off)])
+            ids.Stream("identity", adapters["faceid"], on, off),
+            ids.Stream("style", adapters["ip-adapter-plus"], s_on, s_off)])
         keys = set(patched.model_options["transformer_options"]["patches_replace"]["attn2"])
         assert len(keys) == 16 and ("middle", 0, 0) in keys
         for kind in ("ip-adapter", "faceid-plus"):  # the other two fit as well
@@ -175,7 +177,8 @@ class _ThreeConds:
 
         class Guider(comfy.samplers.CFGGuider):
             def predict_noise(self, x, timestep, model_options={}, seed=None):
-                mo = model_options if outer.switches is None else ids.with_stream_switches(model_options, outer.switches)
+                mo = (model_options if outer.switches is None
+                      else ids.with_stream_switches(model_options, outer.switches))
                 names = ("c0", "c1", "c2")
                 outer.outs = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[n] for n in names], x,
                                                             timestep, mo)
@@ -189,7 +192,8 @@ class _ThreeConds:
     def run(self, latent):
         import comfy.samplers
         sampler = comfy.samplers.ksampler("euler")
-        self.guider.sample(torch.zeros_like(latent), latent, sampler, torch.tensor([3.0, 0.0]), disable_pbar=True, seed=0)
+        self.guider.sample(torch.zeros_like(latent), latent, sampler, torch.tensor([3.0, 0.0]), disable_pbar=True,
+                           seed=0)
         return self
 
 
@@ -290,7 +294,8 @@ def test_faceid_with_its_lora_patches_the_clone_and_without_it_runs_with_a_warni
         (patched,) = apply.apply(tiny, 1.0, 1.0, 0.0, 1.0, identity_adapter=with_lora, face_embedding=emb)
         assert len(patched.patches) > 0 and not tiny.patches  # the LoRA goes on the clone only
         assert torch.isfinite(_run(without, x, t, ctx)).all()
-    assert "DiffPrivacyIdentityAdapterLoader" in __import__("diffprivacy.nodes.identity_nodes", fromlist=["x"]).NODE_CLASS_MAPPINGS
+    identity_nodes = __import__("diffprivacy.nodes.identity_nodes", fromlist=["x"])
+    assert "DiffPrivacyIdentityAdapterLoader" in identity_nodes.NODE_CLASS_MAPPINGS
 
 
 def test_sigma_range_turns_the_streams_off_outside_it(tiny, files):

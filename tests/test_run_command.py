@@ -34,7 +34,8 @@ def test_run_command_starts_comfyui_with_the_pack_and_says_which_models_are_miss
         from diffprivacy.nodes import NODE_CLASS_MAPPINGS
         assert set(NODE_CLASS_MAPPINGS) <= set(info)
         assert re.search(r"IMPORT FAILED.*diff-privacy-nodes", text) is None, text[-4000:]
-        assert re.search(r"seconds: .*custom_nodes/diff-privacy-nodes", text), "the pack is not in ComfyUI's import list"
+        assert re.search(r"seconds: .*custom_nodes/diff-privacy-nodes", text), \
+            "the pack is not in ComfyUI's import list"
         assert f"open http://127.0.0.1:{port}" in text
         # an empty models folder: the user is told exactly what goes where
         assert "v1-5-pruned-emaonly.safetensors" in text and str(tmp_path / "home" / "models" / "checkpoints") in text

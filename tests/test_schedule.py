@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from diffprivacy.guidance.schedule import NUM_STAGES, scheduled_conditioning, stage_of, stage_timestep_ranges, uses_uncond
+from diffprivacy.guidance.schedule import (NUM_STAGES, scheduled_conditioning, stage_of, stage_timestep_ranges,
+                                           uses_uncond)
 from diffprivacy.inversion.key_e import KeyE
 
 

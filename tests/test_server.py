@@ -1,10 +1,9 @@
-"""The pack inside a real ComfyUI 0.3.75 server: loading, the schedule workflow, errors that leave the server serving."""
-import copy
+"""The pack inside a real ComfyUI 0.3.75 server: loading, the schedule workflow, errors that leave the server
+serving."""
 import io
 import json
 import re
 
-import pytest
 from PIL import Image
 
 from conftest import REPO, nodes_of

@@ -136,6 +136,7 @@ def identity_distances(model: FaceModel, image_a: torch.Tensor, image_b: torch.T
         same = d < model.threshold
         dists.append(d)
         verdicts.append(same)
-        lines.append(f"pair {i}: {model.metric} distance {d:.4f} -> {'same identity' if same else 'different identity'}")
+        verdict = "same identity" if same else "different identity"
+        lines.append(f"pair {i}: {model.metric} distance {d:.4f} -> {verdict}")
     header = f"{model.name}: threshold {model.threshold:g} ({model.metric}; same identity iff distance < threshold)"
     return dists, verdicts, "\n".join([header] + lines)
