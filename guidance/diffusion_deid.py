@@ -1,0 +1,551 @@
+"""Diffusion De-ID (thesis ch. 6, spec §5): dataset anonymization by optimising a face's semantic code, on SD 1.5.
+
+The thesis decodes a DiffAE latent z = (z̄, x_T). Here, on the user's own SD 1.5 checkpoint:
+
+* the semantic code z̄ is the identity embedding of IP-Adapter-FaceID's identity stream (:mod:`.identity_streams`),
+  differentiable in the embedding, so it can be optimised;
+* the stochastic code x_T is the DDIM-inverted latent (cfg 1, the full S-step grid) of the real image under its own
+  identity embedding (``x_t="real"``, the default, the issue's reading), or of the paired fake under the fake's
+  embedding (``x_t="fake"``, which also replaces the background: the thesis is unclear which it used). The inversion
+  sampler is passed in (``invert``: ``inversion.ddim.ddim_invert``), as FSAP does, so this module stays in guidance/.
+
+The algorithm:
+
+1. **Fake pool** X_F, |X_F| > |X_R| (:func:`build_pool`): identity embeddings drawn from a Gaussian fitted to the real
+   set's embeddings (:func:`fit_gaussian`; random points on the sphere are out of FaceID's distribution), each
+   rendered by the user's checkpoint with the prompt and the identity stream (stock DDIM, CFG). The pool stores per
+   fake its embedding, its latent, its appearance embedding and its recognizer embedding (when a face is found on
+   it); never the real set's statistics (its mean and covariance would be a summary of real identities).
+2. **Pairing** (:func:`nearest_fakes`): each real image to its nearest fake by Euclidean distance between appearance
+   embeddings (CLIP-vision image embeddings; FaRL's CLS token when FaRL weights are given: :func:`load_farl`).
+3. **Anonymisation** (:func:`anonymize`): from the paired fake's embedding, optimise the embedding e_A against
+
+       L = L_id + lambda * L_att
+       L_id (IIS, default) = |cos(R(x_A), R(x_R))|                      (Eq. 6.7: identities orthogonal)
+       L_id (IRS)          = 1 - |cos(R(x_A), R(x_F))|                  (the ablation: become the fake)
+       L_att               = mean |P(x_A) - P(x_R)| / mean |P(x_R)|     (Eq. 6.8, see below)
+
+   with R the differentiable recognizer of the FACE_MODEL (ArcFace in the thesis; FaceNet-CASIA works), applied with
+   the real image's landmarks (x_A keeps x_R's layout through x_T), and P the appearance encoder's patch tokens
+   (before the final LayerNorm, as FALCO takes FaRL's). x_A is decoded differentiably from the fixed x_T by a short
+   DDIM on a subset of the same grid (``render_steps``), gradients through every UNet call; the final image is the
+   full S-step DDIM render with the best embedding found (lowest L).
+
+Defaults (the thesis reports none; these are reasoned, not tuned on real weights, which this project does not have):
+
+* ``optimizer="adam"``, ``lr=0.1`` in units of a typical embedding component (|e| / sqrt(512)): Adam's first steps
+  move every coordinate by about lr of a component, i.e. the embedding turns by about 6 degrees per step on its sphere
+  (it is renormalised to the fake's norm after each step: FaceID embeddings are unit vectors); 30 iterations can turn
+  it by most of a right angle, which is what IIS needs from a fake that starts at a small |cos| to the real one.
+  Sign-SGD (FSAP's) is the alternative (``optimizer="sign"``).
+* ``iterations=30``: each costs render_steps UNet forward+backward passes, a decode and both encoders; 30 x 4 = 120
+  passes per image keeps a 512² image near a minute on one GPU (dataset scale), and Adam at lr 0.1 has turned the
+  embedding enough by then.
+* ``render_steps=4``: the gradient path's DDIM length. Fewer (1) is FSAP's one-call estimate, blurry at t = T where
+  x_T lives; more costs linearly. Steps are checkpointed, so memory is one UNet's activations, whatever the count.
+* ``lambda_att=1.0``: L_att is made scale-free (divided by the real tokens' mean magnitude: the same gradient
+  direction as the thesis's L1, whose raw scale differs between CLIP-L, CLIP-H and FaRL), so L_att is a relative
+  error of order 0.1-1 and L_id lies in [0, 1]: weight 1 lets neither term dominate from the start.
+* ``steps=50`` (inversion and final render: the grid Diff-Privacy's DDIM uses), pool ``cfg=5``, ``pool_steps=30``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .autograd import gradients_enabled, thaw, thaw_inference_tensors
+from .ddim import check_finite, ddim_sigmas, ddim_step
+from .face.base import NoFaceError
+from .host import check_interrupt
+
+OBJECTIVES = ("iis", "irs")
+X_T_SOURCES = ("real", "fake")
+OPTIMIZERS = ("adam", "sign")
+POOL_FORMAT = "diffprivacy-deid-pool/1"
+
+
+@dataclass
+class DeIDSettings:
+    objective: str = "iis"        # "iis": |cos| to the real -> 0; "irs": |cos| to the paired fake -> 1
+    x_t: str = "real"             # x_T: DDIM inversion of the real image, or of the paired fake
+    optimizer: str = "adam"
+    lr: float = 0.1               # in units of a typical embedding component, |e| / sqrt(D)
+    iterations: int = 30
+    lambda_att: float = 1.0
+    steps: int = 50               # DDIM grid of the inversion and the final render
+    render_steps: int = 4         # DDIM steps of the differentiable render (a subset of the grid)
+    identity_weight: float = 1.0  # the identity stream's weight
+    checkpoint: bool = True       # recompute each render step in the backward pass (memory of one UNet call)
+
+    def validated(self) -> "DeIDSettings":
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} (IIS: identity indistinguishable, the thesis's "
+                             f"default; IRS: identity replacement), got {self.objective!r}")
+        if self.x_t not in X_T_SOURCES:
+            raise ValueError(f"x_t must be one of {X_T_SOURCES}, got {self.x_t!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("lr", "lambda_att", "identity_weight"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        for name, low in (("iterations", 0), ("steps", 1), ("render_steps", 1)):
+            v = getattr(self, name)
+            if int(v) != v or v < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {v}")
+        if self.render_steps > self.steps:
+            raise ValueError(f"render_steps ({self.render_steps}) cannot exceed steps ({self.steps}): the render "
+                             "walks a subset of the inversion's grid")
+        return self
+
+    @classmethod
+    def from_strings(cls, values: dict) -> "DeIDSettings":
+        """From a settings dict of strings (the dataset command's --set); unknown names are ignored."""
+        out = {}
+        for f in cls.__dataclass_fields__.values():
+            if f.name in values:
+                v = values[f.name]
+                out[f.name] = (str(v).lower() in ("1", "true", "yes") if f.type == "bool" else
+                               int(v) if f.type == "int" else float(v) if f.type == "float" else str(v))
+        return cls(**out).validated()
+
+
+# -- pool maths -----------------------------------------------------------------------------------------------------
+def fit_gaussian(embeddings: torch.Tensor, shrinkage: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, covariance, shrinkage) of (N, D) embeddings. The sample covariance has rank <= N - 1 < D for small
+    sets, so it is shrunk toward the isotropic covariance of the same total variance: (1 - a) S + a (tr S / D) I with
+    a = D / (D + N) by default (mostly isotropic for 61 images, mostly the sample's for 30 000)."""
+    x = embeddings.detach().double()
+    if x.dim() != 2 or x.shape[0] < 2:
+        raise ValueError(f"fitting a Gaussian needs at least 2 embeddings (faces found), got {tuple(x.shape)}")
+    n, d = x.shape
+    mean = x.mean(0)
+    centred = x - mean
+    cov = centred.T @ centred / (n - 1)
+    a = d / (d + n) if shrinkage is None else float(shrinkage)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {a}")
+    iso = torch.trace(cov) / d
+    cov = (1 - a) * cov + a * iso * torch.eye(d, dtype=cov.dtype)
+    return mean.float(), cov.float(), a
+
+
+def draw_identities(mean: torch.Tensor, cov: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` draws (count, D) from N(mean, cov), reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    chol = torch.linalg.cholesky(cov.double() + 1e-10 * torch.eye(cov.shape[0], dtype=torch.float64))
+    z = torch.randn(int(count), cov.shape[0], generator=g, dtype=torch.float64)
+    return (mean.double() + z @ chol.T).float()
+
+
+def nearest_fakes(real: torch.Tensor, fakes: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the nearest fake (Euclidean, 1-NN) for each real appearance embedding: (N,) from (N, A), (K, A).
+    ``allowed`` (K,) bool restricts the candidates (IRS needs fakes with a detected face)."""
+    d = torch.cdist(real.double()[None], fakes.double()[None])[0]
+    if allowed is not None:
+        if not bool(allowed.any()):
+            raise ValueError("no fake in the pool can be paired (IRS needs fakes on which a face was detected): "
+                             "build a larger pool or use the IIS objective")
+        d = d.masked_fill(~allowed.bool()[None], math.inf)
+    return d.argmin(1)
+
+
+def identity_loss(emb_a: torch.Tensor, emb_ref: torch.Tensor, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_id, cos) per row: IIS |cos(a, real)|, IRS 1 - |cos(a, fake)|."""
+    cos = F.cosine_similarity(emb_a, emb_ref.to(emb_a).expand_as(emb_a), dim=1)
+    return (cos.abs() if objective == "iis" else 1.0 - cos.abs()), cos
+
+
+def attribute_loss(patches_a: torch.Tensor, patches_r: torch.Tensor) -> torch.Tensor:
+    """Eq. 6.8 made scale-free: mean |P_A - P_R| / mean |P_R| per row over all patch tokens."""
+    ref = patches_r.to(patches_a)
+    return (patches_a - ref).abs().flatten(1).mean(1) / ref.abs().flatten(1).mean(1).clamp_min(1e-8)
+
+
+# -- the appearance encoder -------------------------------------------------------------------------------------------
+class Appearance:
+    """A ComfyUI CLIP_VISION model as the appearance encoder: images (B, 3, H, W) in [0, 1] -> (CLS embedding (B, A),
+    patch tokens (B, P, C)), differentiable (ComfyUI's own preprocessing rounds to 8 bits, which has no gradient:
+    this one resizes the short side, centre-crops and normalises without rounding)."""
+
+    def __init__(self, clip_vision, name: str = "CLIP-vision"):
+        for attr in ("model", "patcher"):
+            if not hasattr(clip_vision, attr):
+                raise ValueError(f"expected a CLIP_VISION model (missing {attr!r}), got {type(clip_vision).__name__}")
+        self.cv, self.name = clip_vision, name
+        self.size = int(getattr(clip_vision, "image_size", 224))
+        self.mean = list(getattr(clip_vision, "image_mean", [0.48145466, 0.4578275, 0.40821073]))
+        self.std = list(getattr(clip_vision, "image_std", [0.26862954, 0.26130258, 0.27577711]))
+        self._thawed = False
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        scale = self.size / min(h, w)
+        x = F.interpolate(images.float(), size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))),
+                          mode="bicubic", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size]
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import comfy.model_management as mm
+        mm.load_model_gpu(self.cv.patcher)
+        if torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and not self._thawed:
+            thaw_inference_tensors(self.cv.model)
+            self._thawed = True
+        device = getattr(self.cv, "load_device", images.device)
+        cls, tokens = self.forward(self.preprocess(images).to(device))
+        return cls.float().to(images.device), tokens[:, 1:].float().to(images.device)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ComfyUI's CLIP vision forward written out of place (its layers add in place, which autograd refuses):
+        (projected CLS embedding, last hidden state before the final LayerNorm)."""
+        from comfy.ldm.modules.attention import optimized_attention_for_device
+        vm = self.cv.model.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
+        for layer in vm.encoder.layers:
+            x = x + layer.self_attn(layer.layer_norm1(x), None, attention)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        pooled = x if getattr(vm, "output_layernorm", False) else vm.post_layernorm(x[:, 0])
+        return self.cv.model.visual_projection(pooled), x
+
+
+FARL_CONFIG = {"hidden_act": "quick_gelu", "hidden_size": 768, "image_size": 224, "intermediate_size": 3072,
+               "model_type": "clip_vision_model", "num_attention_heads": 12, "num_channels": 3,
+               "num_hidden_layers": 12, "patch_size": 16, "projection_dim": 512, "layer_norm_eps": 1e-5,
+               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def load_farl(path: str | Path):
+    """FaRL ViT-B/16 (an OpenAI-CLIP-format checkpoint, e.g. FaRL-Base-Patch16-LAIONFace20M-ep64.pth) as a ComfyUI
+    CLIP_VISION: its ``visual.*`` tensors converted by ComfyUI's own OpenAI-to-transformers key map, on ComfyUI's CLIP
+    vision class with a ViT-B/16 config (ComfyUI ships none). Read with ``weights_only=True``."""
+    import tempfile
+
+    import comfy.clip_vision
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+        sd = safetensors.torch.load_file(str(path))
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
+    if "visual.transformer.resblocks.11.attn.in_proj_weight" not in visual or "visual.proj" not in visual:
+        raise ValueError(f"{path.name} is not a FaRL / OpenAI-CLIP ViT-B/16 checkpoint (no visual.transformer with 12 "
+                         "blocks and visual.proj)")
+    if tuple(visual["visual.conv1.weight"].shape) != (768, 3, 16, 16):
+        raise ValueError(f"{path.name}: patch embedding {tuple(visual['visual.conv1.weight'].shape)}, FaRL ViT-B/16 "
+                         "has (768, 3, 16, 16)")
+    sd = comfy.clip_vision.convert_to_transformers(visual, "visual.")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(FARL_CONFIG, f)
+    try:
+        cv = comfy.clip_vision.ClipVisionModel(f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    missing, _ = cv.load_sd(sd)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing:
+        raise ValueError(f"{path.name}: {len(missing)} tensors of ViT-B/16 are missing, e.g. {missing[:3]}")
+    return cv
+
+
+# -- the pool -------------------------------------------------------------------------------------------------------
+@dataclass
+class Pool:
+    identity: torch.Tensor      # (K, D) FaceID-space embeddings the fakes were rendered with
+    appearance: torch.Tensor    # (K, A) appearance embeddings of the fakes
+    latents: torch.Tensor       # (K, 4, h, w) the fakes' VAE latents
+    recognizer: torch.Tensor    # (K, R) recognizer embeddings of the fakes (zeros where no face)
+    has_face: torch.Tensor      # (K,) bool
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.identity.shape[0])
+
+    def save(self, path: str | Path) -> None:
+        import safetensors.torch
+        tensors = {k: getattr(self, k).contiguous() for k in ("identity", "appearance", "latents", "recognizer")}
+        tensors["has_face"] = self.has_face.to(torch.uint8)
+        meta = {"format": POOL_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
+        safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Pool":
+        import safetensors
+        import safetensors.torch
+        with safetensors.safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != POOL_FORMAT:
+            raise ValueError(f"{Path(path).name} is not a Diffusion De-ID pool file (format {meta.get('format')!r})")
+        t = safetensors.torch.load_file(str(path))
+        return cls(t["identity"], t["appearance"], t["latents"], t["recognizer"], t["has_face"].bool(),
+                   {k: json.loads(v) for k, v in meta.items() if k != "format"})
+
+
+def pool_size(real_count: int, factor: float = 1.5) -> int:
+    """|X_F| > |X_R|: ceil(factor * N), at least N + 1."""
+    if factor <= 1.0:
+        raise ValueError(f"the pool factor must exceed 1 (|X_F| > |X_R|), got {factor}")
+    return max(int(math.ceil(factor * real_count)), real_count + 1)
+
+
+def _largest_face(face_model, image_hwc: torch.Tensor):
+    faces = face_model.detect(image_hwc)
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+def build_pool(model, vae, positive, negative, adapter, face_model, appearance: Appearance, real_embeddings,
+               count: int, seed: int, resolution: int = 512, steps: int = 30, cfg: float = 5.0,
+               sampler: str = "ddim", scheduler: str = "ddim_uniform", identity_weight: float = 1.0,
+               shrinkage: float | None = None, progress: Callable | None = None) -> Pool:
+    """Render ``count`` fakes with identities drawn from the Gaussian fitted to ``real_embeddings`` (N, D)."""
+    import comfy.sample
+
+    from . import identity_streams as ids
+    mean, cov, a = fit_gaussian(real_embeddings, shrinkage)
+    identities = draw_identities(mean, cov, count, seed)
+    with torch.no_grad():
+        on, off = ids.identity_tokens(adapter, identities[:1])
+    patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, identity_weight)])
+    channels = int(getattr(patched.get_model_object("latent_format"), "latent_channels", 4))
+    latents, apps, recs, found = [], [], [], []
+    for i in range(count):
+        check_interrupt()
+        with torch.no_grad():
+            ss.set_tokens("identity", on=ids.identity_tokens(adapter, identities[i:i + 1])[0])
+        empty = torch.zeros(1, channels, resolution // 8, resolution // 8)
+        noise = comfy.sample.prepare_noise(empty, int(seed) + 1 + i)
+        lat = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, empty,
+                                  disable_pbar=True, seed=int(seed) + 1 + i)
+        image = vae.decode(lat)[..., :3].float().clamp(0, 1)
+        with torch.no_grad():
+            apps.append(appearance(image.movedim(-1, 1))[0][0].cpu())
+            face = _largest_face(face_model, image[0])
+            if face is not None:
+                recs.append(face_model.embed(image.movedim(-1, 1), face.landmarks.float()[None].to(image))[0].cpu())
+            found.append(face is not None)
+        latents.append(lat[0].float().cpu())
+        if progress is not None:
+            progress(i + 1, count)
+    rec_dim = recs[0].shape[0] if recs else 1
+    it = iter(recs)
+    rec = torch.stack([next(it) if f else torch.zeros(rec_dim) for f in found])
+    meta = {"count": count, "seed": int(seed), "resolution": resolution, "steps": steps, "cfg": cfg,
+            "sampler": sampler, "scheduler": scheduler, "shrinkage": a, "real_count": int(real_embeddings.shape[0]),
+            "appearance": appearance.name, "recognizer": getattr(face_model, "name", "?"),
+            "faces_found": int(sum(found))}
+    return Pool(identities, torch.stack(apps), torch.stack(latents), rec, torch.tensor(found), meta)
+
+
+# -- anonymisation ----------------------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    iteration: int
+    loss: float
+    l_id: float
+    l_att: float
+    cos: float
+
+
+@dataclass
+class DeIDResult:
+    image: torch.Tensor | None      # (1, H, W, 3): the final render at the working resolution
+    embedding: torch.Tensor         # (1, D) the best embedding found
+    pair: int                       # the paired fake's index in the pool
+    pair_distance: float
+    history: list[Step]
+    best: Step
+    settings: dict
+
+    def info(self) -> dict:
+        first = self.history[0] if self.history else self.best
+        return {"pair": self.pair, "pair_distance": round(self.pair_distance, 6), "cos_start": round(first.cos, 6),
+                "cos": round(self.best.cos, 6), "l_id": round(self.best.l_id, 6), "l_att": round(self.best.l_att, 6),
+                "best_iteration": self.best.iteration}
+
+
+def render_grid(sigmas: torch.Tensor, render_steps: int) -> torch.Tensor:
+    """``render_steps`` + 1 levels of the descending ``sigmas``, from the first to the last (0), evenly spaced."""
+    n = len(sigmas) - 1
+    idx = sorted({round(i * n / render_steps) for i in range(render_steps + 1)})
+    return sigmas[torch.tensor(idx)]
+
+
+def _thaw_unet(model) -> None:
+    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
+    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
+    if target is not None:
+        thaw_inference_tensors(target)
+
+
+class _Optimisation:
+    """Inside the sampler: render x_A from x_T with an embedding, the losses, and the optimiser loop."""
+
+    def __init__(self, settings: DeIDSettings, job: dict):
+        self.s, self.job = settings, job
+
+    def render(self, model, x_t, grid, extra_args, e):
+        ss, tokens = self.job["stream_set"], self.job["tokens"]
+        ss.set_tokens("identity", on=tokens(e))
+        s_in = x_t.new_ones([x_t.shape[0]])
+        x = x_t
+
+        def step(x_in, i):
+            den = model(x_in, thaw(grid[i] * s_in), **extra_args)
+            return ddim_step(x_in, den, grid[i], grid[i + 1])
+        for i in range(len(grid) - 1):
+            if self.s.checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(step, x, i, use_reentrant=False)
+            else:
+                x = step(x, i)
+        return self.job["decode"](x)
+
+    def losses(self, image):
+        job = self.job
+        lms = job["landmarks"].to(image).expand(image.shape[0], 5, 2).contiguous()
+        emb = job["face_model"].embed(image, lms)
+        l_id, cos = identity_loss(emb, job["id_ref"], self.s.objective)
+        if self.s.lambda_att > 0:
+            l_att = attribute_loss(job["appearance"](image)[1], job["patches_ref"])
+        else:
+            l_att = torch.zeros_like(l_id)
+        return l_id + self.s.lambda_att * l_att, l_id, l_att, cos
+
+    def run(self, model, x_t, sigmas, extra_args) -> tuple[torch.Tensor, list[Step]]:
+        s, job = self.s, self.job
+        grid = render_grid(sigmas, s.render_steps)
+        e0 = job["e0"].detach().float()
+        norm = e0.norm(dim=-1, keepdim=True)
+        unit = float(norm) / math.sqrt(e0.shape[-1])
+        e = thaw(e0).clone().requires_grad_(True)
+        opt = torch.optim.Adam([e], lr=s.lr * unit) if s.optimizer == "adam" else None
+        history, best, best_e = [], None, e0.clone()
+        x_t = thaw(x_t).detach()
+        for it in range(s.iterations + 1):  # the last pass only evaluates the final step's embedding
+            check_interrupt()
+            loss, l_id, l_att, cos = self.losses(self.render(model, x_t, grid, extra_args, e))
+            check_finite(loss.detach(), f"the De-ID loss at iteration {it}")
+            rec = Step(it, *(float(v.detach()) for v in (loss, l_id, l_att, cos)))
+            history.append(rec)
+            if best is None or rec.loss < best.loss:
+                best, best_e = rec, e.detach().clone()
+            if job.get("progress") is not None:
+                job["progress"](it, history)
+            if it == s.iterations:
+                break
+            (grad,) = torch.autograd.grad(loss.sum(), [e])
+            with torch.no_grad():
+                if opt is not None:
+                    e.grad = grad
+                    opt.step()
+                else:
+                    e -= s.lr * unit * grad.sign()
+                e.mul_(norm / e.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+                check_finite(e, f"the embedding after iteration {it}")
+        job["best_step"] = best
+        return best_e, history
+
+
+def _deid_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, *, job=None):
+    """k-diffusion signature: the optimisation from x = x_T at sigmas[0]; returns x unchanged."""
+    extra_args = {} if extra_args is None else extra_args
+    with gradients_enabled():
+        _thaw_unet(model)
+        job["stream_set"].thaw()
+        rec = getattr(job["face_model"], "recognizer", None)
+        if isinstance(rec, torch.nn.Module):
+            thaw_inference_tensors(rec)
+        job["out"] = _Optimisation(job["settings"], job).run(model, x, sigmas, extra_args)
+    return x
+
+
+def check_face_model(face_model) -> None:
+    if not getattr(face_model, "differentiable", False) or getattr(face_model, "recognizer", None) is None:
+        raise ValueError(f"Diffusion De-ID takes the gradient of L_id through the recognizer, and "
+                         f"{getattr(face_model, 'name', face_model)} is not differentiable (dlib is for evaluation "
+                         "only): use an ArcFace / FaceNet FACE_MODEL")
+
+
+def pair_image(pool: Pool, appearance: Appearance, work: torch.Tensor, objective: str) -> tuple[int, float]:
+    """(index, distance) of the nearest fake to a working image (1, H, W, 3)."""
+    with torch.no_grad():
+        app = appearance(work.movedim(-1, 1).float())[0].cpu()
+    allowed = pool.has_face if objective == "irs" else None
+    idx = int(nearest_fakes(app, pool.appearance, allowed)[0])
+    return idx, float((app[0].double() - pool.appearance[idx].double()).norm())
+
+
+def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appearance, pool: Pool,
+              work: torch.Tensor, settings: DeIDSettings, *, invert: Callable, real_embedding=None,
+              progress: Callable | None = None, render_final: bool = True) -> DeIDResult:
+    """Diffusion De-ID of one working image (1, H, W, 3) (square, the pool's resolution when ``x_t="fake"``).
+
+    ``conditioning``: the prompt's CONDITIONING (cfg 1: inversion, render and final image all see it alone);
+    ``adapter``: a FaceID adapter; ``face_model``: the differentiable recognizer of L_id with a detector;
+    ``real_embedding`` (1, D): the real face's FaceID-space embedding, the condition x_T is inverted under (None: the
+    adapter's "off" embedding); ``invert``: ``inversion.ddim.ddim_invert``.
+    """
+    import comfy.samplers
+
+    from . import identity_streams as ids
+    from .guided_ddim import guided_ddim_sampler
+    from .sampling import sample_with_comfy
+    from .vae_decode import make_vae_decoder
+
+    s = settings.validated()
+    check_face_model(face_model)
+    if adapter.spec.kind != "faceid":
+        raise ValueError(f"Diffusion De-ID optimises the embedding of a FaceID adapter (ip-adapter-faceid_sd15.bin); "
+                         f"{adapter.name} is a {adapter.spec.kind} adapter")
+    work = work[..., :3].float()
+    face = _largest_face(face_model, work[0])
+    if face is None:
+        raise NoFaceError(0, f"{work.shape[2]}x{work.shape[1]} working image; De-ID replaces a detected face")
+    pair, distance = pair_image(pool, appearance, work, s.objective)
+    e_fake = pool.identity[pair:pair + 1].float()
+    tokens = lambda e: adapter.tokens(e.to(next(adapter.image_proj.parameters())))  # noqa: E731
+    with torch.no_grad():
+        start = real_embedding if (s.x_t == "real" and real_embedding is not None) else None
+        on = tokens(start.float().cpu() if start is not None else e_fake)
+    off = adapter.off_tokens()
+    if s.x_t == "real" and real_embedding is None:
+        on = off  # inversion under the "unconditional" identity
+    patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, s.identity_weight)])
+    sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), s.steps, 1.0)
+    if s.x_t == "real":
+        latent = vae.encode(work)
+    else:
+        latent = pool.latents[pair:pair + 1].float()
+        want = (work.shape[1] // 8, work.shape[2] // 8)
+        if tuple(latent.shape[-2:]) != want:
+            raise ValueError(f"x_t='fake' needs the working image at the pool's resolution ({latent.shape[-1] * 8}); "
+                             f"got {work.shape[2]}x{work.shape[1]}")
+    x_t = sample_with_comfy(patched, invert, sigmas, conditioning, latent)
+    x_r = work.movedim(-1, 1)
+    with torch.no_grad():
+        lms = face.landmarks.float()[None]
+        id_ref = face_model.embed(x_r, lms).detach() if s.objective == "iis" else pool.recognizer[pair:pair + 1]
+        patches_ref = appearance(x_r)[1].detach() if s.lambda_att > 0 else None
+    job = {"stream_set": ss, "tokens": tokens, "decode": make_vae_decoder(vae, patched), "face_model": face_model,
+           "appearance": appearance, "landmarks": lms, "id_ref": id_ref, "patches_ref": patches_ref, "e0": e_fake,
+           "settings": s, "progress": progress}
+    sampler = comfy.samplers.KSAMPLER(_deid_sampler, extra_options={"job": job})
+    sample_with_comfy(patched, sampler, sigmas, conditioning, x_t)
+    best_e, history = job["out"]
+    result = DeIDResult(None, best_e.float().cpu(), pair, distance, history, job["best_step"], asdict(s))
+    if render_final:
+        with torch.no_grad():
+            ss.set_tokens("identity", on=tokens(result.embedding))
+        final = sample_with_comfy(patched, guided_ddim_sampler(None), sigmas, conditioning, x_t)
+        result.image = vae.decode(final)[..., :3].float().clamp(0, 1)
+    return result

@@ -1,0 +1,210 @@
+"""Diffusion De-ID (thesis ch. 6) on the tiny model with the real FaceNet-CASIA: the IIS loss, the pairing, the pool's
+Gaussian, and the method through the dataset command. The tiny model has random weights: its renders are not faces
+and its numbers are not results (a real SD 1.5 with IP-Adapter-FaceID and CLIP-vision is needed for those)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import ip_adapter_fixtures as fx
+from conftest import shared_path
+from diffprivacy.guidance import diffusion_deid as deid
+
+SIZE = 64
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint_path, tiny_clip_vision_path, tmp_path_factory):
+    import comfy.clip_vision
+    import comfy.sd
+    from face_fixtures import casia_face_model, small_face_image
+    from diffprivacy.guidance import ip_adapter as ipa
+    folder = tmp_path_factory.mktemp("deid")
+    with torch.inference_mode():
+        model, _, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=True,
+                                                              output_clip=False)[:3]
+        adapter_file = fx.write_adapter(folder / "ip-adapter-faceid_sd15.bin", "faceid", **fx.tiny_shape(model))
+        adapter = ipa.load_adapter(adapter_file)
+        cv = comfy.clip_vision.load(str(tiny_clip_vision_path))
+    photo = small_face_image(shared_path("data", "photos", "biden.jpg"), SIZE)
+    image = torch.from_numpy(np.array(photo)).float()[None] / 255.0
+    cond = [[torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(4)), {}]]
+    face = casia_face_model()
+    appearance = deid.Appearance(cv)
+    reals = torch.nn.functional.normalize(torch.randn(6, 512, generator=torch.Generator().manual_seed(2)), dim=1)
+    with torch.inference_mode():
+        pool = deid.build_pool(model, vae, cond, cond, adapter, face, appearance, reals, count=3, seed=5,
+                               resolution=SIZE, steps=2, cfg=1.0)
+    return {"model": model, "vae": vae, "adapter": adapter, "adapter_file": adapter_file, "image": image,
+            "cond": cond, "face": face, "appearance": appearance, "pool": pool}
+
+
+def _anonymize(setup, **kw):
+    from diffprivacy.inversion.ddim import ddim_invert
+    options = dict(steps=STEPS, render_steps=2, iterations=6, lambda_att=0.0, lr=1.0, checkpoint=False)
+    options.update(kw)
+    with torch.inference_mode():
+        return deid.anonymize(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["face"],
+                              setup["appearance"], setup["pool"], setup["image"], deid.DeIDSettings(**options),
+                              invert=ddim_invert)
+
+
+def _toward_real(setup):
+    """The pool with every fake's recognizer embedding replaced by the real face's: IRS then maximises |cos| to the
+    real face, the opposite of IIS."""
+    from face_fixtures import mtcnn
+    pool = setup["pool"]
+    lm = mtcnn().detect(setup["image"][0])[0].landmarks.float()[None]
+    with torch.no_grad():
+        ref = setup["face"].embed(setup["image"].movedim(-1, 1), lm)
+    return deid.Pool(pool.identity, pool.appearance, pool.latents, ref.expand(len(pool), -1).clone(),
+                     torch.ones(len(pool), dtype=torch.bool), pool.meta)
+
+
+def _with_identity(pool, index, embedding):
+    identity = pool.identity.clone()
+    identity[index] = embedding[0]
+    return deid.Pool(identity, pool.appearance, pool.latents, pool.recognizer, pool.has_face, pool.meta)
+
+
+def test_the_iis_loss_drives_the_identity_cosine_to_the_real_face_toward_zero(setup):
+    """A random model's renders start near |cos| = 0.01 to the real face: first the opposite objective (IRS with the
+    real face as its target) raises |cos|, showing the embedding moves the recognizer; then IIS from there drives it
+    back toward 0."""
+    toward_real = _toward_real(setup)
+    up = _anonymize({**setup, "pool": toward_real}, objective="irs")
+    cos_up = [abs(h.cos) for h in up.history]
+    assert up.history[0].l_id == pytest.approx(1 - cos_up[0])   # IRS: L_id is 1 - |cos|
+    assert max(cos_up) > 4 * cos_up[0], cos_up                   # the opposite objective raised |cos|
+    assert float(up.embedding.norm()) == pytest.approx(float(setup["pool"].identity[up.pair].norm()), rel=1e-5)
+    r = _anonymize({**setup, "pool": _with_identity(setup["pool"], up.pair, up.embedding)})
+    cos = [abs(h.cos) for h in r.history]
+    assert r.history[0].l_id == pytest.approx(cos[0])             # IIS: L_id is |cos|
+    assert cos[0] == pytest.approx(max(cos_up), rel=1e-3)         # it starts where IRS ended
+    assert min(cos) < 0.25 * cos[0] and abs(r.best.cos) == min(cos), cos  # and is driven toward 0
+    info = r.info()
+    assert info["cos"] == pytest.approx(r.best.cos, abs=1e-6) and info["cos_start"] == pytest.approx(r.history[0].cos,
+                                                                                                   abs=1e-6)
+    assert r.image is not None and r.image.shape == setup["image"].shape and bool(torch.isfinite(r.image).all())
+
+
+def test_x_t_from_the_paired_fake_renders_from_the_fakes_latent_not_the_real_images(setup):
+    real = _anonymize(setup, iterations=0)
+    fake = _anonymize(setup, iterations=0, x_t="fake")
+    assert real.pair == fake.pair
+    assert float((real.image - fake.image).abs().mean()) > 1e-3
+    other = setup["image"].clone()
+    other[:, :, : SIZE // 4] = 0.5  # the real photo changed away from the face: the fake's x_T does not see it
+    fake_other = _anonymize({**setup, "image": other}, iterations=0, x_t="fake")
+    if fake_other.pair == fake.pair:
+        torch.testing.assert_close(fake_other.image, fake.image)
+
+
+def test_pairing_returns_the_nearest_fake_of_a_brute_force_distance_matrix():
+    g = torch.Generator().manual_seed(0)
+    real, fakes = torch.randn(9, 16, generator=g), torch.randn(14, 16, generator=g)
+    got = deid.nearest_fakes(real, fakes)
+    brute = [[math.dist(r.tolist(), f.tolist()) for f in fakes] for r in real]
+    assert got.tolist() == [int(np.argmin(row)) for row in brute]
+    allowed = torch.zeros(14, dtype=torch.bool)
+    allowed[[3, 7, 11]] = True
+    got = deid.nearest_fakes(real, fakes, allowed)
+    assert got.tolist() == [min((3, 7, 11), key=lambda j: row[j]) for row in brute]
+    with pytest.raises(ValueError, match="no fake in the pool can be paired"):
+        deid.nearest_fakes(real, fakes, torch.zeros(14, dtype=torch.bool))
+
+
+def test_pair_image_pairs_a_real_image_with_the_fake_nearest_in_clip_vision_space(setup):
+    pool = setup["pool"]
+    with torch.no_grad():
+        app = setup["appearance"](setup["image"].movedim(-1, 1))[0]
+    idx, dist = deid.pair_image(pool, setup["appearance"], setup["image"], "iis")
+    brute = [float((app[0] - a).norm()) for a in pool.appearance]
+    assert idx == int(np.argmin(brute)) and dist == pytest.approx(min(brute), rel=1e-5)
+    # the differentiable forward is ComfyUI's own encoder (on an 8-bit 224² image its preprocessing rounds nothing)
+    img = (torch.rand(1, 224, 224, 3, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    with torch.no_grad():
+        ours = setup["appearance"](img.movedim(-1, 1))
+        theirs = setup["appearance"].cv.encode_image(img)
+    torch.testing.assert_close(ours[0], theirs["image_embeds"].float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[1], theirs["last_hidden_state"][:, 1:].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_fake_identities_follow_the_gaussian_fitted_to_the_real_embeddings():
+    g = torch.Generator().manual_seed(1)
+    direction = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
+    reals = torch.nn.functional.normalize(direction + 0.05 * torch.randn(400, 512, generator=g), dim=1)
+    mean, cov, a = deid.fit_gaussian(reals)
+    assert a == pytest.approx(512 / 912)
+    draws = deid.draw_identities(mean, cov, 4000, seed=3)
+    assert torch.allclose(draws.mean(0), reals.mean(0), atol=0.01)
+    # the draws sit near the real cluster (cos to its centre ~ that of the reals), not uniformly on the sphere
+    cos_real = torch.nn.functional.cosine_similarity(reals, mean[None]).mean()
+    cos_draw = torch.nn.functional.cosine_similarity(draws, mean[None]).mean()
+    assert float(cos_draw) == pytest.approx(float(cos_real), abs=0.05) and float(cos_real) > 0.5
+    assert torch.equal(draws[:10], deid.draw_identities(mean, cov, 10, seed=3))
+    assert deid.pool_size(61) == 92 and deid.pool_size(2, 1.01) == 3
+    with pytest.raises(ValueError, match="must exceed 1"):
+        deid.pool_size(10, 1.0)
+
+
+def test_the_pool_file_round_trips_and_other_files_are_refused(setup, tmp_path):
+    pool = setup["pool"]
+    pool.save(tmp_path / "pool.safetensors")
+    back = deid.Pool.load(tmp_path / "pool.safetensors")
+    assert torch.equal(back.identity, pool.identity) and torch.equal(back.latents, pool.latents)
+    assert back.meta["count"] == 3 and back.meta["resolution"] == SIZE and len(back) == 3
+    import safetensors.torch
+    safetensors.torch.save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a Diffusion De-ID pool"):
+        deid.Pool.load(tmp_path / "other.safetensors")
+
+
+def test_bad_settings_are_refused_with_the_name_of_the_setting():
+    for kw, word in [({"objective": "swap"}, "objective"), ({"x_t": "noise"}, "x_t"), ({"lr": float("nan")}, "lr"),
+                     ({"iterations": -1}, "iterations"), ({"render_steps": 9, "steps": 4}, "render_steps")]:
+        with pytest.raises(ValueError, match=word):
+            deid.DeIDSettings(**kw).validated()
+    s = deid.DeIDSettings.from_strings({"objective": "irs", "iterations": "3", "lr": "0.5", "checkpoint": "false"})
+    assert (s.objective, s.iterations, s.lr, s.checkpoint) == ("irs", 3, 0.5, False)
+
+
+def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path, tiny_checkpoint_path,
+                                                                tiny_clip_vision_path):
+    import dataset_runner as dr
+    from face_fixtures import casia_safetensors
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    faces = sorted(shared_path("data", "faces-13id").glob("*.jpg"))[:3]
+    for i, f in enumerate(faces):
+        shutil.copy(f, (src / "sub" if i == 2 else src) / f.name)
+    models = tmp_path / "models"
+    (models / "facenet").mkdir(parents=True)
+    (models / "facenet" / "facenet-casia-webface.safetensors").symlink_to(casia_safetensors())
+    settings = {"checkpoint": str(tiny_checkpoint_path), "clip_vision": str(tiny_clip_vision_path),
+                "adapter": str(setup["adapter_file"]), "models": str(models), "identity_model": "mtcnn/facenet-casia",
+                "resolution": "64", "steps": "2", "render_steps": "1", "iterations": "1", "pool_steps": "1",
+                "cfg": "1.0", "prompt": "a photo of a face"}
+    summary = dr.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
+                     progress=False, log=lambda m: None)
+    assert summary["status"] == {"ok": 3}, json.loads((tmp_path / "out" / dr.MANIFEST).read_text().splitlines()[0])
+    rows = [json.loads(line) for line in (tmp_path / "out" / dr.MANIFEST).read_text().splitlines()]
+    assert all(0 <= r["pair"] < r["pool_size"] and r["pool_size"] > 3 for r in rows)
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == \
+        sorted(str((src / "x").parent.joinpath(f.name).relative_to(src).with_suffix(".png").as_posix())
+               if i != 2 else f"sub/{f.stem}.png" for i, f in enumerate(faces))
+    from PIL import Image
+    for f in faces:  # the output has the original's size
+        out = next((tmp_path / "out").rglob(f.stem + ".png"))
+        assert Image.open(out).size == Image.open(f).size
+    pools = list((tmp_path / "keys").glob("*.pool.safetensors"))
+    assert len(pools) == 1 and not list((tmp_path / "out").rglob("*.safetensors"))  # the pool stays private
+    again = dr.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
+                   progress=False, log=lambda m: None)
+    assert again["ran"] == 0
