@@ -118,11 +118,18 @@ def _diff_privacy_anonymize(settings: dict):
     return protect
 
 
+def _diffusion_deid(settings: dict):
+    """Diffusion De-ID (thesis ch. 6): the run's fake pool is built once from the input folder (scripts/deid_method.py)."""
+    from deid_method import make
+    return make(settings)
+
+
 METHODS: dict[str, Callable[[dict], Callable]] = {
     "blur": _baseline("blur", 10.0),
     "pixelate": _baseline("pixelate", 6.0),
     "mosaic": _baseline("mosaic", 16.0),
     "diff-privacy-anonymize": _diff_privacy_anonymize,
+    "diffusion-de-id": _diffusion_deid,
 }
 
 
@@ -250,7 +257,8 @@ class Worker:
         self.method, self.settings, self.seed = method, dict(settings), int(seed)
         self.input_dir, self.output_dir, self.keys_dir = Path(input_dir), Path(output_dir), Path(keys_dir)
         self.password = os.environ.get(password_env) if password_env else None
-        self.protect = METHODS[method](self.settings)
+        self.protect = METHODS[method]({**self.settings, "_run": {"input_dir": input_dir, "keys_dir": keys_dir,
+                                                                  "seed": self.seed}})  # dataset-wide methods
 
     def process(self, rel: str) -> dict:
         from diffprivacy.evaluation.images import load_image, save_image
