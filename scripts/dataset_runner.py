@@ -119,7 +119,7 @@ def _diff_privacy_anonymize(settings: dict):
 
 
 def _diffusion_deid(settings: dict):
-    """Diffusion De-ID (thesis ch. 6): the run's fake pool is built once from the input folder (scripts/deid_method.py)."""
+    """Diffusion De-ID (thesis ch. 6): the run's fake pool is built once from the input folder (deid_method.py)."""
     from deid_method import make
     return make(settings)
 

@@ -107,8 +107,8 @@ def real_embeddings(m: dict, input_dir: Path, resolution: int, log=print) -> tor
         if e is not None:
             rows.append(e[0])
     if len(rows) < 2:
-        raise ValueError(f"the pool is fitted to the real set's identity embeddings: found faces in {len(rows)} image(s)"
-                         f" of {input_dir}; at least 2 are needed")
+        raise ValueError(f"the pool is fitted to the real set's identity embeddings: found faces in {len(rows)} "
+                         f"image(s) of {input_dir}; at least 2 are needed")
     log(f"Diffusion De-ID: {len(rows)} real face(s) embedded for the pool's Gaussian")
     return torch.stack(rows)
 
