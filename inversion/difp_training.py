@@ -206,8 +206,8 @@ def train_difp_adapters(model_patcher, data: DIFPDataset, options: DIFPTrainingO
             Stream("identity", state.identity, dummy_i, dummy_i), Stream("style", state.style, dummy_s, dummy_s)])
         params = list(state.identity.parameters()) + list(state.style.parameters())
         optimizer = torch.optim.Adam(params, lr=options.learning_rate, weight_decay=options.weight_decay)
-        if state.optimizer:
-            optimizer.load_state_dict(state.optimizer)
+        if state.optimizer:  # read under inference mode (a node, or torch.load there): normal copies first
+            optimizer.load_state_dict(_normal_tensors(state.optimizer))
         data = DIFPDataset(data.latents.float(), data.identity.float(), data.style.float(), data.text.float())
         try:
             for step in range(state.steps_done, options.steps):
@@ -242,6 +242,17 @@ def train_difp_adapters(model_patcher, data: DIFPDataset, options: DIFPTrainingO
     for adapter in (state.identity, state.style):
         adapter.eval().requires_grad_(False)
     return state
+
+
+def _normal_tensors(obj):
+    """``obj`` with every tensor replaced by a normal (non-inference) clone; call inside gradients_enabled()."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _normal_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_normal_tensors(v) for v in obj)
+    return obj
 
 
 # -- files: checkpoints and a folder of faces ------------------------------------------------------------------------

@@ -71,9 +71,9 @@ class DiffPrivacyDIFPGuider:
 
 
 class DiffPrivacyRealismDDIMSampler:
-    DESCRIPTION = ("The pack's deterministic DDIM with DIFP's realism control (ILVR, Eqs. 12-14) right after each step: "
-                   "z <- z - LP_H(z) + LP_H(reference noised to the next level, fresh noise), LP_H an antialiased "
-                   "resize to H x H and back. Use with SamplerCustom(Advanced) and DiffPrivacyDDIMSigmas.")
+    DESCRIPTION = ("The pack's deterministic DDIM with DIFP's realism control (ILVR, Eqs. 12-14) right after each "
+                   "step: z <- z - LP_H(z) + LP_H(reference noised to the next level, fresh noise), LP_H an "
+                   "antialiased resize to H x H and back. Use with SamplerCustom(Advanced) and DiffPrivacyDDIMSigmas.")
 
     @classmethod
     def INPUT_TYPES(cls):

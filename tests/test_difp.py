@@ -3,8 +3,6 @@ per step, realism control (Eqs. 12-14) measured on the latents' spectrum, the pr
 Adapter files are random-weight fixtures with the released layouts (tests/ip_adapter_fixtures.py)."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 

@@ -25,8 +25,9 @@ def _image(seed):
 
 
 def _cond(seed=None):
-    t = torch.zeros(1, 77, 64) if seed is None else torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(seed))
-    return [[t, {}]]
+    if seed is None:
+        return [[torch.zeros(1, 77, 64), {}]]
+    return [[torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
 def _key(tiny_sd, image, cond):
@@ -91,7 +92,8 @@ def test_each_loader_refuses_the_other_kind_naming_the_right_node(tmp_path, keys
     tensors, metadata = read_key_file(difp_path)
     with pytest.raises(ValueError, match="Load DIFP Key"):
         bundle_from_tensors(tensors, metadata)
-    dp = write_key_file(tmp_path / "dp.safetensors", {"key_i": torch.zeros(1, 4, 8, 8), "key_e": torch.zeros(10, 77, 64)},
+    tensors = {"key_i": torch.zeros(1, 4, 8, 8), "key_e": torch.zeros(10, 77, 64)}
+    dp = write_key_file(tmp_path / "dp.safetensors", tensors,
                         key_bundle_metadata(steps=50, tau=0.4, strength=0.6, image_width=64, image_height=64,
                                             model_fingerprint="dp2-x", clip_fingerprint="dp2-y"))
     with pytest.raises(ValueError, match=r"Diff-Privacy' key file.*Load Key \(Diff-Privacy\)"):

@@ -15,6 +15,11 @@ def _data():
                           torch.randn(3, 32, generator=g), torch.zeros(1, 77, 64))
 
 
+def _both(state):
+    return {**dt.adapter_state_dict(state.identity),
+            **{"s." + k: v for k, v in dt.adapter_state_dict(state.style).items()}}
+
+
 def _fixed_loss(model, state, data):
     """The loss on fixed draws (stage-2 flags, both conditions on and off mixed)."""
     from diffprivacy.guidance.autograd import gradients_enabled
@@ -36,14 +41,14 @@ def test_training_lowers_the_loss_changes_only_the_adapters_and_writes_loadable_
     data = _data()
     opts = dt.DIFPTrainingOptions(steps=60, stage1_fraction=0.5, batch_size=4, learning_rate=2e-2, seed=1)
     start = dt.train_difp_adapters(model, data, dt.DIFPTrainingOptions(steps=1, learning_rate=1e-12, batch_size=1))
-    start_sd = {**dt.adapter_state_dict(start.identity), **{"s." + k: v for k, v in dt.adapter_state_dict(start.style).items()}}
+    start_sd = _both(start)
     before = _fixed_loss(model, start, data)
     state = dt.train_difp_adapters(model, data, opts)
     after = _fixed_loss(model, state, data)
     assert after < 0.995 * before, (before, after)  # fixed draws: deterministic; the random tiny UNet limits the gain
     for k, v in model.model.diffusion_model.state_dict().items():
         assert torch.equal(v, unet_before[k]), f"the UNet changed: {k}"
-    end_sd = {**dt.adapter_state_dict(state.identity), **{"s." + k: v for k, v in dt.adapter_state_dict(state.style).items()}}
+    end_sd = _both(state)
     assert any(not torch.allclose(end_sd[k], start_sd[k]) for k in end_sd if "proj" in k)
     assert any(not torch.allclose(end_sd[k], start_sd[k]) for k in end_sd if "to_v_ip" in k)
     kinds = {}
@@ -74,7 +79,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_checkpoint_path, tmp_p
     saved = {}
     with pytest.raises(Stop):
         dt.train_difp_adapters(model, data, opts, check_interrupt=interrupt,
-                               on_checkpoint=lambda s: saved.setdefault("path", dt.save_training_state(s, tmp_path / "t.pt")))
+                               on_checkpoint=lambda s: saved.setdefault("path",
+                                                                         dt.save_training_state(s, tmp_path / "t.pt")))
     partial = dt.load_training_state(saved["path"])
     assert partial.steps_done == 3
     resumed = dt.train_difp_adapters(model, data, opts, partial)
@@ -82,3 +88,37 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_checkpoint_path, tmp_p
     assert resumed.losses == pytest.approx(full.losses, rel=1e-4)
     torch.testing.assert_close(dt.adapter_state_dict(resumed.identity)["image_proj.proj.0.weight"],
                                dt.adapter_state_dict(full.identity)["image_proj.proj.0.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_cli_trains_from_a_folder_of_faces_and_resumes(tiny_checkpoint_path, tiny_clip_vision_path, tmp_path,
+                                                           monkeypatch, capsys):
+    """scripts/train_difp_adapters.py (run in-process: the tiny model's type is registered by the test pack) on two
+    real photos (MTCNN + a tiny ArcFace ONNX), 2 steps, then resumed to 3."""
+    import runpy
+    import shutil
+
+    import ip_adapter_fixtures as fx
+    from conftest import REPO, shared_path
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name in ("obama.jpg", "biden.jpg"):
+        shutil.copy(shared_path("data", "photos", name), faces / name)
+    onnx = fx.export_arcface_onnx(tmp_path / "buffalo_l" / "w600k_r50.onnx")
+    out = tmp_path / "out"
+    script = str(REPO / "scripts" / "train_difp_adapters.py")
+    base = [script, "--checkpoint", str(tiny_checkpoint_path), "--clip-vision", str(tiny_clip_vision_path),
+            "--faces", str(faces), "--out", str(out), "--recognizer-file", str(onnx), "--batch-size", "2",
+            "--resolution", "128", "--checkpoint-every", "1"]
+
+    def run(steps):
+        monkeypatch.setattr("sys.argv", base + ["--steps", str(steps)])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(script, run_name="__main__")
+        assert done.value.code == 0
+        return capsys.readouterr().out
+
+    assert "2 steps on 2 face(s)" in run(2)
+    resumed = run(3)
+    assert "step 3/3" in resumed and "step 1/" not in resumed  # resumed, not restarted
+    assert ipa.load_adapter(out / "difp-identity.safetensors").spec.kind == "faceid"
+    assert ipa.load_adapter(out / "difp-style.safetensors").spec.kind == "ip-adapter"
