@@ -279,3 +279,14 @@ def test_bad_gradient_options_are_refused_with_the_setting_named():
         gp.GradientOptions(chunk=-1)
     with pytest.raises(ValueError, match="precision"):
         gp.GradientOptions(precision="fp8")
+
+
+# -- the GPU suite ----------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_suite_without_a_gpu_refuses_unless_dry_and_says_how():
+    import subprocess
+    from conftest import REPO
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no CUDA GPU" in run.stderr and "--dry" in run.stderr
