@@ -22,6 +22,7 @@ NODE_MODULES = (
     "face_nodes",
     "eval_nodes",
     "baseline_nodes",
+    "deid_nodes",
     "identity_nodes",
     "fsap_nodes",
     "dp_nodes",

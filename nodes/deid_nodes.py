@@ -1,0 +1,80 @@
+"""Diffusion De-ID (thesis ch. 6) for one image with a fake pool the dataset command built.
+
+The pool (|X_F| > |X_R| fakes from identities drawn around the real set's, ``diffusion-de-id.pool.safetensors``
+in the dataset command's keys folder) needs the whole dataset, so it is made by
+``scripts/anonymize_dataset.py --method diffusion-de-id``; this node de-identifies a further image against it.
+"""
+from __future__ import annotations
+
+from ..guidance import diffusion_deid as deid
+from ..guidance.working_image import working_image
+from ..inversion.ddim import ddim_invert
+from ..inversion.key_e import encode_text
+from .common import CATEGORY, StepProgress, resolution_input, resolve_key_path, tip
+
+
+class DiffPrivacyDiffusionDeID:
+    DESCRIPTION = ("Diffusion De-ID (thesis ch. 6) on your SD 1.5: the face is paired with the nearest fake of a pool "
+                   "(by CLIP-vision appearance), then the FaceID identity embedding is optimised from the fake's so "
+                   "the recognizer no longer links the result to the original (IIS) or takes the fake's identity (IRS), "
+                   "while appearance tokens stay close; the image is rendered by DDIM from the original's inversion.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", tip("Your SD 1.5 model.")),
+            "vae": ("VAE", tip("The model's VAE.")),
+            "clip": ("CLIP", tip("The model's text encoder (encodes the prompt every render sees).")),
+            "clip_vision": ("CLIP_VISION", tip("The appearance encoder the pool was paired with (CLIP-vision).")),
+            "identity_adapter": ("IDENTITY_ADAPTER", tip("A FaceID adapter (ip-adapter-faceid_sd15.bin): its "
+                                                         "identity embedding is what is optimised.")),
+            "face_model": ("FACE_MODEL", tip("The differentiable recognizer of L_id, with its detector.")),
+            "image": ("IMAGE", tip("The face photo to de-identify (one).")),
+            "pool_path": ("STRING", tip("The fake pool file (diffusion-de-id.pool.safetensors) made by the dataset "
+                                        "command, inside ComfyUI's output or input folder.", default="")),
+            "prompt": ("STRING", tip("The prompt of every render.", default="a photo of a person")),
+            "objective": (deid.OBJECTIVES, tip("iis: |cos| to the original's identity driven to 0 (the thesis's "
+                                               "default); irs: take the paired fake's identity.")),
+            "x_t": (deid.X_T_SOURCES, tip("Start the render from the inversion of the real image (keeps pose and "
+                                          "background) or of the paired fake.")),
+            "iterations": ("INT", tip("Optimisation steps of the embedding (the thesis reports none; 30 allows about "
+                                      "a right angle of turn).", default=30, min=0, max=1000)),
+            "lambda_att": ("FLOAT", tip("Weight of the appearance loss (L1 of patch tokens, scale-free).",
+                                        default=1.0, min=0.0, max=100.0, step=0.05)),
+            "steps": ("INT", tip("DDIM steps of the inversion and the final render.", default=50, min=2, max=1000)),
+            "resolution": resolution_input("The result comes out at this size."),
+        }, "optional": {
+            "face_embedding": ("FACE_EMBEDDING", tip("The original's FaceID-space embedding (Face Embedding with "
+                                                     "ArcFace r50): the condition x_T is inverted under.")),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("image", "report")
+    OUTPUT_TOOLTIPS = ("The de-identified image at the working resolution.",
+                       "The paired fake, the distance, and |cos| to the original before and after.")
+    FUNCTION = "deidentify"
+    CATEGORY = CATEGORY
+
+    def deidentify(self, model, vae, clip, clip_vision, identity_adapter, face_model, image, pool_path, prompt,
+                   objective, x_t, iterations, lambda_att, steps, resolution=512, face_embedding=None):
+        settings = deid.DeIDSettings(objective=objective, x_t=x_t, iterations=int(iterations),
+                                     lambda_att=float(lambda_att), steps=int(steps)).validated()
+        if not pool_path.strip():
+            raise ValueError("pool_path is empty: build the pool with scripts/anonymize_dataset.py --method "
+                             "diffusion-de-id (it lands in the keys folder), then give its path")
+        pool = deid.Pool.load(resolve_key_path("", pool_path))
+        work = working_image(image, vae, resolution)
+        real = face_embedding["embedding"][:1] if face_embedding is not None else None
+        bar = StepProgress(max(settings.iterations, 1))
+        result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
+                                deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
+                                real_embedding=real, progress=lambda step, *_: bar(step))
+        info = result.info()
+        report = (f"paired with fake {info['pair']} (appearance distance {info['pair_distance']:.4g}); |cos| to the "
+                  f"original {info['cos_start']:.4f} -> {info['cos']:.4f} ({objective}, best at iteration "
+                  f"{info['best_iteration']})")
+        return result.image, report
+
+
+NODE_CLASS_MAPPINGS = {"DiffPrivacyDiffusionDeID": DiffPrivacyDiffusionDeID}
+NODE_DISPLAY_NAME_MAPPINGS = {"DiffPrivacyDiffusionDeID": "Diff-Privacy Diffusion De-ID (one image, with a pool)"}
