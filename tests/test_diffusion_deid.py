@@ -208,3 +208,13 @@ def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path,
     again = dr.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
                    progress=False, log=lambda m: None)
     assert again["ran"] == 0
+
+
+def test_the_node_says_how_to_get_a_pool_when_none_is_given():
+    from diffprivacy.nodes.deid_nodes import DiffPrivacyDiffusionDeID
+    with pytest.raises(ValueError, match="build the pool with scripts/anonymize_dataset.py"):
+        DiffPrivacyDiffusionDeID().deidentify(None, None, None, None, None, None, None, " ", "a photo", "iis", "real",
+                                              30, 1.0, 50)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        DiffPrivacyDiffusionDeID().deidentify(None, None, None, None, None, None, None, "x", "a photo", "other",
+                                              "real", 30, 1.0, 50)
