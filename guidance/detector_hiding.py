@@ -8,9 +8,15 @@ per anchor (a window, prior box or candidate crop: see ``face/anchors.py``). Anc
 by where they look: an anchor overlapping a private face (IoU > ``PRIVATE_ANCHOR_IOU``) gets the
 target "background", an anchor on a kept face that currently says "face" keeps "face"; the rest
 already hold their target (background) and have zero cross-entropy gradient, so they are left out
-of the sum. With p_i the anchor's face probability and n_a the number of labelled anchors::
+of the sum. With z_i the anchor's face logit, z_t the logit of the detector's own threshold t (the
+detector decides at t, not at p = 0.5), m a margin (1) and n_a the number of labelled anchors::
 
-    L = sum over classifiers of 1/n_a [ sum_private -log(1 - p_i) + sum_kept -log(p_i) ] + lambda ||delta||_2
+    L = sum over classifiers of 1/n_a [ sum_private softplus(z_i - z_t + m) + sum_kept softplus(z_t + m - z_i) ]
+        + lambda ||delta||_2
+
+which is Eq. 3.8's cross-entropy -log(1 - p_i) (resp. -log p_i) with p_i re-centred on the threshold:
+softplus(z) = -log(1 - sigmoid(z)) exactly, also where p_i rounds to 1 in float32. A private anchor
+stops pulling once it is m below the threshold, so the budget goes to the anchors that still fire.
 
 summed over every attacked detector (several targets at once transfer better).
 
@@ -209,7 +215,8 @@ def _saved(x255: torch.Tensor) -> torch.Tensor:
     return x255.detach().round().clamp(0, 255)
 
 
-def anchor_loss(target: AttackTarget, x255: torch.Tensor, private: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def anchor_loss(target: AttackTarget, x255: torch.Tensor, private: torch.Tensor, kept: torch.Tensor,
+                margin: float = 1.0) -> torch.Tensor:
     """Eq. 3.8's cross-entropy term for one detector (boxes in pixels of ``x255``)."""
     total = x255.new_zeros(())
     for a in target.anchor_scores(x255, torch.cat([private, kept])):
@@ -226,8 +233,11 @@ def anchor_loss(target: AttackTarget, x255: torch.Tensor, private: torch.Tensor,
         n = int(priv_m.sum() + kept_m.sum())
         if n == 0:
             continue
-        # -log(1 - p) = softplus(z) and -log p = softplus(-z): exact where p rounds to 1 or 0
-        total = total + F.softplus(z[priv_m]).sum() / n + F.softplus(-z[kept_m]).sum() / n
+        # Cross-entropy taken at the detector's own threshold t (logit z_t), not at p = 0.5: the detector
+        # decides at t, so -log(1 - sigmoid(z - z_t + margin)) = softplus(z - z_t + margin) pushes a private
+        # anchor until it is `margin` below t, then lets go; kept anchors are held `margin` above t.
+        zt = math.log(a.threshold / (1 - a.threshold))
+        total = total + (F.softplus(z[priv_m] - zt + margin).sum() + F.softplus(zt + margin - z[kept_m]).sum()) / n
     return total
 
 

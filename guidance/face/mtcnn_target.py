@@ -81,8 +81,9 @@ def _roi_crops(img: torch.Tensor, boxes: torch.Tensor, size: int):
 
 
 class MTCNNTarget(AttackTarget):
-    def __init__(self, mtcnn: MTCNN):
+    def __init__(self, mtcnn: MTCNN, stages: tuple[str, ...] = ("pnet", "rnet", "onet")):
         self.mtcnn = mtcnn
+        self.stages = stages  # which classifiers the loss reads (all three decide; see the module doc)
         self.name = "mtcnn"
         self.min_face = mtcnn.min_face_size
 
@@ -142,8 +143,9 @@ class MTCNNTarget(AttackTarget):
                                     torch.arange(score.shape[1], device=device), indexing="ij")
             pos = torch.stack([xs.reshape(-1), ys.reshape(-1)], 1).float()
             windows = torch.cat([((2 * pos + 1) / scale).floor(), ((2 * pos + 12) / scale).floor()], 1)
-            out.append(AnchorScores(f"mtcnn/pnet@{scale:.3f}", to_full(windows), logit.reshape(-1),
-                                    m.thresholds[0]))
+            if "pnet" in self.stages:
+                out.append(AnchorScores(f"mtcnn/pnet@{scale:.3f}", to_full(windows), logit.reshape(-1),
+                                        m.thresholds[0]))
             flat = score.detach().reshape(-1)
             keep = flat >= m.thresholds[0]
             if keep.any():
@@ -170,7 +172,8 @@ class MTCNNTarget(AttackTarget):
             return out
         boxes = boxes[valid.to(device)]
         reg, logit = _rnet(m.rnet, _norm(crops))
-        out.append(AnchorScores("mtcnn/rnet", to_full(boxes[:, :4]), logit, m.thresholds[1]))
+        if "rnet" in self.stages:
+            out.append(AnchorScores("mtcnn/rnet", to_full(boxes[:, :4]), logit, m.thresholds[1]))
         p = torch.sigmoid(logit.detach())
         keep = p > m.thresholds[1]
         boxes = torch.cat([boxes[keep, :4], p[keep, None]], 1)
