@@ -52,12 +52,18 @@ def save_image(image: torch.Tensor, path: str | Path) -> None:
 
 
 def list_images(folder: str | Path) -> dict[str, Path]:
-    """Image files directly in ``folder`` by file name (sorted). ``ValueError`` when not a folder."""
+    """Image files under ``folder``, sub-folders included (as the dataset command writes them), keyed by their
+    relative path ("img1.jpg", "sub/img2.jpg"), sorted; hidden files and folders are left out. ``ValueError`` when
+    not a folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
-    return {p.name: p for p in sorted(folder.iterdir())
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    found = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(x.startswith(".") for x in rel.parts):
+            found[rel.as_posix()] = p
+    return found
 
 
 def pair_names(originals: dict[str, Path], others: dict[str, Path]) -> tuple[dict[str, str], list[str], list[str]]:
@@ -69,13 +75,13 @@ def pair_names(originals: dict[str, Path], others: dict[str, Path]) -> tuple[dic
     pairs: dict[str, str] = {}
     by_stem: dict[str, list[str]] = {}
     for name in others:
-        by_stem.setdefault(Path(name).stem, []).append(name)
+        by_stem.setdefault(str(Path(name).with_suffix("")), []).append(name)
     used: set[str] = set()
     for name in originals:
         if name in others:
             pairs[name] = name
         else:
-            cands = [c for c in by_stem.get(Path(name).stem, []) if c not in originals]
+            cands = [c for c in by_stem.get(str(Path(name).with_suffix("")), []) if c not in originals]
             if len(cands) == 1:
                 pairs[name] = cands[0]
         if name in pairs:

@@ -165,3 +165,19 @@ def test_cli_key_security_table(tmp_path):
     assert rows["wrong Key-I"]["dlib same person"] is False and rows["wrong Key-I"]["ssim"] < 0.1
     assert (tmp_path / "ks" / "key_security.png").stat().st_size > 10_000
     assert cli.main(["--key-original", str(src), "--key-recovered", "no-equals-sign", "--out", str(tmp_path)]) == 2
+
+
+def test_folders_with_sub_folders_pair_by_relative_path(tmp_path):
+    from diffprivacy.evaluation.images import list_images, pair_names
+    for root, suffix in (("orig", ".jpg"), ("prot", ".png")):
+        for rel in ("a", "sub/a", "sub/deeper/b"):
+            path = tmp_path / root / (rel + suffix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    (tmp_path / "orig" / ".hidden").mkdir()
+    (tmp_path / "orig" / ".hidden" / "c.jpg").write_bytes(b"")
+    originals, protected = list_images(tmp_path / "orig"), list_images(tmp_path / "prot")
+    assert list(originals) == ["a.jpg", "sub/a.jpg", "sub/deeper/b.jpg"]
+    pairs, missing, extra = pair_names(originals, protected)
+    assert pairs == {"a.jpg": "a.png", "sub/a.jpg": "sub/a.png", "sub/deeper/b.jpg": "sub/deeper/b.png"}
+    assert missing == [] and extra == []
