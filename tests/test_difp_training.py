@@ -95,14 +95,14 @@ def test_the_cli_trains_from_a_folder_of_faces_and_resumes(tiny_checkpoint_path,
     """scripts/train_difp_adapters.py (run in-process: the tiny model's type is registered by the test pack) on two
     real photos (MTCNN + a tiny ArcFace ONNX), 2 steps, then resumed to 3."""
     import runpy
-    import shutil
 
     import ip_adapter_fixtures as fx
     from conftest import REPO, shared_path
+    from face_fixtures import small_face_image
     faces = tmp_path / "faces"
     faces.mkdir()
-    for name in ("obama.jpg", "biden.jpg"):
-        shutil.copy(shared_path("data", "photos", name), faces / name)
+    for name in ("obama.jpg", "biden.jpg"):  # shrunk: MTCNN on the full photos would dominate the test's time
+        small_face_image(shared_path("data", "photos", name), 160).save(faces / f"{name[:-4]}.png")
     onnx = fx.export_arcface_onnx(tmp_path / "buffalo_l" / "w600k_r50.onnx")
     out = tmp_path / "out"
     script = str(REPO / "scripts" / "train_difp_adapters.py")
