@@ -84,7 +84,7 @@ def main():
         image = torch.rand(1, 1, 1, 3) * 0.5 + torch.linspace(0, 0.5, size)[None, :, None, None].expand(1, size, size, 3)
     print(f"model {'SD1.5-layout' if args.full else 'tiny'}, {size}x{size}, device {model.load_device}, face {args.face}")
 
-    from diffprivacy.inversion.ddim import denoising_step_count
+    from diffprivacy.guidance.ddim import denoising_step_count
     sa, sh, sk = args.anonymize_steps, args.hide_steps, args.key_steps
     na, nh = denoising_step_count(sa, 0.6), denoising_step_count(sh, 0.8)
     with torch.inference_mode():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..guidance.ddim import ddim_sigmas, ddim_step, vp_scale
+from ..guidance.ddim import check_finite, ddim_sigmas, ddim_step, vp_scale
 from ..guidance.host import check_interrupt
 from ..guidance.sampling import sample_with_comfy
 from .fingerprint import model_fingerprint
@@ -29,7 +29,7 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None):
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x = ddim_step(x, denoised, sigmas[i], sigmas[i + 1])
-    return x
+    return check_finite(x, "the DDIM result")
 
 
 ddim_recover = sample_ddim
@@ -66,7 +66,7 @@ def ddim_invert(model, x, sigmas, extra_args=None, callback=None, disable=None):
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma_next, "sigma_hat": sigma_next, "denoised": denoised})
         x = x + (sigma_next - sigma) * eps
-    return x
+    return check_finite(x, "the DDIM-inverted latent (Key-I)")
 
 
 def key_i_to_vp(x_t: torch.Tensor, sigma: float) -> torch.Tensor:

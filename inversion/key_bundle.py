@@ -23,6 +23,8 @@ def bundle_tensors(key_i: dict, key_e) -> dict:
 def bundle_from_tensors(tensors: dict, metadata: dict):
     """(LATENT, CONDITIONING with one entry of batch ten) from a key file's tensors, each carrying the provenance
     the file records (step count, image size, fingerprints: :mod:`.key_check`)."""
+    from .difp_keys import refuse_difp
+    refuse_difp(metadata)  # a DIFP key file: say which node reads it
     if KEY_I not in tensors or KEY_E not in tensors:
         missing = [n for n in (KEY_I, KEY_E) if n not in tensors]
         raise ValueError(f"this key file holds no {' / '.join(missing)} (is it a Key-E training file rather than "

@@ -43,6 +43,24 @@ class KeyE:
                          f"of ten (got {len(conditioning)} entries of shapes {sizes})")
 
     @classmethod
+    def for_batch(cls, conditioning, n: int) -> list["KeyE"]:
+        """One Key-E per image of a batch of ``n``: ``n`` entries that each hold a batch of ten stages (what
+        Conditioning Combine makes of n Key-Es, each image its own), or one Key-E in any form (a text
+        stand-in, or the one learned Key-E of a batch of one) used for every image."""
+        if n > 1 and len(conditioning) == n and all(c[0].shape[0] == NUM_STAGES for c in conditioning):
+            return [cls.from_conditioning([c], allow_text=False) for c in conditioning]
+        if len(conditioning) not in (1, NUM_STAGES) and len(conditioning) != n:
+            raise ValueError(f"key_e holds {len(conditioning)} entries for a batch of {n} image(s): give one Key-E "
+                             f"per image (combine {n} Key-Es with Conditioning Combine, in batch order) or one Key-E "
+                             "for all")
+        return [cls.from_conditioning(conditioning)] * n
+
+    @staticmethod
+    def batch_conditioning(key_es: list["KeyE"]) -> list:
+        """Several Key-Es as one CONDITIONING (one entry each, in batch order): the inverse of :meth:`for_batch`."""
+        return [entry for k in key_es for entry in k.to_conditioning()]
+
+    @classmethod
     def from_stages(cls, cond: torch.Tensor, pooled: torch.Tensor | None = None) -> "KeyE":
         """From [10, tokens, width] stage conditionings and their [10, D] pooled outputs (what MSI training gives)."""
         if cond.ndim != 3 or cond.shape[0] != NUM_STAGES:
@@ -71,6 +89,20 @@ class KeyE:
         extra = {"pooled_output": pooled.float()} if pooled is not None else {}
         return cls.from_conditioning([[cond.float(), extra]], allow_text=False)
 
+    # -- provenance ---------------------------------------------------------------------------
+    @property
+    def provenance(self) -> dict | None:
+        """The fingerprints of the model / text encoder this Key-E was made with, or None when unknown (a
+        conditioning from stock nodes)."""
+        for _, extra in self.entries:
+            if isinstance(extra.get(KEY_E_INFO), dict):
+                return dict(extra[KEY_E_INFO])
+        return None
+
+    def with_provenance(self, provenance: dict) -> "KeyE":
+        """This Key-E recording ``provenance`` (from :func:`.key_check.key_e_provenance`) in every entry."""
+        return KeyE([[t, {**extra, KEY_E_INFO: dict(provenance)}] for t, extra in self.entries])
+
     # -- to -----------------------------------------------------------------------------------
     def stage_entries(self) -> list:
         """The ten entries (copies of the extras dicts), C^0 first."""
@@ -89,20 +121,6 @@ class KeyE:
     def pooled(self) -> torch.Tensor | None:
         """[10, D] pooled outputs when every stage carries one, else None."""
         pooled = [extra.get("pooled_output") for _, extra in self.entries]
-    # -- provenance ---------------------------------------------------------------------------
-    @property
-    def provenance(self) -> dict | None:
-        """The fingerprints of the model / text encoder this Key-E was made with, or None when unknown (a
-        conditioning from stock nodes)."""
-        for _, extra in self.entries:
-            if isinstance(extra.get(KEY_E_INFO), dict):
-                return dict(extra[KEY_E_INFO])
-        return None
-
-    def with_provenance(self, provenance: dict) -> "KeyE":
-        """This Key-E recording ``provenance`` (from :func:`.key_check.key_e_provenance`) in every entry."""
-        return KeyE([[t, {**extra, KEY_E_INFO: dict(provenance)}] for t, extra in self.entries])
-
         if all(isinstance(p, torch.Tensor) for p in pooled):
             return torch.cat([p.reshape(1, -1) for p in pooled])
         return None

@@ -16,6 +16,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
@@ -41,14 +42,15 @@ class DiffPrivacySaveKey:
                    "a file. Whoever has the key file (and its password) can undo the protection.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("key_path",)
-    OUTPUT_TOOLTIPS = ("Absolute path of the key file written.",)
+    OUTPUT_TOOLTIPS = ("Absolute path of the key file written (one per line for a batch).",)
     FUNCTION = "save"
     OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "key_i": ("LATENT", {"tooltip": "Key-I: the DDIM-inverted latent of the original image."}),
+            "key_i": ("LATENT", {"tooltip": "Key-I: the DDIM-inverted latent of the original image (a batch: one key "
+                                            "file per image)."}),
             "key_e": ("CONDITIONING", {"tooltip": "Key-E: the ten stage conditionings C^0..C^9 (ten entries or one "
                                                   "entry with a batch of ten)."}),
             "model": ("MODEL", {"tooltip": "The diffusion model the keys were made with; its fingerprint is stored "
@@ -74,20 +76,27 @@ class DiffPrivacySaveKey:
         }}
 
     def save(self, key_i, key_e, model, clip, steps, tau, strength, filename_prefix, password, protected=None):
-        # the step count, model and text encoders the keys record must be the ones given here
-        check_keys(key_i, KeyE.from_conditioning(key_e, allow_text=False).provenance, model=model, clip=clip,
-                   steps=steps)
-        tensors = bundle_tensors(key_i, key_e)
-        _, _, h, w = tensors[KEY_I].shape
-        metadata = key_bundle_metadata(steps=steps, tau=tau, strength=strength, image_width=w * LATENT_SCALE,
-                                       image_height=h * LATENT_SCALE, model_fingerprint=model_fingerprint(model),
-                                       clip_fingerprint=clip_fingerprint(clip))
-        # write_key_file refuses an existing file (KeyFileExistsError is a FileExistsError): the name counts up.
-        path, shown = write_new_output_file(
-            filename_prefix, KEY_SUFFIX, lambda p: write_key_file(p, tensors, metadata, password or None))
+        samples = key_i.get("samples") if isinstance(key_i, dict) else None
+        count = samples.shape[0] if isinstance(samples, torch.Tensor) and samples.ndim == 4 else 1
+        key_es = KeyE.for_batch(key_e, count)  # a batch gets one key file per image, each with its own Key-E
+        for k in key_es:  # the step count, model and text encoders the keys record must be the ones given here
+            check_keys(key_i, k.provenance, model=model, clip=clip, steps=steps)
+        bundles = [bundle_tensors({**key_i, "samples": samples[i:i + 1]} if count > 1 else key_i,
+                                  key_es[i].to_conditioning()) for i in range(count)]
+        fingerprints = {"model_fingerprint": model_fingerprint(model), "clip_fingerprint": clip_fingerprint(clip)}
+        paths, shown = [], []
+        for tensors in bundles:
+            _, _, h, w = tensors[KEY_I].shape
+            metadata = key_bundle_metadata(steps=steps, tau=tau, strength=strength, image_width=w * LATENT_SCALE,
+                                           image_height=h * LATENT_SCALE, **fingerprints)
+            # write_key_file refuses an existing file (KeyFileExistsError is a FileExistsError): the name counts up.
+            path, name = write_new_output_file(
+                filename_prefix, KEY_SUFFIX, lambda p, t=tensors, m=metadata: write_key_file(p, t, m, password or None))
+            paths.append(str(path))
+            shown.append(name)
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use the key"
-        log.info("[Diff-Privacy] key saved to %s (%s)", path, note)
-        return {"ui": {"text": [f"{shown} ({note})"]}, "result": (str(path),)}
+        log.info("[Diff-Privacy] %d key file(s) saved: %s (%s)", len(paths), ", ".join(paths), note)
+        return {"ui": {"text": [f"{', '.join(shown)} ({note})"]}, "result": ("\n".join(paths),)}
 
 
 class DiffPrivacyLoadKey:

@@ -15,10 +15,12 @@ The reference's z_T (``<name>_zt.pt``) is ``inversion.ddim.key_i_to_vp`` of the 
 """
 from __future__ import annotations
 
+import torch
+
 from ..guidance.working_image import working_image
 from ..inversion.ddim import make_key_i, recover
 from ..inversion.key_e import KeyE
-from .common import resolution_input
+from .common import resolution_input, rgb_batch
 
 CATEGORY = "Diff-Privacy/keys"
 
@@ -38,9 +40,11 @@ class DiffPrivacyMakeKeyI:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The SD 1.5 model Key-E belongs to."}),
-            "key_e": ("CONDITIONING", {"tooltip": "Key-E: the ten stage conditionings C^0..C^9 (or one text conditioning)."}),
+            "key_e": ("CONDITIONING", {"tooltip": "Key-E: the ten stage conditionings C^0..C^9 (or one text "
+                                                  "conditioning); for a batch, one Key-E per image in batch order."}),
             "vae": ("VAE", {"tooltip": "The model's VAE: encodes the original image."}),
-            "image": ("IMAGE", {"tooltip": "The ORIGINAL (unprotected) image, one, as given to the protection node."}),
+            "image": ("IMAGE", {"tooltip": "The ORIGINAL (unprotected) images, as protected (wire the protection "
+                                           "node's 'originals' output here); one Key-I per image."}),
             "steps": ("INT", _steps_tip("recovery must use the same number")),
             "resolution": resolution_input("Key-I, and so the recovered image, come out at this size."),
         }}
@@ -52,8 +56,11 @@ class DiffPrivacyMakeKeyI:
     CATEGORY = CATEGORY
 
     def make_key_i(self, model, key_e, vae, image, steps, resolution=512):
-        latent = vae.encode(working_image(image, vae, resolution))
-        return (make_key_i(model, KeyE.from_conditioning(key_e), latent, steps),)
+        images = rgb_batch(image)
+        key_es = KeyE.for_batch(key_e, images.shape[0])  # a batch: each image with its own Key-E
+        keys = [make_key_i(model, k, vae.encode(working_image(images[i:i + 1], vae, resolution)),
+                           steps) for i, k in enumerate(key_es)]
+        return ({**keys[0], "samples": torch.cat([k["samples"] for k in keys])},)
 
 
 class DiffPrivacyRecover:

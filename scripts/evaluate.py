@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         use_models_folder(args.models_dir or Path(args.comfy) / "models")
     from diffprivacy.evaluation.recognizers import load_evaluation_model
     from diffprivacy.evaluation.report import evaluate_folders, summary_tables, write_report
-    from diffprivacy.evaluation.plots import _fmt
+    from diffprivacy.evaluation.formatting import format_value
 
     models, failed = {}, {}
     for spec in [s for s in args.recognizers.split(",") if s.strip()]:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     for title, header, rows in summary_tables(report):
         print(f"\n{title}\n  " + " | ".join(header))
         for r in rows:
-            print("  " + " | ".join(_fmt(v) for v in r))
+            print("  " + " | ".join(format_value(v) for v in r))
     print(f"\nSR: {report['inputs']['undetected']}")
     if args.distractors:
         print(f"distractors: {report['inputs']['distractor_images']} images in {args.distractors}; with a face "
@@ -104,8 +104,8 @@ def key_security(args, models) -> int:
     import json
     from diffprivacy.evaluation.images import load_image
     from diffprivacy.evaluation.key_security import key_security_figure, key_security_table
-    from diffprivacy.evaluation.plots import _fmt, save_figure
-    from diffprivacy.evaluation.report import _json_safe
+    from diffprivacy.evaluation.formatting import format_value, json_safe
+    from diffprivacy.evaluation.plots import save_figure
     try:
         original = load_image(args.key_original)
         recovered = {}
@@ -122,10 +122,10 @@ def key_security(args, models) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "key_security.json").write_text(json.dumps(_json_safe(rows), indent=1))
+    (out / "key_security.json").write_text(json.dumps(json_safe(rows), indent=1))
     save_figure(key_security_figure(original, recovered, rows), out / "key_security.png")
     for r in rows:
-        print("  " + " | ".join(f"{k}: {_fmt(v)}" for k, v in r.items()))
+        print("  " + " | ".join(f"{k}: {format_value(v)}" for k, v in r.items()))
     return 0
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import comfy.model_sampling
-from diffprivacy.inversion.ddim import (ddim_invert, ddim_recover, ddim_sigmas, ddim_timesteps, key_i_from_vp,
-                                        key_i_to_vp, sample_ddim)
+from diffprivacy.guidance.ddim import ddim_sigmas, ddim_timesteps
+from diffprivacy.inversion.ddim import ddim_invert, ddim_recover, key_i_from_vp, key_i_to_vp, sample_ddim
 from toy_models import GaussianDenoiser, toy_latent
 
 

@@ -9,7 +9,7 @@ from diffprivacy.guidance.energy import hide_energy
 from diffprivacy.guidance.face.base import Face
 from diffprivacy.guidance.guided_ddim import IdentityGuidance, sample_guided_ddim
 from diffprivacy.guidance.vae_decode import make_vae_decoder, unclamped_output
-from diffprivacy.inversion.ddim import ddim_sigmas
+from diffprivacy.guidance.ddim import ddim_sigmas
 from diffprivacy.nodes.encrypt_nodes import DiffPrivacyAnonymize, DiffPrivacyHide, DiffPrivacyGuidedDDIMSampler
 from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI
 from toy_models import GaussianDenoiser, ToyDecoder, ToyFaceModel, toy_latent
