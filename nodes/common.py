@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..guidance.gradient_path import DECODER_CHOICES, PRECISION_CHOICES, GradientOptions
 from ..guidance.host import check_interrupt, progress_bar, send_progress_text
 
 CATEGORY = "Diff-Privacy"
@@ -81,42 +80,6 @@ RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x res
 def resolution_input(what: str):
     """The shared working-resolution widget (see :mod:`guidance.working_image`)."""
     return ("INT", tip(RESOLUTION_TIP.format(what=what), default=512, min=0, max=4096, step=8))
-
-
-def gradient_inputs() -> dict:
-    """The optional inputs of every guided node that set how the guidance gradient decodes (issue 17)."""
-    return {
-        "gradient_decoder": (DECODER_CHOICES, tip(
-            "What the guidance gradient decodes the predicted image with. full VAE: the model's own (exact, "
-            "slowest). tiny: ComfyUI's preview decoder from models/vae_approx (taesd_decoder for SD 1.x; about "
-            "8x cheaper, an approximation of the VAE). auto: tiny when its file is there, else the full VAE (the "
-            "log says which ran). The output images are always decoded with the full VAE.", default="full VAE")),
-        "face_window": ("BOOLEAN", tip(
-            "Decode only the latent window around the chosen faces (what the recognizer sees, plus a margin of 48 "
-            "pixels) for the gradient, instead of the whole frame: a portrait needs 2-4x fewer pixels.",
-            default=False)),
-        "gradient_checkpointing": ("BOOLEAN", tip(
-            "Recompute the decoder's blocks in the backward pass instead of keeping their activations: much less "
-            "memory for about one more decoder pass.", default=False)),
-        "gradient_precision": (PRECISION_CHOICES, tip(
-            "auto: bf16 autocast for the decoder and recognizer on GPUs that support it, fp32 elsewhere; fp32: "
-            "always full precision; bf16: ask for it (fp32 with a log line where unsupported).", default="auto")),
-        "channels_last": ("BOOLEAN", tip(
-            "Opt-in: channels_last memory layout for the gradient decoder and recognizer (often faster convolutions; "
-            "falls back with a log line).", default=False)),
-        "torch_compile": ("BOOLEAN", tip(
-            "Opt-in: torch.compile the gradient decoder (the first step compiles; falls back to eager with a log "
-            "line where compiling fails).", default=False)),
-    }
-
-
-def gradient_options(gradient_chunk: int = 0, gradient_decoder: str = "full VAE", face_window: bool = False,
-                     gradient_checkpointing: bool = False, gradient_precision: str = "auto",
-                     channels_last: bool = False, torch_compile: bool = False) -> GradientOptions:
-    """The values of :func:`gradient_inputs` (and gradient_chunk) as the guidance's options."""
-    return GradientOptions(decoder=gradient_decoder, face_window=bool(face_window), chunk=int(gradient_chunk),
-                           checkpointing=bool(gradient_checkpointing), precision=gradient_precision,
-                           channels_last=bool(channels_last), compile=bool(torch_compile))
 
 
 class StepProgress:

@@ -15,11 +15,36 @@ from ..guidance import diff_privacy
 from ..guidance.ddim import ddim_sigmas
 from ..guidance.diff_privacy import FaceChoice, model_sampling
 from ..guidance.face.base import SELECT_MODES
+from ..guidance.gradient_path import DECODER_CHOICES, PRECISION_CHOICES, GradientOptions
 from ..guidance.working_image import working_image, working_mask
 from ..inversion.key_e import KeyE, encode_text
-from .common import CATEGORY, gradient_inputs, gradient_options, resolution_input, rgb_batch, tip
+from .common import CATEGORY, resolution_input, rgb_batch, tip
 
 GRADIENT_MODES = ("predicted x0 (fast)", "through UNet")
+
+
+_GRADIENT_INPUTS = {
+    "gradient_decoder": (DECODER_CHOICES, tip(
+        "What the guidance gradient decodes the predicted image with. full VAE: the model's own (exact, slowest). "
+        "tiny: ComfyUI's preview decoder from models/vae_approx (taesd_decoder for SD 1.x; about 8x cheaper, an "
+        "approximation of the VAE). auto: tiny when its file is there, else the full VAE (the log says which ran).",
+        default="full VAE")),
+    "face_window": ("BOOLEAN", tip(
+        "Decode only the latent window around the chosen faces (what the recognizer sees, plus a margin of 48 "
+        "pixels) for the gradient, instead of the whole frame: a portrait needs 2-4x fewer pixels.", default=False)),
+    "gradient_checkpointing": ("BOOLEAN", tip(
+        "Recompute the decoder's blocks in the backward pass instead of keeping their activations: much less memory "
+        "for about one more decoder pass.", default=False)),
+    "gradient_precision": (PRECISION_CHOICES, tip(
+        "auto: bf16 autocast for the decoder and recognizer on GPUs that support it, fp32 elsewhere; fp32: always "
+        "full precision; bf16: ask for it (fp32 with a log line where unsupported).", default="auto")),
+    "channels_last": ("BOOLEAN", tip(
+        "Opt-in: channels_last memory layout for the gradient decoder and recognizer (often faster convolutions on "
+        "CPU and GPU; falls back with a log line).", default=False)),
+    "torch_compile": ("BOOLEAN", tip(
+        "Opt-in: torch.compile the gradient decoder (the first step compiles; falls back to eager with a log line "
+        "where compiling fails).", default=False)),
+}
 
 
 def _uncond_entry(uncond):
@@ -29,7 +54,7 @@ def _uncond_entry(uncond):
 
 
 def face_inputs() -> dict:
-    """The optional inputs that choose which faces guidance steers, and how much memory its gradient takes."""
+    """The optional inputs that choose which faces guidance steers, and how its gradient is computed."""
     return {
         "faces": (SELECT_MODES, tip("Which faces guidance steers, each against its own original identity: all (a "
                                     "group photo protected in one run), the largest, the faces at face_indices, or "
@@ -37,11 +62,10 @@ def face_inputs() -> dict:
                                     default="all")),
         "face_indices": ("STRING", tip("With faces = indices: comma-separated positions, 0 = the largest face "
                                        "(e.g. '0, 2').", default="")),
-        "gradient_chunk": ("INT", tip("Back-propagate through the decoder this many outputs at a time. 0: auto, "
-                                      "as many as fit the free memory ComfyUI reports (all at once when they "
-                                      "fit). Smaller needs less memory for one more decoder pass per chunk.",
-                                      default=0, min=0, max=64)),
         "face_mask": ("MASK", tip("With faces = mask: white over the faces to steer (at the original's size).")),
+        "gradient_options": ("GRADIENT_OPTIONS", tip("How the guidance gradient decodes and how much memory it takes "
+                                                     "(Diff-Privacy Gradient Options); unconnected: the full VAE over "
+                                                     "the whole frame, chunked to the free memory, fp32 on CPU.")),
     }
 
 
@@ -108,7 +132,7 @@ class DiffPrivacyGuidedDDIMSampler:
             "resolution": resolution_input("The reference faces are found at this size; their landmarks are "
                                            "rescaled to "
                                            "the sampled latent's size (VAE-encode the image at the same size)."),
-        }, "optional": {**face_inputs(), **gradient_inputs()}}
+        }, "optional": face_inputs()}
 
     RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced.",)
@@ -116,14 +140,14 @@ class DiffPrivacyGuidedDDIMSampler:
     CATEGORY = CATEGORY + "/sampling"
 
     def sampler(self, model, vae, face_model, image, task, tau, lambda_above, lambda_below, diversity_weight,
-                gradient, redetect_every=0, resolution=512, faces="all", face_indices="", gradient_chunk=0,
-                face_mask=None, **speed):
+                gradient, redetect_every=0, resolution=512, faces="all", face_indices="", face_mask=None,
+                gradient_options=None):
         image = working_image(image, vae, resolution)
         return (diff_privacy.guided_sampler(model, vae, face_model, image, task, tau, lambda_above, lambda_below,
                                             diversity_weight, through_unet=gradient == GRADIENT_MODES[1],
                                             redetect_every=redetect_every,
                                             faces=_face_choice(faces, face_indices, face_mask, 0, image),
-                                            gradient=gradient_options(gradient_chunk, **speed)),)
+                                            gradient=gradient_options or GradientOptions()),)
 
 
 def _task_inputs(steps, strength, tau, outputs):
@@ -174,7 +198,7 @@ class _ProtectionNode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**_task_inputs(*cls.PAPER), **cls.guidance_inputs()},
-                "optional": {**face_inputs(), **gradient_inputs()}}
+                "optional": face_inputs()}
 
     @staticmethod
     def _protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask, protect):
@@ -218,14 +242,14 @@ class DiffPrivacyAnonymize(_ProtectionNode):
     FUNCTION = "anonymize"
 
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
-                  guidance_scale, diversity_weight, resolution=512, faces="all", face_indices="", gradient_chunk=0,
-                  face_mask=None, **speed):
+                  guidance_scale, diversity_weight, resolution=512, faces="all", face_indices="", face_mask=None,
+                  gradient_options=None):
         return self._protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
                                    lambda img, schedule, choice: diff_privacy.anonymize(
                                        model, vae, face_model, img, schedule, seed=seed, steps=steps,
                                        strength=strength, num_outputs=num_outputs, guidance_scale=guidance_scale,
                                        diversity_weight=diversity_weight, faces=choice,
-                                       gradient=gradient_options(gradient_chunk, **speed)))
+                                       gradient=gradient_options or GradientOptions()))
 
 
 class DiffPrivacyHide(_ProtectionNode):
@@ -252,13 +276,13 @@ class DiffPrivacyHide(_ProtectionNode):
 
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
              lambda_above, lambda_below, redetect_every=10, resolution=512, faces="all", face_indices="",
-             gradient_chunk=0, face_mask=None, **speed):
+             face_mask=None, gradient_options=None):
         return self._protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
                                    lambda img, schedule, choice: diff_privacy.hide(
                                        model, vae, face_model, img, schedule, seed=seed, tau=tau, steps=steps,
                                        strength=strength, num_outputs=num_outputs, lambda_above=lambda_above,
                                        lambda_below=lambda_below, redetect_every=redetect_every, faces=choice,
-                                       gradient=gradient_options(gradient_chunk, **speed)))
+                                       gradient=gradient_options or GradientOptions()))
 
 
 class DiffPrivacyTextKeyE:
@@ -286,7 +310,36 @@ class DiffPrivacyTextKeyE:
         return KeyE.from_texts(clip, stage_text).to_conditioning(), [encode_text(clip, "")]
 
 
+class DiffPrivacyGradientOptions:
+    DESCRIPTION = ("How the guided nodes compute the identity gradient: which decoder (the full VAE, ComfyUI's tiny "
+                   "preview decoder, or auto), over the whole frame or only the faces' window, in how many chunks, "
+                   "with checkpointing, bf16, channels_last or torch.compile. The output images are always decoded "
+                   "with the full VAE. Connect it to Anonymize, Hide or the Guided DDIM Sampler.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "gradient_chunk": ("INT", tip("Back-propagate through the decoder this many outputs at a time. 0: auto, "
+                                          "as many as fit the free memory ComfyUI reports (all at once when they "
+                                          "fit). Smaller needs less memory for one more decoder pass per chunk.",
+                                          default=0, min=0, max=64)),
+            **_GRADIENT_INPUTS,
+        }}
+
+    RETURN_TYPES = ("GRADIENT_OPTIONS",)
+    OUTPUT_TOOLTIPS = ("The gradient settings, for the optional gradient_options input of the guided nodes.",)
+    FUNCTION = "options"
+    CATEGORY = CATEGORY + "/sampling"
+
+    def options(self, gradient_chunk=0, gradient_decoder="full VAE", face_window=False, gradient_checkpointing=False,
+                gradient_precision="auto", channels_last=False, torch_compile=False):
+        return (GradientOptions(decoder=gradient_decoder, face_window=bool(face_window), chunk=int(gradient_chunk),
+                                checkpointing=bool(gradient_checkpointing), precision=gradient_precision,
+                                channels_last=bool(channels_last), compile=bool(torch_compile)),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DiffPrivacyGradientOptions": DiffPrivacyGradientOptions,
     "DiffPrivacyTextKeyE": DiffPrivacyTextKeyE,
     "DiffPrivacyDDIMSigmas": DiffPrivacyDDIMSigmas,
     "DiffPrivacyGuidedDDIMSampler": DiffPrivacyGuidedDDIMSampler,
@@ -294,6 +347,7 @@ NODE_CLASS_MAPPINGS = {
     "DiffPrivacyHide": DiffPrivacyHide,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffPrivacyGradientOptions": "Diff-Privacy Gradient Options",
     "DiffPrivacyTextKeyE": "Diff-Privacy Text Key-E (nothing learnt)",
     "DiffPrivacyDDIMSigmas": "Diff-Privacy DDIM Sigmas",
     "DiffPrivacyGuidedDDIMSampler": "Diff-Privacy Guided DDIM Sampler",

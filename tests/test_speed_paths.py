@@ -133,13 +133,18 @@ def test_missing_tiny_decoder_names_folder_and_file_and_auto_falls_back_saying_s
 
 
 def test_guided_nodes_take_the_gradient_options_with_tooltips():
+    from diffprivacy.nodes.encrypt_nodes import DiffPrivacyGradientOptions
+    required = DiffPrivacyGradientOptions.INPUT_TYPES()["required"]
+    assert required["gradient_decoder"][0] == gp.DECODER_CHOICES
+    assert required["gradient_decoder"][1]["default"] == "full VAE"  # until measured on real weights
+    for name in ("gradient_decoder", "face_window", "gradient_chunk", "gradient_checkpointing",
+                 "gradient_precision", "channels_last", "torch_compile"):
+        assert required[name][1]["tooltip"], name
+    (options,) = DiffPrivacyGradientOptions().options(2, "tiny", True)
+    assert options.decoder == "tiny" and options.face_window and options.chunk == 2
     for node in (DiffPrivacyAnonymize, DiffPrivacyHide, DiffPrivacyGuidedDDIMSampler):
         optional = node.INPUT_TYPES()["optional"]
-        assert optional["gradient_decoder"][0] == gp.DECODER_CHOICES
-        assert optional["gradient_decoder"][1]["default"] == "full VAE"  # until measured on real weights
-        for name in ("gradient_decoder", "face_window", "gradient_chunk", "gradient_checkpointing",
-                     "gradient_precision", "channels_last", "torch_compile"):
-            assert optional[name][1]["tooltip"], name
+        assert optional["gradient_options"][0] == "GRADIENT_OPTIONS" and optional["gradient_options"][1]["tooltip"]
 
 
 def test_sampler_node_with_tiny_and_no_file_fails_naming_the_folder(vae_approx, tiny_sd):
@@ -148,7 +153,8 @@ def test_sampler_node_with_tiny_and_no_file_fails_naming_the_folder(vae_approx, 
     image = torch.rand(1, 64, 64, 3)
     with pytest.raises(ValueError, match="vae_approx"):
         DiffPrivacyGuidedDDIMSampler().sampler(model, vae, ToyFaceModel(), image, "anonymize", 0.4, 1.0, 1.0, 1.0,
-                                               "predicted x0 (fast)", resolution=64, gradient_decoder="tiny")
+                                               "predicted x0 (fast)", resolution=64,
+                                               gradient_options=gp.GradientOptions(decoder="tiny"))
 
 
 # -- bounded memory --------------------------------------------------------------------------------------
