@@ -81,8 +81,10 @@ def main():
         image = torch.from_numpy(np.array(photo)).float()[None] / 255
     else:
         face = ToyFaceModel()
-        image = torch.rand(1, 1, 1, 3) * 0.5 + torch.linspace(0, 0.5, size)[None, :, None, None].expand(1, size, size, 3)
-    print(f"model {'SD1.5-layout' if args.full else 'tiny'}, {size}x{size}, device {model.load_device}, face {args.face}")
+        ramp = torch.linspace(0, 0.5, size)[None, :, None, None].expand(1, size, size, 3)
+        image = torch.rand(1, 1, 1, 3) * 0.5 + ramp
+    kind = "SD1.5-layout" if args.full else "tiny"
+    print(f"model {kind}, {size}x{size}, device {model.load_device}, face {args.face}")
 
     from diffprivacy.guidance.ddim import denoising_step_count
     sa, sh, sk = args.anonymize_steps, args.hide_steps, args.key_steps
@@ -96,7 +98,8 @@ def main():
             return lambda: DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 0, sh, 0.8, 0.6, 1, lam, lam,
                                             resolution=size)
         # warm-up, untimed: model loading, the face model's first detection and embedding, allocator
-        DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, 2, 1.0, 0.4, 4, 1.0, 1.0, resolution=size)
+        DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, 2, 1.0, 0.4, 4, 1.0, 1.0,
+                                         resolution=size)
         _, base = _timed(f"unguided DDIM, batch 4, {na} steps", anon(0.0))
         _timed(f"anonymize, batch 4, {na} of {sa} steps", anon(1.0), base)
         _, base = _timed(f"unguided DDIM, batch 1, {nh} steps", hide(0.0))

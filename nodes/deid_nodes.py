@@ -16,8 +16,9 @@ from .common import CATEGORY, StepProgress, resolution_input, resolve_key_path, 
 class DiffPrivacyDiffusionDeID:
     DESCRIPTION = ("Diffusion De-ID (thesis ch. 6) on your SD 1.5: the face is paired with the nearest fake of a pool "
                    "(by CLIP-vision appearance), then the FaceID identity embedding is optimised from the fake's so "
-                   "the recognizer no longer links the result to the original (IIS) or takes the fake's identity (IRS), "
-                   "while appearance tokens stay close; the image is rendered by DDIM from the original's inversion.")
+                   "the recognizer no longer links the result to the original (IIS) or takes the fake's identity "
+                   "(IRS), while appearance tokens stay close; the image is rendered by DDIM from the original's "
+                   "inversion.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -74,9 +74,9 @@ def test_an_image_without_a_face_is_refused_with_a_clear_error(comfy_server, wor
     assert comfy_server.alive()
 
 
-def test_a_group_photo_is_protected_on_its_largest_face(comfy_server, workflow_api):
-    """Anonymize takes "one face photo"; with several faces its reference is the largest one (the re-detection
-    tooltip and IdentityGuidance say so), so a group photo runs instead of failing."""
+def test_a_group_photo_is_protected_in_one_run(comfy_server, workflow_api):
+    """A group photo runs through the shipped workflow in one run, every detected face steered (faces = all, the
+    default; tests/test_group_guidance.py checks that each face receives gradient)."""
     group = Image.open(SHARED / "data" / "photos" / "group-6-faces.jpg").convert("RGB").resize((320, 224))
     api = _anonymize(workflow_api, _put(comfy_server, "group.png", group), resolution=0)
     face_model = [only(api, "DiffPrivacyFaceModelLoader"), 0]
@@ -88,6 +88,7 @@ def test_a_group_photo_is_protected_on_its_largest_face(comfy_server, workflow_a
     assert len(comfy_server.output_images(entry, "9102")) >= 2  # several faces really are found at this size
     (protected,) = _protected(comfy_server, entry, api)
     assert protected.size == (320, 224)
+    assert api[only(api, "DiffPrivacyAnonymize")]["inputs"].get("faces", "all") == "all"
 
 
 def _rgba() -> Image.Image:

@@ -12,10 +12,11 @@ import io
 
 import pytest
 import torch
+from conftest import require_package
 import torch.nn.functional as F
 from torch import nn
 
-ort = pytest.importorskip("onnxruntime")
+ort = require_package("onnxruntime", "onnxruntime from requirements-test.txt")
 
 from diffprivacy.guidance.face.onnx_torch import load_onnx_module  # noqa: E402
 from diffprivacy.guidance.face.scrfd import SCRFD  # noqa: E402
