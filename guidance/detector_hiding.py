@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from .face.anchors import AttackTarget, box_iou
-from .face.base import Face
+from .face.base import SELECT_MODES, Face, select_faces
 
-PRIVATE_MODES = ("all", "largest", "indices", "mask")
+PRIVATE_MODES = SELECT_MODES
 PRIVATE_ANCHOR_IOU = 0.15   # an anchor this close to a private face may produce it: push it to background
 KEPT_ANCHOR_IOU = 0.5       # an anchor this close to a kept face and firing is one of its detections
 HIDDEN_IOU = 0.3            # a private face is found again if a detection overlaps it this much (strict)
@@ -135,37 +135,9 @@ def estimate_memory(names: Sequence[str], h: int, w: int) -> int:
 
 def choose_private(faces: list[Face], mode: str, indices: Sequence[int] = (), mask: torch.Tensor | None = None,
                    mask_cover: float = 0.5) -> tuple[list[int], list[int]]:
-    """Split detected faces (largest first) into (private, kept) index lists.
-
-    ``all``: every face; ``largest``: faces[0]; ``indices``: the given positions (largest first,
-    0-based); ``mask``: faces whose box is at least ``mask_cover`` covered by ``mask`` (H, W) > 0.5.
-    """
-    if mode not in PRIVATE_MODES:
-        raise ValueError(f"private faces must be one of {PRIVATE_MODES}, got {mode!r}")
-    n = len(faces)
-    if mode == "all":
-        private = list(range(n))
-    elif mode == "largest":
-        private = [0] if n else []
-    elif mode == "indices":
-        bad = [i for i in indices if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"face indices {bad} are out of range: {n} face(s) were detected (indices 0..{n - 1}, "
-                             f"largest first)")
-        private = sorted(set(int(i) for i in indices))
-    else:
-        if mask is None:
-            raise ValueError("private faces 'mask' needs a MASK: connect one (white over the faces to hide)")
-        private = []
-        m = mask.float() > 0.5
-        h, w = m.shape
-        for i, f in enumerate(faces):
-            x1, y1, x2, y2 = [int(round(float(v))) for v in f.box]
-            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
-            if x2 > x1 and y2 > y1 and m[y1:y2, x1:x2].float().mean() >= mask_cover:
-                private.append(i)
-    kept = [i for i in range(n) if i not in private]
-    return private, kept
+    """Split detected faces (largest first) into (private, kept) index lists: the pack's face choice
+    (:func:`.face.base.select_faces`: all / largest / indices / the faces a MASK covers)."""
+    return select_faces(faces, mode, indices, mask, mask_cover)
 
 
 def _boxes(faces: list[Face]) -> torch.Tensor:

@@ -221,3 +221,13 @@ def resolve_key_path(key_file: str, key_path: str = "") -> Path:
     if not _inside(p, root):
         raise ValueError(f"key_file must lie inside output/{KEY_SUBFOLDER}/; got {key_file!r}")
     return p
+
+
+def key_file_digest(key_file: str, key_path: str = "") -> str:
+    """What a key loader's IS_CHANGED returns: the chosen file's content hash (a new key under the same name
+    reloads), or a marker when it cannot be read (the node then runs and says why)."""
+    import hashlib
+    try:
+        return hashlib.sha256(resolve_key_path(key_file, key_path or "").read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return f"unreadable:{key_file}:{key_path}"

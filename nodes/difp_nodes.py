@@ -6,7 +6,6 @@ original's identity embedding and landmarks).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import torch
@@ -18,7 +17,7 @@ from ..guidance.working_image import working_image
 from ..inversion import difp_keys
 from ..inversion import difp_training
 from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, list_key_files,
-                     resolution_input, resolve_key_path, rgb_batch, tip, write_new_output_file)
+                     resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip, write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 DIFP_CATEGORY = f"{CATEGORY}/DIFP"
@@ -254,10 +253,7 @@ class DiffPrivacyLoadDIFPKey:
 
     @classmethod
     def IS_CHANGED(cls, key_file="", key_path="", **_):
-        try:
-            return hashlib.sha256(resolve_key_path(key_file, key_path or "").read_bytes()).hexdigest()
-        except (OSError, ValueError):
-            return f"unreadable:{key_file}:{key_path}"
+        return key_file_digest(key_file, key_path)
 
     def load(self, key_file, password, key_path=""):
         key = difp_keys.read_difp_key(resolve_key_path(key_file, key_path or ""), password or None)

@@ -11,7 +11,6 @@ Keys are never put into image or latent metadata; the file format is in inversio
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -25,7 +24,7 @@ from ..inversion.key_e import KeyE
 from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors
 from ..inversion.keyfile import (KEY_I, META_STEPS, META_STRENGTH, META_TAU, key_bundle_metadata, metadata_number,
                                  read_key_file, write_key_file)
-from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, resolve_key_path,
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, key_file_digest, resolve_key_path,
                      write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
@@ -136,10 +135,7 @@ class DiffPrivacyLoadKey:
 
     @classmethod
     def IS_CHANGED(cls, key_file="", key_path="", **_):
-        try:
-            return hashlib.sha256(resolve_key_path(key_file, key_path or "").read_bytes()).hexdigest()
-        except (OSError, ValueError):
-            return f"unreadable:{key_file}:{key_path}"
+        return key_file_digest(key_file, key_path)
 
     def load(self, key_file, password, key_path="", model=None, clip=None):
         path = resolve_key_path(key_file, key_path or "")

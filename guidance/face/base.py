@@ -108,9 +108,11 @@ def select_faces(faces: list[Face], mode: str = "all", indices=(), mask: torch.T
     elif mode == "indices":
         indices = parse_indices(indices) if isinstance(indices, str) else sorted({int(i) for i in indices})
         bad = [i for i in indices if not 0 <= i < n]
-        if bad or not indices:
-            raise ValueError(f"face indices {bad or '(none given)'} do not name detected faces: {n} face(s) were "
-                             f"found (indices 0..{n - 1}, largest first)")
+        if bad:
+            raise ValueError(f"face indices {bad} are out of range: {n} face(s) were detected (indices 0..{n - 1}, "
+                             "largest first)")
+        if not indices:
+            raise ValueError("face choice 'indices' needs face indices, e.g. '0, 2' (0 is the largest face)")
         chosen = indices
     else:
         if mask is None:

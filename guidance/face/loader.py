@@ -127,7 +127,8 @@ def casia_safetensors_path(create: bool = True) -> Path:
         f"or run scripts/convert_facenet_casia.py")
 
 
-def _load_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
+    """A plain tensor dict from a safetensors file, or from .pt/.pth/.bin through ``torch.load(weights_only=True)``."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -169,7 +170,7 @@ def load_recognizer(kind: str, pack: str = "auto", device: str | torch.device = 
     def build():
         if kind.startswith("facenet"):
             from .facenet import FaceNetRecognizer, load_facenet_state_dict
-            rec = FaceNetRecognizer(load_facenet_state_dict(_load_state_dict(path), str(path)), name=kind)
+            rec = FaceNetRecognizer(load_facenet_state_dict(read_state_dict(path), str(path)), name=kind)
         elif kind in _ARCFACE_FILES:
             from .iresnet import ArcFaceRecognizer, iresnet_from_onnx
             rec = ArcFaceRecognizer(iresnet_from_onnx(path), name=f"{kind}:{path.parent.name}")

@@ -224,14 +224,9 @@ class RetinaFace(Detector, AttackTarget):
 
 def load_retinaface(path: str | Path, device="cpu") -> RetinaFace:
     """RetinaFace from facexlib's ``detection_Resnet50_Final.pth`` (``weights_only=True``)."""
+    from .loader import read_state_dict
     path = Path(path)
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} could not be read as a plain state dict (weights_only=True): "
-                         f"{type(e).__name__}: {str(e)[:200]}") from e
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+    sd = read_state_dict(path)
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
     net = RetinaFaceNet()
     expected = net.state_dict()
