@@ -177,6 +177,17 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def remove_partial_files(folder: Path) -> int:
+    """Delete the temporary files a killed run left (``.<name>.<random>.part<suffix>``, see :func:`_atomic_write`):
+    their images are redone. Returns how many were removed."""
+    removed = 0
+    for p in folder.rglob(".*.part*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def check_folders(input_dir: Path, output_dir: Path, keys_dir: Path) -> None:
     """Refuse layouts that would eat their own input or hide keys among the images."""
     input_dir, output_dir, keys_dir = (p.resolve() for p in (input_dir, output_dir, keys_dir))
@@ -395,6 +406,9 @@ def run(method: str, input_dir, output_dir, keys_dir, settings: dict | None = No
     input_dir, output_dir, keys_dir = Path(input_dir), Path(output_dir), Path(keys_dir)
     check_folders(input_dir, output_dir, keys_dir)
     manifest = Manifest(output_dir)
+    leftovers = remove_partial_files(output_dir) + remove_partial_files(keys_dir)
+    if leftovers:
+        log(f"removed {leftovers} half-written file(s) a previous run left; their images are done again")
     files = list_dataset(input_dir)
     todo = plan(files, manifest.read(), output_dir, retry_errors)
     log(f"{len(files)} file(s), {len(files) - len(todo)} already finished, {len(todo)} to do ({method})")

@@ -96,6 +96,7 @@ def test_a_run_killed_half_way_and_rerun_loses_nothing_and_writes_nothing_twice(
     proc.wait()
     done_before = len(manifest.read_text().splitlines())
     assert 3 <= done_before < 8, "the run was killed half-way"
+    (out / ".img99.png.a1b2c3.part.png").write_bytes(b"half an image")  # what a kill during a write leaves
     rerun = _cli(*args)
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr
