@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--distractors", help="folder of photos of other people (none of those in --originals) added to "
                                           "the identification protocol's different-identity set, as the paper's "
                                           "12,878; the report states how many were used")
+    ap.add_argument("--attributes", help="JSON of attribute labels per original file name: adds the attribute-probe "
+                                         "agreement (a linear probe on CLIP-vision features, fitted on the originals)")
+    ap.add_argument("--clip-vision", help="CLIP-vision file for --attributes (a models/clip_vision/ safetensors)")
     ap.add_argument("--key-original", help="key security: the original image")
     ap.add_argument("--key-recovered", action="append", default=[], metavar="VARIANT=FILE",
                     help="key security: a recovery, e.g. 'wrong Key-I=a.png' (repeat per variant)")
@@ -86,6 +89,13 @@ def main(argv=None) -> int:
         if bar is not None:
             bar.close()
     report["recognizers_unavailable"] = failed
+    if args.attributes:
+        try:
+            report["attribute_probe"] = attribute_probe(args)
+            print(f"attribute probe: {report['attribute_probe']}")
+        except (ValueError, OSError, ImportError) as e:
+            print(f"error: attribute probe: {e}", file=sys.stderr)
+            return 2
     paths = write_report(report, args.out, models)
     for title, header, rows in summary_tables(report):
         print(f"\n{title}\n  " + " | ".join(header))
@@ -98,6 +108,26 @@ def main(argv=None) -> int:
                                                     for n, s in report["recognizers"].items()))
     print(f"\n{len(report['problems'])} problem(s) recorded; report: {paths['html']}")
     return 0
+
+
+def attribute_probe(args) -> dict:
+    """Fit a linear probe on the originals' CLIP-vision features with --attributes labels; test on --protected."""
+    import comfy.clip_vision
+    from diffprivacy.evaluation.attribute_probe import clip_vision_features, load_attribute_labels, probe_agreement
+    from diffprivacy.evaluation.images import list_images, load_image, pair_names
+    if not args.protected or not args.clip_vision:
+        raise ValueError("--attributes needs --protected and --clip-vision")
+    labels = load_attribute_labels(args.attributes)
+    originals, protected = list_images(args.originals), list_images(args.protected)
+    pairs, _, _ = pair_names(originals, protected)
+    names = [n for n in pairs if n in labels]
+    if not names:
+        raise ValueError(f"none of the labelled files in {args.attributes} pairs with a protected image")
+    clip_vision = comfy.clip_vision.load(args.clip_vision)
+    feats_o = clip_vision_features(clip_vision, [load_image(originals[n]) for n in names])
+    feats_a = clip_vision_features(clip_vision, [load_image(protected[pairs[n]]) for n in names])
+    return {**probe_agreement(feats_o, feats_a, [labels[n] for n in names]), "features": "CLIP-vision image_embeds",
+            "clip_vision": Path(args.clip_vision).name}
 
 
 def key_security(args, models) -> int:
