@@ -158,3 +158,19 @@ def test_after_all_the_bad_input_the_server_still_protects_a_photo(comfy_server,
     (protected,) = _protected(comfy_server, entry, api)
     assert protected.size == (64, 64)
     assert comfy_server.alive()
+
+
+def test_a_nan_setting_posted_through_the_api_fails_naming_it_and_saves_no_key(comfy_server, workflow_api):
+    """ComfyUI's min/max checks let NaN through and its API accepts NaN in JSON: it used to give a "successful" run
+    with a black image and a saved key."""
+    api = _anonymize(workflow_api, _put(comfy_server, "nan-face.png", _face()))
+    api[only(api, "DiffPrivacyAnonymize")]["inputs"]["diversity_weight"] = float("nan")
+    keys = comfy_server.base / "output" / "diffprivacy"
+    keys_before = sorted(keys.glob("key_*.safetensors"))
+    entry = comfy_server.run(api, timeout=120, expect_error=True)
+    error = execution_error(entry)
+    assert error["node_type"] == "DiffPrivacyAnonymize", error
+    assert "diversity_weight is nan" in error["exception_message"], error
+    assert not _protected(comfy_server, entry, api)
+    assert sorted(keys.glob("key_*.safetensors")) == keys_before
+    assert comfy_server.alive()
