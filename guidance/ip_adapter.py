@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weights import read_tensor_file
+
 log = logging.getLogger("diffprivacy")
 
 FOLDER = "ipadapter"
@@ -150,25 +152,8 @@ def default_lora_name(kind: str) -> str | None:
 # -- reading ----------------------------------------------------------------------------------------------------
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat tensor dict from a safetensors file or a plain ``.bin`` (nested dicts are flattened with dots)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {type(e).__name__}: {e}") from e
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path} is not a plain tensor file: torch.load(weights_only=True) refused it "
-            f"({type(e).__name__}: {str(e)[:200]}). It may be a pickle that needs code to load, which is never run; "
-            f"use the official .bin / .safetensors adapter files ({', '.join(EXPECTED_FILES.values())}).") from e
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, not a dict of tensors: not an IP-Adapter file")
-    return _flatten(sd)
+    hint = f"Use the official .bin / .safetensors adapter files ({', '.join(EXPECTED_FILES.values())})."
+    return _flatten(read_tensor_file(path, hint))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..weights import read_tensor_file
 from .iresnet import ArcFaceRecognizer
 
 
@@ -77,12 +78,7 @@ def _units_from_state_dict(sd: dict[str, torch.Tensor]) -> list[tuple[int, int, 
 
 def load_irse(path: str | Path) -> IRSEBackbone:
     path = Path(path)
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} could not be read as a plain PyTorch state dict with weights_only=True "
-                         f"({type(e).__name__}: {str(e)[:200]}). Expected TreB1eN's model_ir_se50.pth; a file "
-                         f"that needs code to unpickle is refused on purpose.") from e
+    sd = read_tensor_file(path, "Expected TreB1eN's model_ir_se50.pth.")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or "input_layer.0.weight" not in sd or not any(k.startswith("body.") for k in sd):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..weights import read_tensor_file
 from .base import Detector, FaceModel, Recognizer
 
 DETECTORS = ("mtcnn", "scrfd", "retinaface", "dlib")
@@ -129,20 +130,7 @@ def casia_safetensors_path(create: bool = True) -> Path:
 
 def read_state_dict(path: Path) -> dict:
     """A plain tensor dict from a safetensors file, or from .pt/.pth/.bin through ``torch.load(weights_only=True)``."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} could not be read as a plain state dict (weights_only=True): "
-                         f"{type(e).__name__}: {str(e)[:200]}") from e
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return sd
+    return read_tensor_file(path)
 
 
 def recognizer_path(kind: str, pack: str = "auto") -> Path:
