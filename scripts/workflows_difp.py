@@ -34,7 +34,7 @@ def difp_protect():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     photo = g.node("LoadImage", title="photo to protect", image="face.png")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="mtcnn", recognizer="arcface-r50",
+    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
                         insightface_pack="buffalo_l")
     identity = g.node("DiffPrivacyIdentityAdapterLoader", title="identity adapter", adapter_name=FACEID,
                       lora_name="auto", lora_strength=0.8)
@@ -61,7 +61,7 @@ def difp_recover():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     key = g.node("DiffPrivacyLoadDIFPKey", key_file="", password="")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="mtcnn", recognizer="arcface-r50",
+    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
                         insightface_pack="buffalo_l")
     g.stage("Recover and save")
     rec = g.node("DiffPrivacyDIFPRecover", model=ckpt.out(0), vae=ckpt.out(2), key=key.out(0), steps=key.out(1),

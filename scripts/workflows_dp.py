@@ -29,7 +29,7 @@ def dp_identity():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     photo = g.node("LoadImage", title="original photo", image="face.png")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="mtcnn", recognizer="arcface-r50",
+    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
                         insightface_pack="buffalo_l")
     adapter = g.node("DiffPrivacyIdentityAdapterLoader", adapter_name=FACEID, lora_name="auto", lora_strength=0.8)
     g.stage("Release the identity (DP)")

@@ -30,11 +30,11 @@ def fsap():
     photo = g.node("LoadImage", title="photo to de-identify", image="face.png")
     adapter = g.node("DiffPrivacyIdentityAdapterLoader", adapter_name=FACEID, lora_name="auto", lora_strength=0.8)
     g.stage("The original's W")
-    arcface = g.node("DiffPrivacyFaceModelLoader", title="FaceID's space (ArcFace r50)", detector="mtcnn",
+    arcface = g.node("DiffPrivacyFaceModelLoader", title="FaceID's space (ArcFace r50)", detector="auto",
                      recognizer="arcface-r50", insightface_pack="buffalo_l")
     emb = g.node("DiffPrivacyFaceEmbedding", image=photo.out(0), face_model=arcface.out(0), face="largest")
     g.stage("FSAP")
-    recognizer = g.node("DiffPrivacyFaceModelLoader", title="the recognizer to defeat (L_I)", detector="mtcnn",
+    recognizer = g.node("DiffPrivacyFaceModelLoader", title="the recognizer to defeat (L_I)", detector="auto",
                         recognizer="facenet-casia")
     text = g.node("CLIPTextEncode", clip=ckpt.out(1), text="a photo of a person")
     run = g.node("DiffPrivacyFSAP", model=ckpt.out(0), vae=ckpt.out(2), positive=text.out(0),

@@ -25,7 +25,7 @@ def identity_from_donor():
     donor = g.node("LoadImage", title="donor photo (the identity)", image=DONOR)
     target = g.node("LoadImage", title="photo to change", image="face.png")
     g.stage("Donor's face")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="mtcnn", recognizer="arcface-r50",
+    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
                         insightface_pack="buffalo_l")
     emb = g.node("DiffPrivacyFaceEmbedding", image=donor.out(0), face_model=face_model.out(0), face="largest")
     g.node("PreviewImage", title="donor face as FaceID sees it", images=emb.out(1))
