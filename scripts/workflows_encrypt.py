@@ -39,9 +39,11 @@ def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, 
                   resolution=res.out(0), **task_settings)
     g.node("DiffPrivacySaveImageClean", images=node.out(0), filename_prefix=f"diffprivacy/{prefix}")
     g.stage(KEEP)
-    key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=key_e, vae=ckpt.out(2), image=image.out(0),
+    # Key-I from the images the task protected, with their Key-Es (outputs 5 and 6): in a batch, an image the
+    # task left out (no face) gets no key, and every key matches its protected image.
+    key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=node.out(6), vae=ckpt.out(2), image=node.out(5),
                    steps=s.out(0), resolution=res.out(0))
-    g.node("DiffPrivacySaveKey", key_i=key_i.out(0), key_e=key_e, model=ckpt.out(0), clip=ckpt.out(1),
+    g.node("DiffPrivacySaveKey", key_i=key_i.out(0), key_e=node.out(6), model=ckpt.out(0), clip=ckpt.out(1),
            steps=s.out(0), tau=t.out(0), strength=ns.out(0), filename_prefix="diffprivacy/key", password="",
            protected=node.out(0))  # written only once protection has succeeded
     return node
