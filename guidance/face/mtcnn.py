@@ -31,9 +31,14 @@ class PNet(nn.Module):
         self.conv4_1 = nn.Conv2d(32, 2, 1)
         self.conv4_2 = nn.Conv2d(32, 4, 1)
 
-    def forward(self, x):
+    def raw(self, x):
+        """(box regression, face/background class scores before the softmax): the detector hiding attacks these."""
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(self.pool1(self.prelu1(self.conv1(x)))))))
-        return self.conv4_2(x), F.softmax(self.conv4_1(x), dim=1)
+        return self.conv4_2(x), self.conv4_1(x)
+
+    def forward(self, x):
+        reg, scores = self.raw(x)
+        return reg, F.softmax(scores, dim=1)
 
 
 class RNet(nn.Module):
@@ -52,13 +57,18 @@ class RNet(nn.Module):
         self.dense5_1 = nn.Linear(128, 2)
         self.dense5_2 = nn.Linear(128, 4)
 
-    def forward(self, x):
+    def raw(self, x):
+        """(box regression, class scores before the softmax)."""
         x = self.pool1(self.prelu1(self.conv1(x)))
         x = self.pool2(self.prelu2(self.conv2(x)))
         x = self.prelu3(self.conv3(x))
         # the weights were converted from Caffe: flatten in (W, H, C) order
         x = self.prelu4(self.dense4(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
-        return self.dense5_2(x), F.softmax(self.dense5_1(x), dim=1)
+        return self.dense5_2(x), self.dense5_1(x)
+
+    def forward(self, x):
+        reg, scores = self.raw(x)
+        return reg, F.softmax(scores, dim=1)
 
 
 class ONet(nn.Module):
@@ -81,13 +91,18 @@ class ONet(nn.Module):
         self.dense6_2 = nn.Linear(256, 4)
         self.dense6_3 = nn.Linear(256, 10)
 
-    def forward(self, x):
+    def raw(self, x):
+        """(box regression, landmarks, class scores before the softmax)."""
         x = self.pool1(self.prelu1(self.conv1(x)))
         x = self.pool2(self.prelu2(self.conv2(x)))
         x = self.pool3(self.prelu3(self.conv3(x)))
         x = self.prelu4(self.conv4(x))
         x = self.prelu5(self.dense5(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
-        return self.dense6_2(x), self.dense6_3(x), F.softmax(self.dense6_1(x), dim=1)
+        return self.dense6_2(x), self.dense6_3(x), self.dense6_1(x)
+
+    def forward(self, x):
+        reg, landmarks, scores = self.raw(x)
+        return reg, landmarks, F.softmax(scores, dim=1)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, method: str = "union") -> torch.Tensor:

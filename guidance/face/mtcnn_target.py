@@ -32,29 +32,10 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
 
 # The nets' own forward passes end in a softmax, whose face probability saturates at 1.0 in float32
 # on clear faces (and then has no gradient). These return the face-minus-background logit instead.
-def _pnet(net, x):
-    x = net.prelu3(net.conv3(net.prelu2(net.conv2(net.pool1(net.prelu1(net.conv1(x)))))))
-    c = net.conv4_1(x)
-    return net.conv4_2(x), c[:, 1] - c[:, 0]
-
-
-def _rnet(net, x):
-    x = net.pool1(net.prelu1(net.conv1(x)))
-    x = net.pool2(net.prelu2(net.conv2(x)))
-    x = net.prelu3(net.conv3(x))
-    x = net.prelu4(net.dense4(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
-    c = net.dense5_1(x)
-    return net.dense5_2(x), c[:, 1] - c[:, 0]
-
-
-def _onet(net, x):
-    x = net.pool1(net.prelu1(net.conv1(x)))
-    x = net.pool2(net.prelu2(net.conv2(x)))
-    x = net.pool3(net.prelu3(net.conv3(x)))
-    x = net.prelu4(net.conv4(x))
-    x = net.prelu5(net.dense5(x.permute(0, 3, 2, 1).reshape(x.shape[0], -1)))
-    c = net.dense6_1(x)
-    return net.dense6_2(x), c[:, 1] - c[:, 0]
+def _face_logit(net, x):
+    """A stage's box regression and face logit log p(face) - log p(background) (what its softmax turns into p)."""
+    out = net.raw(x)
+    return out[0], out[-1][:, 1] - out[-1][:, 0]
 
 
 def _roi_crops(img: torch.Tensor, boxes: torch.Tensor, size: int):
@@ -136,7 +117,7 @@ class MTCNNTarget(AttackTarget):
                 minl *= m.factor
                 continue
             im = F.interpolate(img, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-            reg, logit = _pnet(m.pnet, _norm(im))
+            reg, logit = _face_logit(m.pnet, _norm(im))
             logit = logit[0]
             score = torch.sigmoid(logit.detach())
             ys, xs = torch.meshgrid(torch.arange(score.shape[0], device=device),
@@ -171,7 +152,7 @@ class MTCNNTarget(AttackTarget):
         if valid.numel() == 0:
             return out
         boxes = boxes[valid.to(device)]
-        reg, logit = _rnet(m.rnet, _norm(crops))
+        reg, logit = _face_logit(m.rnet, _norm(crops))
         if "rnet" in self.stages:
             out.append(AnchorScores("mtcnn/rnet", to_full(boxes[:, :4]), logit, m.thresholds[1]))
         p = torch.sigmoid(logit.detach())
@@ -188,7 +169,7 @@ class MTCNNTarget(AttackTarget):
         if valid.numel() == 0:
             return out
         boxes = boxes[valid.to(device)]
-        reg, logit = _onet(m.onet, _norm(crops))
+        reg, logit = _face_logit(m.onet, _norm(crops))
         final = _regress(torch.cat([boxes[:, :4], torch.sigmoid(logit.detach())[:, None]], 1), reg.detach())
         out.append(AnchorScores("mtcnn/onet", to_full(final[:, :4]), logit,
                                 max(m.thresholds[2], m.min_score)))
