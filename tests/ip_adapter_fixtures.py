@@ -146,3 +146,15 @@ def cached_sd15_file(kind: str, name: str) -> Path:
         write_adapter(tmp, kind, seed=len(name))
         os.replace(tmp, path)
     return path
+
+
+def load_tiny_identity_and_style(folder: Path, model, clip_vision):
+    """A random FaceID adapter (.bin) and IP-Adapter (.safetensors) fitting the tiny model, loaded as ComfyUI runs a
+    loader node (under inference mode): (identity adapter, style adapter)."""
+    import torch
+    from diffprivacy.guidance import ip_adapter as ipa
+    shape = tiny_shape(model, clip_vision)
+    with torch.inference_mode():
+        face = ipa.load_adapter(write_adapter(folder / "ip-adapter-faceid_sd15.bin", "faceid", **shape))
+        style = ipa.load_adapter(write_adapter(folder / "ip-adapter_sd15.safetensors", "ip-adapter", **shape))
+    return face, style

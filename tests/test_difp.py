@@ -10,7 +10,6 @@ import comfy.model_sampling
 import ip_adapter_fixtures as fx
 from diffprivacy.guidance import difp
 from diffprivacy.guidance import identity_streams as ids
-from diffprivacy.guidance import ip_adapter as ipa
 from diffprivacy.guidance.ddim import ddim_sigmas
 from diffprivacy.guidance.guided_ddim import sample_guided_ddim
 from diffprivacy.guidance.ilvr import RealismControl, filter_size, lowpass
@@ -19,12 +18,7 @@ from toy_models import GaussianDenoiser, toy_latent
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_sd, tiny_clip_vision):
-    d = tmp_path_factory.mktemp("difp_adapters")
-    shape = fx.tiny_shape(tiny_sd[0], tiny_clip_vision)
-    with torch.inference_mode():
-        face = ipa.load_adapter(fx.write_adapter(d / "ip-adapter-faceid_sd15.bin", "faceid", **shape))
-        style = ipa.load_adapter(fx.write_adapter(d / "ip-adapter_sd15.safetensors", "ip-adapter", **shape))
-    return face, style
+    return fx.load_tiny_identity_and_style(tmp_path_factory.mktemp("difp_adapters"), tiny_sd[0], tiny_clip_vision)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import ip_adapter_fixtures as fx
-from diffprivacy.guidance import ip_adapter as ipa
 from diffprivacy.guidance.face.base import Face, NoFaceError
 from toy_models import ToyFaceModel
 
@@ -32,12 +31,7 @@ class SmallFace(ToyFaceModel):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory, tiny_sd, tiny_clip_vision):
-    d = tmp_path_factory.mktemp("difp_nodes")
-    shape = fx.tiny_shape(tiny_sd[0], tiny_clip_vision)
-    with torch.inference_mode():
-        face = ipa.load_adapter(fx.write_adapter(d / "ip-adapter-faceid_sd15.bin", "faceid", **shape))
-        style = ipa.load_adapter(fx.write_adapter(d / "ip-adapter_sd15.safetensors", "ip-adapter", **shape))
-    return face, style
+    return fx.load_tiny_identity_and_style(tmp_path_factory.mktemp("difp_nodes"), tiny_sd[0], tiny_clip_vision)
 
 
 def _photo(seed=3, size=128):
