@@ -1,9 +1,9 @@
 """Workflows of DIFP (You et al., Entropy 2024): protection under a donor identity and a style with realism control,
 and recovery from the DIFP key."""
 from workflow_builder import Graph
+from workflows_identity import add_arcface, add_faceid_adapter
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
-FACEID = "ip-adapter-faceid_sd15.bin"
 STYLE = "ip-adapter_sd15.safetensors"
 VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 
@@ -34,10 +34,8 @@ def difp_protect():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     photo = g.node("LoadImage", title="photo to protect", image="face.png")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
-                        insightface_pack="buffalo_l")
-    identity = g.node("DiffPrivacyIdentityAdapterLoader", title="identity adapter", adapter_name=FACEID,
-                      lora_name="auto", lora_strength=0.8)
+    face_model = add_arcface(g)
+    identity = add_faceid_adapter(g, title="identity adapter")
     style = g.node("DiffPrivacyIdentityAdapterLoader", title="style adapter", adapter_name=STYLE, lora_name="auto",
                    lora_strength=1.0)
     vision = g.node("CLIPVisionLoader", clip_name=VIT_H)
@@ -61,8 +59,7 @@ def difp_recover():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     key = g.node("DiffPrivacyLoadDIFPKey", key_file="", password="")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
-                        insightface_pack="buffalo_l")
+    face_model = add_arcface(g)
     g.stage("Recover and save")
     rec = g.node("DiffPrivacyDIFPRecover", model=ckpt.out(0), vae=ckpt.out(2), key=key.out(0), steps=key.out(1),
                  guidance_scale=1.0, face_model=face_model.out(0))

@@ -1,8 +1,8 @@
 """Workflow of DP-Image on the identity embedding (thesis ch. 4): a differentially private identity release."""
 from workflow_builder import Graph
+from workflows_identity import add_arcface, add_faceid_adapter
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
-FACEID = "ip-adapter-faceid_sd15.bin"
 
 NOTE = ("What: a differentially private identity release (DP-Image, thesis ch. 4): the face's ArcFace embedding is "
         "clipped to radius C (sensitivity 2C), Gaussian noise sigma is added, and epsilon comes from Google's "
@@ -29,9 +29,8 @@ def dp_identity():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     photo = g.node("LoadImage", title="original photo", image="face.png")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
-                        insightface_pack="buffalo_l")
-    adapter = g.node("DiffPrivacyIdentityAdapterLoader", adapter_name=FACEID, lora_name="auto", lora_strength=0.8)
+    face_model = add_arcface(g)
+    adapter = add_faceid_adapter(g)
     g.stage("Release the identity (DP)")
     emb = g.node("DiffPrivacyFaceEmbedding", image=photo.out(0), face_model=face_model.out(0), face="largest")
     dp = g.node("DiffPrivacyDPIdentity", face_embedding=emb.out(0), clip_radius=1.0, noise_by="sigma", sigma=1.0,

@@ -1,8 +1,8 @@
 """Workflow of FSAP (thesis ch. 5): feature-space adversarial de-identification on the FaceID identity embedding."""
 from workflow_builder import Graph
+from workflows_identity import add_arcface, add_faceid_adapter
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
-FACEID = "ip-adapter-faceid_sd15.bin"
 
 NOTE = ("What: FSAP (thesis ch. 5, Alg. 7) moves the identity embedding W that drives FaceID on your SD 1.5 model, "
         "starting at the photo's own, with sign-gradient steps until FaceNet-CASIA's identity loss L_I = 1 - cos "
@@ -28,10 +28,9 @@ def fsap():
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     photo = g.node("LoadImage", title="photo to de-identify", image="face.png")
-    adapter = g.node("DiffPrivacyIdentityAdapterLoader", adapter_name=FACEID, lora_name="auto", lora_strength=0.8)
+    adapter = add_faceid_adapter(g)
     g.stage("The original's W")
-    arcface = g.node("DiffPrivacyFaceModelLoader", title="FaceID's space (ArcFace r50)", detector="auto",
-                     recognizer="arcface-r50", insightface_pack="buffalo_l")
+    arcface = add_arcface(g, title="FaceID's space (ArcFace r50)")
     emb = g.node("DiffPrivacyFaceEmbedding", image=photo.out(0), face_model=arcface.out(0), face="largest")
     g.stage("FSAP")
     recognizer = g.node("DiffPrivacyFaceModelLoader", title="the recognizer to defeat (L_I)", detector="auto",

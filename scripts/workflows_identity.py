@@ -3,6 +3,18 @@ from workflow_builder import Graph
 
 SD15 = "v1-5-pruned-emaonly.safetensors"
 FACEID = "ip-adapter-faceid_sd15.bin"
+
+
+def add_arcface(g, **title):
+    """Face Model Loader with ArcFace r50 of buffalo_l: FaceID's identity space (any detector the machine has)."""
+    return g.node("DiffPrivacyFaceModelLoader", **title, detector="auto", recognizer="arcface-r50",
+                  insightface_pack="buffalo_l")
+
+
+def add_faceid_adapter(g, **title):
+    """The FaceID adapter (its LoRA attached when present)."""
+    return g.node("DiffPrivacyIdentityAdapterLoader", **title, adapter_name=FACEID, lora_name="auto",
+                  lora_strength=0.8)
 DONOR = "donor.png"  # any photo of the person whose identity is transferred
 
 
@@ -25,12 +37,11 @@ def identity_from_donor():
     donor = g.node("LoadImage", title="donor photo (the identity)", image=DONOR)
     target = g.node("LoadImage", title="photo to change", image="face.png")
     g.stage("Donor's face")
-    face_model = g.node("DiffPrivacyFaceModelLoader", detector="auto", recognizer="arcface-r50",
-                        insightface_pack="buffalo_l")
+    face_model = add_arcface(g)
     emb = g.node("DiffPrivacyFaceEmbedding", image=donor.out(0), face_model=face_model.out(0), face="largest")
     g.node("PreviewImage", title="donor face as FaceID sees it", images=emb.out(1))
     g.stage("Identity stream")
-    adapter = g.node("DiffPrivacyIdentityAdapterLoader", adapter_name=FACEID, lora_name="auto", lora_strength=0.8)
+    adapter = add_faceid_adapter(g)
     model = g.node("DiffPrivacyApplyIdentityStreams", model=ckpt.out(0), identity_adapter=adapter.out(0),
                    face_embedding=emb.out(0), identity_weight=0.9, style_weight=0.0)
     g.stage("Sample and save")
