@@ -2,6 +2,7 @@
 
 anonymize / hide load a Key-E file written by the learn-key-e workflow; each protects one face photo,
 saves the protected images without metadata, makes Key-I and seals Key-I + Key-E into one key file.
+anonymize-fast is anonymize-text-key with the fast gradient preset (tiny decoder on the face window, issue 17).
 anonymize-learn-key-e / hide-learn-key-e learn Key-E of the photo first, in the same run.
 recover reads the key file of any of them and recovers the original. The step count S, the noise strength S_ns, tau
 and the working resolution are one shared widget each (Int / Float primitives), since protection, Key-I
@@ -136,6 +137,27 @@ def workflows():
     key_e = text.node("DiffPrivacyTextKeyE", clip=ckpt.out(1), stage_text="a photo of a person")
     _protect(text, ckpt, image, key_e.out(0), key_e.out(1), "DiffPrivacyAnonymize", "anonymized-text-key",
              50, 0.6, 0.4, num_outputs=4, guidance_scale=1.0, diversity_weight=1.0)
+    fast = Graph("anonymize-fast",
+                 "anonymize-text-key's protection with the fast gradient preset: the identity gradient runs through "
+                 "ComfyUI's tiny preview decoder (models/vae_approx/taesd_decoder.*) on the face's window only, in "
+                 "chunks that fit the free memory; the saved images are still decoded with the full VAE. Same settings "
+                 "otherwise (50 steps, 0.6 T, tau 0.4, 4 outputs) and the same key file for the recover workflow.",
+                 "What: anonymization tuned for speed while you try settings: the guidance gradient goes through the "
+                 "tiny preview decoder on the face's window instead of the full VAE on the whole frame (the outputs "
+                 "are still decoded by the full VAE).\n"
+                 f"Where: SD 1.5 checkpoint in Load Checkpoint; {PHOTO}; taesd_decoder.safetensors (or .pth) in "
+                 "models/vae_approx/ (the file ComfyUI's previews use; without it the run stops and names the file, or "
+                 "set gradient_decoder to auto to fall back to the full VAE).\n"
+                 "Settings that matter: Gradient Options (decoder, face window, chunk), S, S_ns, tau and the working "
+                 "resolution in Settings, the prompt on Text Key-E, and a password on Save Key.")
+    fast.stage(LOAD)
+    ckpt = fast.node("CheckpointLoaderSimple", ckpt_name=SD15)
+    image = fast.node("LoadImage", image="face.png")
+    fast.stage("Key-E (text) and the fast gradient")
+    key_e = fast.node("DiffPrivacyTextKeyE", clip=ckpt.out(1), stage_text="a photo of a person")
+    options = fast.node("DiffPrivacyGradientOptions", gradient_chunk=0, gradient_decoder="tiny", face_window=True)
+    _protect(fast, ckpt, image, key_e.out(0), key_e.out(1), "DiffPrivacyAnonymize", "anonymized-fast",
+             50, 0.6, 0.4, num_outputs=4, guidance_scale=1.0, diversity_weight=1.0, gradient_options=options.out(0))
     learn_first = ("Learns Key-E of face.png first (Stage I, the authors' defaults: 6100 steps, which takes a while; "
                    "the Key-E file lands in output/diffprivacy/key_e_*.safetensors, set a password on Learn Key-E to "
                    "seal it), then ")
@@ -161,4 +183,4 @@ def workflows():
         "Settings that matter: steps on Learn Key-E (6100 takes long on a CPU), S, S_ns, tau and the working "
         "resolution in Settings, lambda above / below tau on Hide, passwords on Learn Key-E and Save Key.",
         num_outputs=1, lambda_above=1.5, lambda_below=2.5, redetect_every=10)
-    return [anonymize, hide, recover, text, anonymize_learn, hide_learn]
+    return [anonymize, hide, recover, text, fast, anonymize_learn, hide_learn]

@@ -102,3 +102,25 @@ def test_protect_with_a_learnt_key_e_then_recover(comfy_server, workflow_api, ke
     rec = comfy_server.run(rec_api, timeout=120)
     (png,) = comfy_server.output_images(rec, only(rec_api, "DiffPrivacySaveImageClean"))
     assert Image.open(io.BytesIO(png)).size == (SIZE, SIZE)
+
+
+def test_fast_preset_names_the_missing_tiny_decoder_then_runs_through_it(comfy_server, workflow_api, tmp_path):
+    """anonymize-fast: without models/vae_approx/taesd_decoder.* the run stops with an error naming the folder and
+    the file (nothing saved, the server keeps serving); with the file the gradient goes through the tiny decoder
+    (the server log says which decoder ran) and the outputs are saved as usual."""
+    from tiny_models import build_taesd_decoder
+    api = shrink(workflow_api("anonymize-fast"), SIZE, STEPS)
+    nodes_of(api, "DiffPrivacyAnonymize")[0]["inputs"]["num_outputs"] = 1
+    options = nodes_of(api, "DiffPrivacyGradientOptions")[0]["inputs"]
+    assert options["gradient_decoder"] == "tiny" and options["face_window"] is True
+    assert not any((comfy_server.base / "models" / "vae_approx").glob("taesd_decoder*"))  # only this test adds it
+    entry = comfy_server.run(api, timeout=300, expect_error=True)
+    error = next(d for kind, d in entry["status"]["messages"] if kind == "execution_error")
+    assert "vae_approx" in error["exception_message"] and "taesd_decoder" in error["exception_message"]
+    assert not comfy_server.output_images(entry)
+    comfy_server.put_model("vae_approx", "taesd_decoder.safetensors",
+                           build_taesd_decoder(tmp_path / "taesd_decoder.safetensors"))
+    entry = comfy_server.run(api, timeout=300)
+    (png,) = comfy_server.output_images(entry, only(api, "DiffPrivacySaveImageClean"))
+    assert set(png_chunks(png)) == {"IHDR", "IDAT", "IEND"}
+    assert "gradient decoder: tiny (taesd_decoder.safetensors)" in comfy_server.log_tail(200_000)
