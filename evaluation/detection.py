@@ -62,6 +62,24 @@ def detection_outcome(detect: DetectFn, protected: torch.Tensor, private_boxes: 
     return {"private_hidden": hidden, "kept_found": kept, "detections": len(found)}
 
 
+def after_reupload(detect: DetectFn, scale: float = 1.0, quality: int | None = None) -> DetectFn:
+    """``detect`` run on the image as a site might re-publish it: rescaled by ``scale`` (bilinear,
+    anti-aliased when shrinking), then JPEG at ``quality``; boxes mapped back to the original's pixels.
+    Measures whether a hidden face stays hidden (the ``robust`` option's claim)."""
+    from ..guidance.detector_hiding import transform
+
+    def run(image: torch.Tensor) -> list[Face]:
+        x = (image.detach().float().clamp(0, 1) * 255.0).round().permute(2, 0, 1).unsqueeze(0)
+        y = transform(x, scale, quality).round().clamp(0, 255)
+        found = detect((y[0].permute(1, 2, 0) / 255.0).cpu())
+        return [Face(box=f.box / scale, score=f.score, landmarks=None if f.landmarks is None else f.landmarks / scale)
+                for f in found] if scale != 1.0 else found
+    return run
+
+
+REUPLOADS = {"jpeg75": (1.0, 75), "jpeg95": (1.0, 95), "x0.9": (0.9, None), "x1.1": (1.1, None)}
+
+
 # -- black-box detectors --------------------------------------------------------------------------
 
 def _dlib():

@@ -10,7 +10,8 @@ SCRFD-onnxruntime), plus blur and mosaic tuned per photo until the first detecto
 faces, with their distortion; a summary pools hiding rate, kept rate and R = r_p + 0.5 r_a.
 
 ``--private alternate`` hides faces 0, 2, 4... (largest first) and keeps the others: with group photos it
-measures both claims at once (private faces hidden, kept faces still found).
+measures both claims at once (private faces hidden, kept faces still found). ``--survival`` adds the first
+detector's verdict after a re-upload (JPEG q75 / q95, rescale x0.9 / x1.1): what the ``--robust`` attack is for.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 
 from diffprivacy.evaluation.baselines import apply_baseline
-from diffprivacy.evaluation.detection import detection_outcome, distortion, summarize, transfer_detectors
+from diffprivacy.evaluation.detection import (REUPLOADS, after_reupload, detection_outcome, distortion, summarize,
+                                             transfer_detectors)
 from diffprivacy.evaluation.images import list_images, load_image, save_image
 from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
 
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--evaluate", action="store_true", help="measure the saved PNGs (and tuned blur / mosaic)")
     ap.add_argument("--transfer", default="dlib-hog", help="black-box detectors: dlib-hog,dlib-cnn,scrfd-ort")
     ap.add_argument("--cnn-limit", type=int, default=0, help="run dlib-cnn on the first N photos only (slow)")
+    ap.add_argument("--survival", action="store_true",
+                    help="also run the first detector after JPEG q75 / q95 and rescaling x0.9 / x1.1 of the PNG")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -92,6 +96,9 @@ def main(argv=None) -> int:
                 pb = torch.stack([r.faces[i].box for i in r.private])
                 kb = torch.stack([r.faces[i].box for i in r.kept]) if r.kept else torch.zeros(0, 4)
                 dets = {t.name: t.detect for t in targets}
+                if args.survival:
+                    for label, (scale, quality) in REUPLOADS.items():
+                        dets[f"{targets[0].name} after {label}"] = after_reupload(targets[0].detect, scale, quality)
                 for tname, fn in transfer.items():
                     if tname == "dlib-cnn" and args.cnn_limit and len(rows) >= args.cnn_limit:
                         continue

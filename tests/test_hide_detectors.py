@@ -203,3 +203,27 @@ def test_mtcnn_misses_two_private_real_faces_and_still_finds_the_kept_ones():
     assert r.delta.abs().max() <= 12.0
     assert float(ssim(img, r.image)[0]) >= 0.9
     assert len(target.detect(r.image)) == 2
+
+
+def test_after_reupload_detects_on_the_changed_image_and_maps_boxes_back():
+    """The survival check must really re-encode / rescale what the detector sees, and report boxes in the
+    original's pixels (a bug in either would make every hidden face look 'robust' or every face 'lost')."""
+    from diffprivacy.evaluation.detection import after_reupload
+    seen = []
+
+    def spy(image):  # a detector that finds one face over the image's second quarter, whatever its size
+        seen.append(image)
+        h, w = image.shape[:2]
+        return [Face(torch.tensor([0.25 * w, 0.25 * h, 0.5 * w, 0.5 * h]), torch.zeros(5, 2), 0.99)]
+
+    img = _scene()
+    checker = (torch.arange(96)[:, None] + torch.arange(96)[None, :]) % 2
+    img = img + (checker[..., None] * 6.0 - 3.0) / 255.0   # texture JPEG cannot keep exactly (flat blocks it can)
+    for scale, quality in ((1.0, 75), (1.1, None), (0.9, 95)):
+        seen.clear()
+        (found,) = after_reupload(spy, scale, quality)(img)
+        (shown,) = seen
+        assert shown.shape[0] == round(96 * scale)
+        if scale == 1.0:
+            assert (shown - img).abs().max() > 2 / 255   # JPEG changed the pixels the detector saw
+        assert torch.allclose(found.box, torch.tensor([24.0, 24.0, 48.0, 48.0]), atol=0.6), (scale, found.box)
