@@ -28,8 +28,9 @@ The algorithm:
    with R the differentiable recognizer of the FACE_MODEL (ArcFace in the thesis; FaceNet-CASIA works), applied with
    the real image's landmarks (x_A keeps x_R's layout through x_T), and P the appearance encoder's patch tokens
    (before the final LayerNorm, as FALCO takes FaRL's). x_A is decoded differentiably from the fixed x_T by a short
-   DDIM on a subset of the same grid (``render_steps``), gradients through every UNet call; the final image is the
-   full S-step DDIM render with the best embedding found (lowest L).
+   DDIM on a subset of the same grid (``render_steps``), gradients through every UNet call, then through the gradient
+   decoder (``gradient``: the full VAE by default, or ComfyUI's tiny preview decoder, :mod:`.gradient_path`); the
+   final image is the full S-step DDIM render with the best embedding found (lowest L), decoded by the full VAE.
 
 Defaults (the thesis reports none; these are reasoned, not tuned on real weights, which this project does not have):
 
@@ -62,6 +63,8 @@ import torch.nn.functional as F
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .ddim import check_finite, ddim_sigmas, ddim_step
 from .face.base import NoFaceError
+from .fsap import gradient_decoder
+from .gradient_path import GradientOptions
 from .host import check_interrupt
 
 OBJECTIVES = ("iis", "irs")
@@ -487,20 +490,21 @@ def pair_image(pool: Pool, appearance: Appearance, work: torch.Tensor, objective
 
 def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appearance, pool: Pool,
               work: torch.Tensor, settings: DeIDSettings, *, invert: Callable, real_embedding=None,
-              progress: Callable | None = None, render_final: bool = True) -> DeIDResult:
+              progress: Callable | None = None, render_final: bool = True,
+              gradient: GradientOptions | None = None) -> DeIDResult:
     """Diffusion De-ID of one working image (1, H, W, 3) (square, the pool's resolution when ``x_t="fake"``).
 
     ``conditioning``: the prompt's CONDITIONING (cfg 1: inversion, render and final image all see it alone);
     ``adapter``: a FaceID adapter; ``face_model``: the differentiable recognizer of L_id with a detector;
     ``real_embedding`` (1, D): the real face's FaceID-space embedding, the condition x_T is inverted under (None: the
-    adapter's "off" embedding); ``invert``: ``inversion.ddim.ddim_invert``.
+    adapter's "off" embedding); ``invert``: ``inversion.ddim.ddim_invert``; ``gradient``: the decoder x_A's render
+    back-propagates through (None: the full VAE; De-ID has no face window, the whole frame is decoded).
     """
     import comfy.samplers
 
     from . import identity_streams as ids
     from .guided_ddim import guided_ddim_sampler
     from .sampling import sample_with_comfy
-    from .vae_decode import make_vae_decoder
 
     s = settings.validated()
     check_face_model(face_model)
@@ -521,6 +525,7 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     if s.x_t == "real" and real_embedding is None:
         on = off  # inversion under the "unconditional" identity
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, s.identity_weight)])
+    decode = gradient_decoder(vae, patched, gradient, "Diffusion De-ID")  # before the inversion: fails fast
     sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), s.steps, 1.0)
     if s.x_t == "real":
         latent = vae.encode(work)
@@ -536,7 +541,7 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
         lms = face.landmarks.float()[None]
         id_ref = face_model.embed(x_r, lms).detach() if s.objective == "iis" else pool.recognizer[pair:pair + 1]
         patches_ref = appearance(x_r)[1].detach() if s.lambda_att > 0 else None
-    job = {"stream_set": ss, "tokens": tokens, "decode": make_vae_decoder(vae, patched), "face_model": face_model,
+    job = {"stream_set": ss, "tokens": tokens, "decode": decode, "face_model": face_model,
            "appearance": appearance, "landmarks": lms, "id_ref": id_ref, "patches_ref": patches_ref, "e0": e_fake,
            "settings": s, "progress": progress}
     sampler = comfy.samplers.KSAMPLER(_deid_sampler, extra_options={"job": job})

@@ -24,13 +24,14 @@ Two renders (both documented in the node):
 
 * the cheap differentiable render R(W), used for every loss: x_hat = Dec(x0_hat(z_t, sigma_t; W)), the denoised
   estimate of ONE UNet call on the fixed DDIM-inverted latent z_t at the chosen timestep (strength * T, inverted
-  under the original's W_0 and the text conditioning, cfg 1), decoded by the VAE without clamping. Gradients flow
+  under the original's W_0 and the text conditioning, cfg 1), decoded without clamping by the gradient decoder
+  (``gradient``: the full VAE by default, or ComfyUI's tiny preview decoder, :mod:`.gradient_path`). Gradients flow
   W -> FaceID tokens -> UNet (one call) -> decoder -> losses; an outer iteration costs (1 + k) such
   forward/backward passes (the perceptual step's three gradients come from one batched pass of three rows, or
   three backward passes of one forward with ``perceptual_mode="sequential"`` when memory is short);
 * the final image: a full deterministic DDIM render from z_t (the optimised one when the latent is optimised)
   down to t = 0 over the same DDIM grid with the found W, the same grid the inversion went up: with W = W_0 it
-  reconstructs the original up to inversion error.
+  reconstructs the original up to inversion error, decoded by the full VAE whatever the gradient decoder.
 
 Defaults rescaled from the thesis (N 100, k 6, tau 0.8, lambda_I 0.02, lambda_P 0.008): N, k, tau are kept
 (tau is a cosine distance, as in the thesis); the steps are multiplied by 1/sqrt(512) = 0.0442, the ratio of a
@@ -41,6 +42,7 @@ component size (std(z_t) / 0.0442).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,7 +53,10 @@ import torch.nn.functional as F
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .ddim import check_finite, ddim_sigmas
 from .face.base import NoFaceError
+from .gradient_path import GradientOptions, make_gradient_decoder
 from .host import check_interrupt, interrupt_exceptions
+
+log = logging.getLogger("diffprivacy")
 
 EMBEDDING_DIM = 512
 UNIT_COMPONENT = 1.0 / math.sqrt(EMBEDDING_DIM)   # 0.0442: a unit 512-d vector's typical component
@@ -408,23 +413,34 @@ def original_face(face_model, image: torch.Tensor):
     return face.landmarks.float(), face.box.float()
 
 
+def gradient_decoder(vae, model, gradient: GradientOptions | None, method: str):
+    """The decoder of the differentiable render per ``gradient`` (None: the full VAE). The face window of the
+    guided DDIM needs its landmark crops, which this render does not make: it is ignored, with one warning."""
+    options = gradient or GradientOptions()
+    if options.face_window:
+        log.warning("[Diff-Privacy] gradient options: the face window is not used by %s (it has no landmark-based "
+                    "face window); its gradient decodes the whole frame", method)
+    return make_gradient_decoder(vae, model, options)
+
+
 def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.Tensor, face_model,
              settings: FSAPSettings, *, invert: Callable, lpips=None, clip_states=None, shortcut_scale: float = 1.0,
-             progress: Callable | None = None, trace: bool = False, render_final: bool = True) -> FSAPResult:
+             progress: Callable | None = None, trace: bool = False, render_final: bool = True,
+             gradient: GradientOptions | None = None) -> FSAPResult:
     """FSAP on one working image (1, H, W, 3).
 
     ``model``: the user's SD 1.5 MODEL (the identity stream is added here); ``adapter``: a FaceID adapter;
     ``w0``: the original's identity embedding (1, 512) in the adapter's space; ``face_model``: the differentiable
     recognizer of L_I (its detector finds the face region); ``invert``: the DDIM-inversion sampler
     (``inversion.ddim.ddim_invert``); ``lpips``: an LPIPS model or None (then L_P has two terms);
-    ``progress(iteration, history)`` may raise ComfyUI's interrupt (the best W so far is kept).
+    ``progress(iteration, history)`` may raise ComfyUI's interrupt (the best W so far is kept); ``gradient``: the
+    decoder of the differentiable render (None: the full VAE; FSAP has no face window, the whole frame is decoded).
     """
     import comfy.samplers
 
     from . import identity_streams as ids
     from .guided_ddim import guided_ddim_sampler
     from .sampling import sample_with_comfy
-    from .vae_decode import make_vae_decoder
 
     settings = settings.validated()
     check_face_model(face_model)
@@ -444,13 +460,13 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
         torch.zeros_like(w0), clip_states, shortcut_scale)
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off,
                                                                 settings.identity_weight)])
+    decode = gradient_decoder(vae, patched, gradient, "FSAP")  # before the inversion: a missing file fails fast
     sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), settings.steps, settings.strength)
     z0 = vae.encode(image)
     z_t = sample_with_comfy(patched, invert, sigmas, conditioning, z0)
     x = image.permute(0, 3, 1, 2)
     search = Search(settings, face_model, x, landmarks, box, lpips, progress, trace)
-    job = {"stream_set": ss, "tokens": tokens, "decode": make_vae_decoder(vae, patched), "search": search,
-           "w0": w0}
+    job = {"stream_set": ss, "tokens": tokens, "decode": decode, "search": search, "w0": w0}
     sampler = comfy.samplers.KSAMPLER(_search_sampler, extra_options={"job": job})
     z_found = sample_with_comfy(patched, sampler, torch.stack([sigmas[0], sigmas[0].new_zeros(())]),
                                 conditioning, z_t)

@@ -47,6 +47,11 @@ class DiffPrivacyDiffusionDeID:
         }, "optional": {
             "face_embedding": ("FACE_EMBEDDING", tip("The original's FaceID-space embedding (Face Embedding with "
                                                      "ArcFace r50): the condition x_T is inverted under.")),
+            "gradient_options": ("GRADIENT_OPTIONS", tip(
+                "Which decoder the optimisation's gradient runs through (Diff-Privacy Gradient Options: the full VAE, "
+                "ComfyUI's tiny preview decoder from models/vae_approx, or auto); unconnected: the full VAE. Its face "
+                "window does not apply here (the whole frame is decoded), nor do chunking, checkpointing and "
+                "precision; the output image is always decoded with the full VAE.")),
         }}
 
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -57,7 +62,8 @@ class DiffPrivacyDiffusionDeID:
     CATEGORY = CATEGORY
 
     def deidentify(self, model, vae, clip, clip_vision, identity_adapter, face_model, image, pool_path, prompt,
-                   objective, x_t, iterations, lambda_att, steps, resolution=512, face_embedding=None):
+                   objective, x_t, iterations, lambda_att, steps, resolution=512, face_embedding=None,
+                   gradient_options=None):
         settings = deid.DeIDSettings(objective=objective, x_t=x_t, iterations=int(iterations),
                                      lambda_att=float(lambda_att), steps=int(steps)).validated()
         if not pool_path.strip():
@@ -69,7 +75,7 @@ class DiffPrivacyDiffusionDeID:
         bar = StepProgress(max(settings.iterations, 1))
         result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
                                 deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
-                                real_embedding=real, progress=lambda step, *_: bar(step))
+                                real_embedding=real, progress=lambda step, *_: bar(step), gradient=gradient_options)
         info = result.info()
         report = (f"paired with fake {info['pair']} (appearance distance {info['pair_distance']:.4g}); |cos| to the "
                   f"original {info['cos_start']:.4f} -> {info['cos']:.4f} ({objective}, best at iteration "

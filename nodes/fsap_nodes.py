@@ -74,6 +74,11 @@ class DiffPrivacyFSAP:
             "resolution": resolution_input("The search and the output work at this size."),
         }, "optional": {
             "clip_vision": ("CLIP_VISION", tip("CLIP-ViT-H, only for FaceID Plus adapters (reads the aligned crop).")),
+            "gradient_options": ("GRADIENT_OPTIONS", tip(
+                "Which decoder the cheap render's gradient runs through (Diff-Privacy Gradient Options: the full VAE, "
+                "ComfyUI's tiny preview decoder from models/vae_approx, or auto); unconnected: the full VAE. Its face "
+                "window does not apply here (the whole frame is decoded), nor do chunking, checkpointing and "
+                "precision; the output image is always decoded with the full VAE.")),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "FACE_EMBEDDING", "STRING", "FLOAT")
@@ -88,7 +93,7 @@ class DiffPrivacyFSAP:
 
     def run(self, model, vae, positive, identity_adapter, face_embedding, image, face_model, tau, lambda_i, lambda_p,
             k, max_iterations, timestep, steps, latent_step, identity_weight, perceptual_mode, resolution,
-            clip_vision=None, unique_id=None):
+            clip_vision=None, gradient_options=None, unique_id=None):
         settings = fsap.FSAPSettings(tau=tau, lambda_i=lambda_i, lambda_p=lambda_p, k=k, n=max_iterations,
                                      steps=steps, strength=timestep, latent_step=latent_step,
                                      identity_weight=identity_weight, perceptual_mode=perceptual_mode).validated()
@@ -114,7 +119,8 @@ class DiffPrivacyFSAP:
                 ("PNG", fsap.curve_pil(history, settings.tau), 512))
 
         result = fsap.run_fsap(model, vae, positive, identity_adapter, emb, img, face_model, settings,
-                               invert=ddim_invert, lpips=lpips, clip_states=clip_states, progress=progress)
+                               invert=ddim_invert, lpips=lpips, clip_states=clip_states, progress=progress,
+                               gradient=gradient_options)
         report = fsap.report_text(result, settings)
         if lpips_note:
             report += f"\nLPIPS absent: {lpips_note}"

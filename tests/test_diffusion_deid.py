@@ -4,7 +4,9 @@ and its numbers are not results (a real SD 1.5 with IP-Adapter-FaceID and CLIP-v
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import shutil
 
 import numpy as np
@@ -45,14 +47,14 @@ def setup(tiny_checkpoint_path, tiny_clip_vision_path, tmp_path_factory):
             "cond": cond, "face": face, "appearance": appearance, "pool": pool}
 
 
-def _anonymize(setup, **kw):
+def _anonymize(setup, gradient=None, **kw):
     from diffprivacy.inversion.ddim import ddim_invert
     options = dict(steps=STEPS, render_steps=2, iterations=6, lambda_att=0.0, lr=1.0, checkpoint=False)
     options.update(kw)
     with torch.inference_mode():
         return deid.anonymize(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["face"],
                               setup["appearance"], setup["pool"], setup["image"], deid.DeIDSettings(**options),
-                              invert=ddim_invert)
+                              invert=ddim_invert, gradient=gradient)
 
 
 def _toward_real(setup):
@@ -218,3 +220,58 @@ def test_the_node_says_how_to_get_a_pool_when_none_is_given():
     with pytest.raises(ValueError, match="objective must be one of"):
         DiffPrivacyDiffusionDeID().deidentify(None, None, None, None, None, None, None, "x", "a photo", "other",
                                               "real", 30, 1.0, 50)
+
+
+# -- the gradient decoder (issue 17) ----------------------------------------------------------------------------------
+@pytest.fixture
+def vae_approx(tmp_path, monkeypatch):
+    """An empty ComfyUI vae_approx folder, where the tiny decoders live (as tests/test_speed_paths.py makes it)."""
+    import folder_paths
+    folder = tmp_path / "vae_approx"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae_approx", ([str(folder)], {".safetensors", ".pth"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+def test_tiny_gradient_decoder_carries_the_gradient_while_the_output_is_the_full_vae_decode(setup, vae_approx,
+                                                                                            monkeypatch, caplog):
+    from tiny_models import build_taesd_decoder
+    from diffprivacy.guidance import gradient_path as gp
+    from diffprivacy.guidance.vae_decode import VaeDecoder
+    build_taesd_decoder(vae_approx / "taesd_decoder.safetensors")
+    tiny_grads, full_calls, finals = [], [], []
+    tiny_call, full_call, vae_decode = gp.TinyDecoder.__call__, VaeDecoder.__call__, setup["vae"].decode
+
+    def spy_tiny(self, latent):
+        out = tiny_call(self, latent)
+        tiny_grads.append(out.requires_grad)
+        return out
+    monkeypatch.setattr(gp.TinyDecoder, "__call__", spy_tiny)
+    monkeypatch.setattr(VaeDecoder, "__call__", lambda self, latent: full_calls.append(1) or full_call(self, latent))
+    monkeypatch.setattr(setup["vae"], "decode", lambda z: finals.append(z) or vae_decode(z))
+    with caplog.at_level(logging.INFO, logger="diffprivacy"):
+        r = _anonymize(setup, gp.GradientOptions(decoder="tiny", face_window=True), iterations=1)
+    assert tiny_grads == [True, True] and not full_calls  # both renders of x_A went through the tiny decoder
+    assert r.history[1].loss != r.history[0].loss  # its gradient moved the embedding
+    assert "gradient decoder: tiny (taesd_decoder.safetensors)" in caplog.text
+    assert caplog.text.count("face window is not used") == 1
+    (final,) = finals  # the output: the full VAE's decode of the final DDIM render
+    with torch.no_grad():
+        assert torch.equal(r.image, vae_decode(final)[..., :3].float().clamp(0, 1))
+        tiny = gp.make_gradient_decoder(setup["vae"], setup["model"], gp.GradientOptions(decoder="tiny"))
+        assert float((tiny(final).movedim(1, -1).clamp(0, 1) - r.image).abs().mean()) > 1e-2
+
+
+def test_the_node_with_the_tiny_gradient_decoder_and_no_file_fails_naming_the_folder(setup, tiny_sd, vae_approx,
+                                                                                     tmp_path, monkeypatch):
+    import folder_paths
+    from diffprivacy.guidance.gradient_path import GradientOptions
+    from diffprivacy.nodes.deid_nodes import DiffPrivacyDiffusionDeID
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    setup["pool"].save(tmp_path / "pool.safetensors")
+    with torch.inference_mode(), pytest.raises(ValueError, match=rf"taesd_decoder.*{re.escape(str(vae_approx))}"):
+        DiffPrivacyDiffusionDeID().deidentify(setup["model"], setup["vae"], tiny_sd[1], setup["appearance"].cv,
+                                              setup["adapter"], setup["face"], setup["image"], "pool.safetensors",
+                                              "a photo", "iis", "real", 1, 0.0, STEPS, resolution=SIZE,
+                                              gradient_options=GradientOptions(decoder="tiny"))

@@ -4,6 +4,9 @@ evaluation row with dlib. The tiny model has random weights: its renders are not
 results (a real SD 1.5 with IP-Adapter-FaceID is needed for those)."""
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -43,11 +46,12 @@ def _run(setup, **kw):
     options = dict(steps=STEPS, lambda_i=LAMBDA_I, k=1, n=6)
     render = kw.pop("render_final", True)
     progress = kw.pop("progress", None)
+    gradient = kw.pop("gradient", None)
     options.update(kw)
     with torch.inference_mode():
         return fsap.run_fsap(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["w0"],
                              setup["image"], setup["face"], fsap.FSAPSettings(**options), invert=ddim_invert,
-                             trace=True, progress=progress, render_final=render)
+                             trace=True, progress=progress, render_final=render, gradient=gradient)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +225,55 @@ def test_loss_curve_draws_both_losses_and_tau():
     red = ((img[..., 0] > 0.7) & (img[..., 1] < 0.3)).sum()
     blue = ((img[..., 2] > 0.7) & (img[..., 0] < 0.3)).sum()
     assert img.shape == (256, 512, 3) and red > 100 and blue > 100
+
+
+# -- the gradient decoder (issue 17) ----------------------------------------------------------------------------------
+@pytest.fixture
+def vae_approx(tmp_path, monkeypatch):
+    """An empty ComfyUI vae_approx folder, where the tiny decoders live (as tests/test_speed_paths.py makes it)."""
+    import folder_paths
+    folder = tmp_path / "vae_approx"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae_approx", ([str(folder)], {".safetensors", ".pth"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+def test_tiny_gradient_decoder_carries_the_gradient_while_the_output_is_the_full_vae_decode(setup, vae_approx,
+                                                                                            monkeypatch, caplog):
+    from tiny_models import build_taesd_decoder
+    from diffprivacy.guidance import gradient_path as gp
+    from diffprivacy.guidance.vae_decode import VaeDecoder
+    build_taesd_decoder(vae_approx / "taesd_decoder.safetensors")
+    tiny_grads, full_calls, finals = [], [], []
+    tiny_call, full_call, vae_decode = gp.TinyDecoder.__call__, VaeDecoder.__call__, setup["vae"].decode
+
+    def spy_tiny(self, latent):
+        out = tiny_call(self, latent)
+        tiny_grads.append(out.requires_grad)
+        return out
+    monkeypatch.setattr(gp.TinyDecoder, "__call__", spy_tiny)
+    monkeypatch.setattr(VaeDecoder, "__call__", lambda self, latent: full_calls.append(1) or full_call(self, latent))
+    monkeypatch.setattr(setup["vae"], "decode", lambda z: finals.append(z) or vae_decode(z))
+    with caplog.at_level(logging.INFO, logger="diffprivacy"):
+        r = _run(setup, n=1, k=0, tau=2.0, gradient=gp.GradientOptions(decoder="tiny", face_window=True))
+    assert any(tiny_grads) and not full_calls  # the gradient went through the tiny decoder, never the full VAE
+    assert not torch.equal(r.w, r.w0.to(r.w))  # and moved W
+    assert "gradient decoder: tiny (taesd_decoder.safetensors)" in caplog.text
+    assert caplog.text.count("face window is not used") == 1
+    (final,) = finals  # the output: the full VAE's decode of the final DDIM render
+    with torch.no_grad():
+        assert torch.equal(r.image, vae_decode(final)[..., :3].float().clamp(0, 1))
+        tiny = gp.make_gradient_decoder(setup["vae"], setup["model"], gp.GradientOptions(decoder="tiny"))
+        assert float((tiny(final).movedim(1, -1).clamp(0, 1) - r.image).abs().mean()) > 1e-2
+
+
+def test_tiny_gradient_decoder_without_its_file_fails_naming_the_folder(setup, vae_approx):
+    from diffprivacy.guidance.gradient_path import GradientOptions
+    from diffprivacy.nodes.fsap_nodes import DiffPrivacyFSAP
+    options = GradientOptions(decoder="tiny")
+    with torch.inference_mode(), pytest.raises(ValueError, match=rf"taesd_decoder.*{re.escape(str(vae_approx))}"):
+        DiffPrivacyFSAP().run(**_node_args(setup, gradient_options=options))
 
 
 # -- the thesis's evaluation row ---------------------------------------------------------------------------------------
