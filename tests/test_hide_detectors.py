@@ -74,6 +74,22 @@ def test_stops_as_soon_as_every_private_face_is_gone():
     assert r.iterations_to_hide is not None and r.iterations == r.iterations_to_hide < 60
 
 
+def test_detectors_run_only_once_no_private_anchor_fires_on_the_saved_image_or_every_eighth_check():
+    """A face that stays out of reach fires in every pass: the detector runs for the faces at the start, every
+    8th check (iterations 8, 16) and after the last step, not at each of the 20 checks. A reachable face is
+    still caught at the first step whose saved image hides it (check_every 1)."""
+    toy = ToyDetector()
+    r = dh.hide_from_detectors(_scene(((16, 16, 250.0),)), [toy], "all",
+                               settings=dh.HideSettings(max_range=3.0, iterations=20, check_every=1))
+    assert r.hidden == {"toy": [False]} and toy.calls == 1 + 3
+    toy = ToyDetector()
+    r = dh.hide_from_detectors(_scene(((16, 16, 204.0),)), [toy], "all",
+                               settings=dh.HideSettings(epsilon=0.5, max_range=20.0, iterations=40, check_every=1))
+    # after 7 steps of 0.5 the face is 200.5, saved as 200 (round half to even): logit 0, p = 0.5, not a face;
+    # the float image still fires there, the saved one does not, and it is the saved one that is checked
+    assert r.iterations_to_hide == 7 and toy.calls == 2
+
+
 def test_a_face_out_of_range_is_reported_not_hidden():
     r = dh.hide_from_detectors(_scene(((16, 16, 250.0),)), [ToyDetector()], "all",
                                settings=dh.HideSettings(max_range=3.0, iterations=20))

@@ -26,6 +26,8 @@ class AnchorScores:
     boxes: torch.Tensor      # (N, 4) x1, y1, x2, y2 in full-image pixels, no gradient
     logits: torch.Tensor     # (N,) face logit (p = sigmoid), differentiable w.r.t. the image
     threshold: float         # the detector's own acceptance threshold (a probability) for this classifier
+    decides: bool = True     # an anchor of this classifier above threshold is a detection (False: an early
+                             # cascade stage such as MTCNN's P-Net / R-Net, whose proposals a later stage judges)
 
 
 class AttackTarget(abc.ABC):

@@ -126,7 +126,7 @@ class MTCNNTarget(AttackTarget):
             windows = torch.cat([((2 * pos + 1) / scale).floor(), ((2 * pos + 12) / scale).floor()], 1)
             if "pnet" in self.stages:
                 out.append(AnchorScores(f"mtcnn/pnet@{scale:.3f}", to_full(windows), logit.reshape(-1),
-                                        m.thresholds[0]))
+                                        m.thresholds[0], decides=False))
             flat = score.detach().reshape(-1)
             keep = flat >= m.thresholds[0]
             if keep.any():
@@ -154,7 +154,7 @@ class MTCNNTarget(AttackTarget):
         boxes = boxes[valid.to(device)]
         reg, logit = _face_logit(m.rnet, _norm(crops))
         if "rnet" in self.stages:
-            out.append(AnchorScores("mtcnn/rnet", to_full(boxes[:, :4]), logit, m.thresholds[1]))
+            out.append(AnchorScores("mtcnn/rnet", to_full(boxes[:, :4]), logit, m.thresholds[1], decides=False))
         p = torch.sigmoid(logit.detach())
         keep = p > m.thresholds[1]
         boxes = torch.cat([boxes[keep, :4], p[keep, None]], 1)
