@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .ddim import check_finite, ddim_sigmas, ddim_step
 from .face.base import NoFaceError
-from .fsap import gradient_decoder
+from .gradient_path import whole_frame_gradient_decoder
 from .gradient_path import GradientOptions
 from .host import check_interrupt
 
@@ -525,7 +525,7 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     if s.x_t == "real" and real_embedding is None:
         on = off  # inversion under the "unconditional" identity
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, s.identity_weight)])
-    decode = gradient_decoder(vae, patched, gradient, "Diffusion De-ID")  # before the inversion: fails fast
+    decode = whole_frame_gradient_decoder(vae, patched, gradient, "Diffusion De-ID")  # before the inversion: fails fast
     sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), s.steps, 1.0)
     if s.x_t == "real":
         latent = vae.encode(work)

@@ -42,7 +42,6 @@ component size (std(z_t) / 0.0442).
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,10 +52,8 @@ import torch.nn.functional as F
 from .autograd import gradients_enabled, thaw, thaw_inference_tensors
 from .ddim import check_finite, ddim_sigmas
 from .face.base import NoFaceError
-from .gradient_path import GradientOptions, make_gradient_decoder
+from .gradient_path import GradientOptions, whole_frame_gradient_decoder
 from .host import check_interrupt, interrupt_exceptions
-
-log = logging.getLogger("diffprivacy")
 
 EMBEDDING_DIM = 512
 UNIT_COMPONENT = 1.0 / math.sqrt(EMBEDDING_DIM)   # 0.0442: a unit 512-d vector's typical component
@@ -413,16 +410,6 @@ def original_face(face_model, image: torch.Tensor):
     return face.landmarks.float(), face.box.float()
 
 
-def gradient_decoder(vae, model, gradient: GradientOptions | None, method: str):
-    """The decoder of the differentiable render per ``gradient`` (None: the full VAE). The face window of the
-    guided DDIM needs its landmark crops, which this render does not make: it is ignored, with one warning."""
-    options = gradient or GradientOptions()
-    if options.face_window:
-        log.warning("[Diff-Privacy] gradient options: the face window is not used by %s (it has no landmark-based "
-                    "face window); its gradient decodes the whole frame", method)
-    return make_gradient_decoder(vae, model, options)
-
-
 def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.Tensor, face_model,
              settings: FSAPSettings, *, invert: Callable, lpips=None, clip_states=None, shortcut_scale: float = 1.0,
              progress: Callable | None = None, trace: bool = False, render_final: bool = True,
@@ -460,7 +447,8 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
         torch.zeros_like(w0), clip_states, shortcut_scale)
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off,
                                                                 settings.identity_weight)])
-    decode = gradient_decoder(vae, patched, gradient, "FSAP")  # before the inversion: a missing file fails fast
+    # before the inversion: a missing tiny-decoder file fails fast
+    decode = whole_frame_gradient_decoder(vae, patched, gradient, "FSAP")
     sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), settings.steps, settings.strength)
     z0 = vae.encode(image)
     z_t = sample_with_comfy(patched, invert, sigmas, conditioning, z0)

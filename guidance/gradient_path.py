@@ -205,6 +205,17 @@ def make_gradient_decoder(vae, model, options: GradientOptions):
     return apply_flags(decoder, options)
 
 
+def whole_frame_gradient_decoder(vae, model, options: GradientOptions | None, method: str):
+    """:func:`make_gradient_decoder` for a method whose gradient decodes the whole frame (FSAP, Diffusion De-ID:
+    their differentiable render makes no landmark crops, so the face window does not apply; asked for, it is
+    ignored with one warning). ``options`` None: the full VAE."""
+    options = options or GradientOptions()
+    if options.face_window:
+        log.warning("[Diff-Privacy] gradient options: the face window is not used by %s (it has no landmark-based "
+                    "face window); its gradient decodes the whole frame", method)
+    return make_gradient_decoder(vae, model, options)
+
+
 # -- the face window -----------------------------------------------------------------------------------
 def crop_source_boxes(landmarks: torch.Tensor, template: torch.Tensor, crop_size: int) -> torch.Tensor:
     """(N, 4) pixel boxes (x0, y0, x1, y1) of what an aligned ``crop_size`` crop reads from its image.

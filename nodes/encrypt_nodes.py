@@ -314,7 +314,8 @@ class DiffPrivacyGradientOptions:
     DESCRIPTION = ("How the guided nodes compute the identity gradient: which decoder (the full VAE, ComfyUI's tiny "
                    "preview decoder, or auto), over the whole frame or only the faces' window, in how many chunks, "
                    "with checkpointing, bf16, channels_last or torch.compile. The output images are always decoded "
-                   "with the full VAE. Connect it to Anonymize, Hide or the Guided DDIM Sampler.")
+                   "with the full VAE. Connect it to Anonymize, Hide, the Guided DDIM Sampler, FSAP or Diffusion "
+                   "De-ID (the last two decode the whole frame: the face window does not apply there).")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -139,3 +139,14 @@ def full_sd15_path():
     """The full-size SD 1.5-layout random checkpoint (~2 GB), built once and cached outside the clone."""
     import tiny_models
     return tiny_models.full_sd15_checkpoint_path()
+
+
+@pytest.fixture
+def vae_approx(tmp_path, monkeypatch):
+    """An empty ComfyUI ``vae_approx`` folder (where the tiny decoders live), the only one ComfyUI searches."""
+    import folder_paths
+    folder = tmp_path / "vae_approx"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae_approx", ([str(folder)], {".safetensors", ".pth"}))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder

@@ -223,17 +223,6 @@ def test_the_node_says_how_to_get_a_pool_when_none_is_given():
 
 
 # -- the gradient decoder (issue 17) ----------------------------------------------------------------------------------
-@pytest.fixture
-def vae_approx(tmp_path, monkeypatch):
-    """An empty ComfyUI vae_approx folder, where the tiny decoders live (as tests/test_speed_paths.py makes it)."""
-    import folder_paths
-    folder = tmp_path / "vae_approx"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae_approx", ([str(folder)], {".safetensors", ".pth"}))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
-
-
 def test_tiny_gradient_decoder_carries_the_gradient_while_the_output_is_the_full_vae_decode(setup, vae_approx,
                                                                                             monkeypatch, caplog):
     from tiny_models import build_taesd_decoder

@@ -83,16 +83,6 @@ def test_face_window_embedding_stays_within_cosine_099_of_the_full_frame(real):
 
 
 # -- the tiny decoder file ---------------------------------------------------------------------------------
-@pytest.fixture
-def vae_approx(tmp_path, monkeypatch):
-    import folder_paths
-    folder = tmp_path / "vae_approx"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "vae_approx", ([str(folder)], {".safetensors", ".pth"}))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    return folder
-
-
 def test_tiny_decoder_computes_what_comfyui_taesd_decodes(vae_approx, tiny_sd):
     import comfy.taesd.taesd
     from tiny_models import build_taesd_decoder
