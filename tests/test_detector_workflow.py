@@ -15,19 +15,21 @@ def _only(api, class_type):
 
 def test_hide_from_detectors_workflow_saves_a_clean_png_within_the_range(comfy_server, workflow_api):
     api = workflow_api("hide-from-detectors")
-    nodes_of(api, "DiffPrivacyHideFromDetectors")[0]["inputs"]["iterations"] = 6   # a few steps: CPU time
+    inputs = nodes_of(api, "DiffPrivacyHideFromDetectors")[0]["inputs"]
+    inputs["iterations"] = 6   # a few steps: CPU time
+    bound = min(inputs["range_rp"], 6 * inputs["epsilon"])   # the range, and how far 6 steps can go
     entry = comfy_server.run(api, timeout=300)
     (text,) = entry["outputs"][_only(api, "PreviewAny")]["text"]
     (rep,) = json.loads(text)
     assert rep["faces"] >= 1 and rep["private"] == list(range(rep["faces"])) and rep["iterations"] >= 1
-    assert 0 < rep["max_change"] <= 3.0 and "mtcnn" in rep["private_hidden"]
+    assert 0 < rep["max_change"] <= bound and "mtcnn" in rep["private_hidden"]
     saved = entry["outputs"][_only(api, "DiffPrivacySaveImageClean")]["images"]
     (png,) = [comfy_server.base / "output" / s["subfolder"] / s["filename"] for s in saved]
     with Image.open(png) as im:
         assert im.format == "PNG" and not im.info.get("prompt") and not im.info.get("workflow")
         out = np.asarray(im.convert("RGB"), dtype=np.int16)
     original = np.asarray(Image.open(comfy_server.base / "input" / "face.png").convert("RGB"), dtype=np.int16)
-    assert 0 < np.abs(out - original).max() <= 3
+    assert 0 < np.abs(out - original).max() <= bound
 
 
 def test_bad_input_to_the_live_node_fails_cleanly_and_the_server_keeps_serving(comfy_server, workflow_api):
