@@ -1,4 +1,4 @@
-"""Time to hide the faces of a 512x512 photo from MTCNN at default settings (R_p 8, eps 0.5, <= 200 iterations).
+"""Time to hide the faces of a 512x512 photo from MTCNN at default settings (R_p 12, eps 0.5, <= 200 iterations).
 
     OMP_NUM_THREADS=2 bash scripts/dev.sh python benchmarks/bench_hide_detectors.py [--photo P] [--range 3]
 

@@ -66,8 +66,8 @@ KEPT_IOU = 0.5              # a kept face is still detected if a detection overl
 @dataclass
 class HideSettings:
     epsilon: float = 0.5           # step per iteration, 0-255 scale
-    max_range: float = 8.0         # R_p: |delta| <= R_p per pixel and channel, 0-255 scale (README: the thesis's
-                                   # 3 hides few real faces from MTCNN; 8 hid them all on the photos measured)
+    max_range: float = 12.0        # R_p: |delta| <= R_p per pixel and channel, 0-255 scale (README: the thesis's
+                                   # 3 hides few real faces from MTCNN; 8 misses some portraits' large faces)
     iterations: int = 200          # N, at most (the loop stops as soon as every private face is gone)
     lam: float = 0.0               # lambda of Eq. 3.8 (the thesis does not report it)
     check_every: int = 2           # run the detectors on the rounded image every k iterations

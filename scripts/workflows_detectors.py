@@ -1,6 +1,6 @@
 """Workflow of the thesis ch. 3 method: hide faces from detectors with an invisible perturbation.
 
-- hide-from-detectors: face.png -> DiffPrivacyHideFromDetectors (MTCNN, R_p 8, default steps) -> a clean PNG
+- hide-from-detectors: face.png -> DiffPrivacyHideFromDetectors (MTCNN, R_p 12, default steps) -> a clean PNG
   (no metadata), the perturbation made visible, and the JSON report (which faces are still detected).
 """
 from workflow_builder import Graph
@@ -9,11 +9,11 @@ from workflow_builder import Graph
 def hide_from_detectors():
     g = Graph("hide-from-detectors",
               "Hides the faces of face.png from face detectors (Xue thesis ch. 3) with a perturbation of at most "
-              "8 levels out of 255, and saves it as PNG without metadata. The report says, per face, whether the "
+              "12 levels out of 255, and saves it as PNG without metadata. The report says, per face, whether the "
               "detector still finds it. Only lossless saving keeps the protection: JPEG re-compression, resizing or "
               "a screenshot can undo it (turn on 'robust' and raise the range for that). Choose which faces to "
               "hide with private_faces (all, largest, indices, or a mask).",
-              "What: hides the faces of your photo from face detectors (MTCNN) with a perturbation of at most 8 "
+              "What: hides the faces of your photo from face detectors (MTCNN) with a perturbation of at most 12 "
               "levels out of 255 that is hard to see (thesis ch. 3 uses 3, which hides few real faces from MTCNN), "
               "and saves it as PNG without metadata.\n"
               "Where: your photo in Load Image (upload it, or put it in ComfyUI's input/ folder as face.png); "
