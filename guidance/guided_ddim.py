@@ -249,6 +249,27 @@ class IdentityGuidance:
                     emb[j] = e
         return torch.stack(emb, dim=1), landmarks
 
+    def _embed_chunked(self, latent: torch.Tensor, step: int | None, chunk: int):
+        """:meth:`_embed` of the whole batch (same landmarks, same tracking), decoding ``chunk`` samples at a time."""
+        b = latent.shape[0]
+        parts = range(0, b, chunk)
+        if self.window_margin is None:
+            with precision_context(self.precision, latent.device):
+                images = torch.cat([self.decode(latent[s:s + chunk]) for s in parts])
+            landmarks = self.landmarks_for(images, step)
+            with precision_context(self.precision, latent.device):
+                emb = torch.cat([self._embed_images(images[s:s + chunk], landmarks[s:s + chunk]) for s in parts])
+            return emb, landmarks
+        ds = int(getattr(self.decode, "downscale", 8))   # as _embed_windows reads it
+        h, w = latent.shape[-2:]
+        if self.redetect_every > 0 and step and step % self.redetect_every == 0:
+            frames = torch.cat([self.decode(latent[s:s + chunk]) for s in parts])   # re-detection: whole frames
+        else:  # only the frames' size and device are read
+            frames = latent.new_empty((b, 0, h * ds, w * ds))
+        landmarks = self.landmarks_for(frames, step)
+        emb = torch.cat([self._embed_windows(latent[s:s + chunk], step, landmarks[s:s + chunk])[0] for s in parts])
+        return emb, landmarks
+
     def embed(self, latent: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """Embeddings of the decoded latents (differentiable when autograd is on): (B, D) for one face,
         (B, F, D) for several."""
@@ -276,8 +297,10 @@ class IdentityGuidance:
                 energy = self._total(self._embed(z, step)[0], refs)
                 (grad,) = torch.autograd.grad(energy, z)
                 return float(energy.detach()), grad.to(latent.dtype)
+            # Every sample's embedding first (the energy may couple the outputs, e.g. L_div), without gradients
+            # and chunk by chunk too, so no pass ever holds more than ``chunk`` samples' activations.
             with torch.no_grad():
-                emb_all, lms = self._embed(z, step)
+                emb_all, lms = self._embed_chunked(z, step, chunk)
             grad = torch.zeros_like(z)
             for s in range(0, n, chunk):
                 zc = z[s:s + chunk].detach().requires_grad_(True)

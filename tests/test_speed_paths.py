@@ -194,6 +194,21 @@ def test_chunking_gives_the_same_gradient_with_memory_divided_by_the_chunk_facto
     assert saved_one <= saved_all / 4 * 1.05  # chunk 1 of 4: at most a quarter (+5%)
 
 
+def test_with_chunking_no_decode_sees_more_samples_than_the_chunk(monkeypatch):
+    """Also the gradient-free pass that first embeds every output runs chunk by chunk: a batch-4 forward there
+    was the floor under chunked memory."""
+    guidance = _small_setup(chunk=1)
+    seen = []
+    real = guidance.decode.rest
+
+    def rest(features, like):
+        seen.append(features.shape[0])
+        return real(features, like)
+    monkeypatch.setattr(guidance.decode, "rest", rest)
+    guidance.energy_and_grad(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3)))
+    assert seen and max(seen) == 1 and len(seen) == 8   # 4 without gradients, then 4 with
+
+
 def test_checkpointing_gives_the_same_gradient_and_keeps_far_fewer_activations(monkeypatch):
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     e0, g0, saved0 = _run_recorded(_small_setup(), z, monkeypatch)
