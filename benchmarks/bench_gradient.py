@@ -9,7 +9,8 @@ on the values. Each configuration runs in its own process, so its peak RSS is it
 of that process (``process_time``, all threads: steadier than wall time on shared cores; wall time shown too),
 and the ratios come from this one run. The full VAE needs ~6 GiB per 512^2 sample for its backward pass, so
 its batch-4 step is measured as four batch-1 steps (``--full-batch``: how many of the four actually run; the
-rest are scaled from them). Prints a Markdown table.
+rest are scaled from them). Memory with chunking is given two ways: the bytes autograd keeps for one backward
+pass (what the chunk size divides) and the RSS the step added over a small warm-up. Prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -96,17 +97,37 @@ def one(config: dict) -> dict:
         m, side = gp.WINDOW_MARGIN, size // 8
         window_frac = sum((min(side, y1 + m) - max(0, y0 - m)) * (min(side, x1 + m) - max(0, x0 - m))
                           for (y0, y1, x0, x1), _ in windows) / side ** 2
-    guidance.energy_and_grad(z[:1, :, :8, :8] if config["decoder"] == "full" else z[:1])  # warm-up (small)
+    # Warm-up (lazy initialisation) on a small latent, so that its own peak stays below the step's: the peak RSS
+    # is a high-water mark, and a full-size one-sample warm-up would already reach a chunked step's peak.
+    guidance.energy_and_grad(z[:1] if config["window"] else z[:1, :, :8, :8])
     base_rss = _rss_gib()
     cpu, wall = [], []
+    saved = {"now": 0, "max": 0}   # bytes autograd keeps for one backward pass (weights excluded)
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved["now"] += t.numel() * t.element_size()
+            saved["max"] = max(saved["max"], saved["now"])
+        return t
+    real_grad = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        try:
+            return real_grad(*args, **kwargs)
+        finally:
+            saved["now"] = 0
+    torch.autograd.grad = grad
     for _ in range(steps):
         c0, w0 = time.process_time(), time.perf_counter()
-        guidance.energy_and_grad(z)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            guidance.energy_and_grad(z)
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
+    torch.autograd.grad = real_grad
     scale = batch / per_call
     return {"cpu_s": min(cpu) * scale, "wall_s": min(wall) * scale, "peak_rss_gib": _rss_gib(),
-            "step_rss_gib": _rss_gib() - base_rss, "window_frac": window_frac, "scaled": scale != 1}
+            "step_rss_gib": _rss_gib() - base_rss, "saved_gib": saved["max"] / 2**30, "window_frac": window_frac,
+            "scaled": scale != 1}
 
 
 def _spawn(config: dict) -> dict:
@@ -123,6 +144,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--full-batch", type=int, default=1, help="batch-1 steps of the full VAE actually run")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one step each: checks the script runs")
+    ap.add_argument("--memory-only", action="store_true", help="only the chunking memory table")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -133,7 +155,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; batch {args.batch}; "
           f"FaceNet-CASIA (real) on {PHOTO.name}", flush=True)
     rows = []
-    for size in sizes:
+    for size in [] if args.memory_only else sizes:
         full = None
         for name, (decoder, window, cl) in PATHS.items():
             config = {"size": size, "batch": args.batch, "steps": 1 if decoder == "full" or args.quick else 2,
@@ -158,13 +180,15 @@ def main():
         note = " (4 × batch 1)" if r["scaled"] else ""
         print(f"| {size}² | {name} | {r['cpu_s']:.1f}{note} ({r['wall_s']:.1f}) | ×{ratio:.1f} | "
               f"{r['window_frac']:.0%} | {r['peak_rss_gib']:.2f} GiB |")
-    print(f"\n| tiny decoder, {size}², batch {args.batch} | memory the step added (peak RSS) | × less than unchunked |")
-    print("|---|---|---|")
-    base = memory[0][1]["step_rss_gib"]
+    print(f"\n| tiny decoder, {size}², batch {args.batch} | autograd keeps for one backward | × less | "
+          "RSS the step added (peak RSS) | × less |")
+    print("|---|---|---|---|---|")
+    base, base_saved = memory[0][1]["step_rss_gib"], memory[0][1]["saved_gib"]
     for chunk, r in memory:
         label = "unchunked" if chunk == 0 else f"gradient_chunk {chunk}"
-        print(f"| {label} | {r['step_rss_gib']:.2f} GiB ({r['peak_rss_gib']:.2f} GiB) | "
-              f"×{base / max(r['step_rss_gib'], 1e-3):.1f} |")
+        rss_ratio = base / max(r["step_rss_gib"], 1e-3)
+        print(f"| {label} | {r['saved_gib']:.2f} GiB | ×{base_saved / max(r['saved_gib'], 1e-6):.1f} | "
+              f"{r['step_rss_gib']:.2f} GiB ({r['peak_rss_gib']:.2f} GiB) | ×{rss_ratio:.1f} |")
 
 
 if __name__ == "__main__":
