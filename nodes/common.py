@@ -71,6 +71,16 @@ def tip(text: str, **options) -> dict:
     return dict(options, tooltip=text)
 
 
+def whole_frame_gradient_options(gradient: str) -> tuple:
+    """The optional ``gradient_options`` input of a method whose gradient decodes the whole frame (FSAP, De-ID):
+    ``gradient`` names whose gradient it is."""
+    return ("GRADIENT_OPTIONS", tip(
+        f"Which decoder {gradient} runs through (Diff-Privacy Gradient Options: the full VAE, ComfyUI's tiny preview "
+        "decoder from models/vae_approx, or auto); unconnected: the full VAE. Its face window does not apply here "
+        "(the whole frame is decoded), nor do chunking, checkpointing and precision; the output image is always "
+        "decoded with the full VAE."))
+
+
 RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
                   "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
                   "image's own size, cropped to a multiple of 8. Protection and Make Key-I must use the same value "

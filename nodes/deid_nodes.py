@@ -10,7 +10,7 @@ from ..guidance import diffusion_deid as deid
 from ..guidance.working_image import working_image
 from ..inversion.ddim import ddim_invert
 from ..inversion.key_e import encode_text
-from .common import CATEGORY, StepProgress, resolution_input, resolve_key_path, tip
+from .common import CATEGORY, StepProgress, resolution_input, resolve_key_path, tip, whole_frame_gradient_options
 
 
 class DiffPrivacyDiffusionDeID:
@@ -47,11 +47,7 @@ class DiffPrivacyDiffusionDeID:
         }, "optional": {
             "face_embedding": ("FACE_EMBEDDING", tip("The original's FaceID-space embedding (Face Embedding with "
                                                      "ArcFace r50): the condition x_T is inverted under.")),
-            "gradient_options": ("GRADIENT_OPTIONS", tip(
-                "Which decoder the optimisation's gradient runs through (Diff-Privacy Gradient Options: the full VAE, "
-                "ComfyUI's tiny preview decoder from models/vae_approx, or auto); unconnected: the full VAE. Its face "
-                "window does not apply here (the whole frame is decoded), nor do chunking, checkpointing and "
-                "precision; the output image is always decoded with the full VAE.")),
+            "gradient_options": whole_frame_gradient_options("the optimisation's gradient"),
         }}
 
     RETURN_TYPES = ("IMAGE", "STRING")

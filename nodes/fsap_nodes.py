@@ -10,7 +10,8 @@ from ..evaluation.lpips import LPIPSUnavailable, load_lpips
 from ..guidance import fsap
 from ..guidance.working_image import working_image
 from ..inversion.ddim import ddim_invert
-from .common import CATEGORY, StepProgress, paired_batches, resolution_input, rgb_batch, tip
+from .common import (CATEGORY, StepProgress, paired_batches, resolution_input,
+                     rgb_batch, tip, whole_frame_gradient_options)
 
 log = logging.getLogger("diffprivacy")
 FSAP_CATEGORY = f"{CATEGORY}/fsap"
@@ -74,11 +75,7 @@ class DiffPrivacyFSAP:
             "resolution": resolution_input("The search and the output work at this size."),
         }, "optional": {
             "clip_vision": ("CLIP_VISION", tip("CLIP-ViT-H, only for FaceID Plus adapters (reads the aligned crop).")),
-            "gradient_options": ("GRADIENT_OPTIONS", tip(
-                "Which decoder the cheap render's gradient runs through (Diff-Privacy Gradient Options: the full VAE, "
-                "ComfyUI's tiny preview decoder from models/vae_approx, or auto); unconnected: the full VAE. Its face "
-                "window does not apply here (the whole frame is decoded), nor do chunking, checkpointing and "
-                "precision; the output image is always decoded with the full VAE.")),
+            "gradient_options": whole_frame_gradient_options("the cheap render's gradient"),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "FACE_EMBEDDING", "STRING", "FLOAT")

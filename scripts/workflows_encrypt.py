@@ -75,6 +75,21 @@ def _learning_key_e(name, task, prefix, steps, strength, tau, description, note,
     return g
 
 
+def _anonymize_with_text_key(g, key_stage, prefix, gradient=None):
+    """anonymize with a text Key-E at the paper's settings (50 steps, 0.6 T, tau 0.4, 4 outputs); ``gradient``:
+    the Gradient Options node's widgets, when the workflow sets them."""
+    g.stage(LOAD)
+    ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
+    image = g.node("LoadImage", image="face.png")
+    g.stage(key_stage)
+    key_e = g.node("DiffPrivacyTextKeyE", clip=ckpt.out(1), stage_text="a photo of a person")
+    extra = {}
+    if gradient is not None:
+        extra["gradient_options"] = g.node("DiffPrivacyGradientOptions", **gradient).out(0)
+    _protect(g, ckpt, image, key_e.out(0), key_e.out(1), "DiffPrivacyAnonymize", prefix, 50, 0.6, 0.4,
+             num_outputs=4, guidance_scale=1.0, diversity_weight=1.0, **extra)
+
+
 def workflows():
     anonymize = _with_key_e_file(
         "anonymize", "DiffPrivacyAnonymize", "anonymized", 50, 0.6, 0.4,
@@ -130,13 +145,7 @@ def workflows():
                  "face models installed.\n"
                  "Settings that matter: the prompt on Text Key-E (whoever guesses it holds the Key-E half of the key), "
                  "S, S_ns, tau and the working resolution in Settings, and a password on Save Key.")
-    text.stage(LOAD)
-    ckpt = text.node("CheckpointLoaderSimple", ckpt_name=SD15)
-    image = text.node("LoadImage", image="face.png")
-    text.stage("Key-E (text)")
-    key_e = text.node("DiffPrivacyTextKeyE", clip=ckpt.out(1), stage_text="a photo of a person")
-    _protect(text, ckpt, image, key_e.out(0), key_e.out(1), "DiffPrivacyAnonymize", "anonymized-text-key",
-             50, 0.6, 0.4, num_outputs=4, guidance_scale=1.0, diversity_weight=1.0)
+    _anonymize_with_text_key(text, "Key-E (text)", "anonymized-text-key")
     fast = Graph("anonymize-fast",
                  "anonymize-text-key's protection with the fast gradient preset: the identity gradient runs through "
                  "ComfyUI's tiny preview decoder (models/vae_approx/taesd_decoder.*) on the face's window only, in "
@@ -150,14 +159,8 @@ def workflows():
                  "set gradient_decoder to auto to fall back to the full VAE).\n"
                  "Settings that matter: Gradient Options (decoder, face window, chunk), S, S_ns, tau and the working "
                  "resolution in Settings, the prompt on Text Key-E, and a password on Save Key.")
-    fast.stage(LOAD)
-    ckpt = fast.node("CheckpointLoaderSimple", ckpt_name=SD15)
-    image = fast.node("LoadImage", image="face.png")
-    fast.stage("Key-E (text) and the fast gradient")
-    key_e = fast.node("DiffPrivacyTextKeyE", clip=ckpt.out(1), stage_text="a photo of a person")
-    options = fast.node("DiffPrivacyGradientOptions", gradient_chunk=0, gradient_decoder="tiny", face_window=True)
-    _protect(fast, ckpt, image, key_e.out(0), key_e.out(1), "DiffPrivacyAnonymize", "anonymized-fast",
-             50, 0.6, 0.4, num_outputs=4, guidance_scale=1.0, diversity_weight=1.0, gradient_options=options.out(0))
+    _anonymize_with_text_key(fast, "Key-E (text) and the fast gradient", "anonymized-fast",
+                             gradient=dict(gradient_chunk=0, gradient_decoder="tiny", face_window=True))
     learn_first = ("Learns Key-E of face.png first (Stage I, the authors' defaults: 6100 steps, which takes a while; "
                    "the Key-E file lands in output/diffprivacy/key_e_*.safetensors, set a password on Learn Key-E to "
                    "seal it), then ")

@@ -225,31 +225,16 @@ def test_the_node_says_how_to_get_a_pool_when_none_is_given():
 # -- the gradient decoder (issue 17) ----------------------------------------------------------------------------------
 def test_tiny_gradient_decoder_carries_the_gradient_while_the_output_is_the_full_vae_decode(setup, vae_approx,
                                                                                             monkeypatch, caplog):
-    from tiny_models import build_taesd_decoder
+    from tiny_models import GradientDecoderSpy
     from diffprivacy.guidance import gradient_path as gp
-    from diffprivacy.guidance.vae_decode import VaeDecoder
-    build_taesd_decoder(vae_approx / "taesd_decoder.safetensors")
-    tiny_grads, full_calls, finals = [], [], []
-    tiny_call, full_call, vae_decode = gp.TinyDecoder.__call__, VaeDecoder.__call__, setup["vae"].decode
-
-    def spy_tiny(self, latent):
-        out = tiny_call(self, latent)
-        tiny_grads.append(out.requires_grad)
-        return out
-    monkeypatch.setattr(gp.TinyDecoder, "__call__", spy_tiny)
-    monkeypatch.setattr(VaeDecoder, "__call__", lambda self, latent: full_calls.append(1) or full_call(self, latent))
-    monkeypatch.setattr(setup["vae"], "decode", lambda z: finals.append(z) or vae_decode(z))
+    spy = GradientDecoderSpy(monkeypatch, setup["vae"], vae_approx)
     with caplog.at_level(logging.INFO, logger="diffprivacy"):
         r = _anonymize(setup, gp.GradientOptions(decoder="tiny", face_window=True), iterations=1)
-    assert tiny_grads == [True, True] and not full_calls  # both renders of x_A went through the tiny decoder
+    assert spy.tiny_grads == [True, True] and not spy.full_calls  # both renders of x_A went through the tiny decoder
     assert r.history[1].loss != r.history[0].loss  # its gradient moved the embedding
     assert "gradient decoder: tiny (taesd_decoder.safetensors)" in caplog.text
     assert caplog.text.count("face window is not used") == 1
-    (final,) = finals  # the output: the full VAE's decode of the final DDIM render
-    with torch.no_grad():
-        assert torch.equal(r.image, vae_decode(final)[..., :3].float().clamp(0, 1))
-        tiny = gp.make_gradient_decoder(setup["vae"], setup["model"], gp.GradientOptions(decoder="tiny"))
-        assert float((tiny(final).movedim(1, -1).clamp(0, 1) - r.image).abs().mean()) > 1e-2
+    spy.assert_output_is_the_full_vae_decode(r.image, setup["model"])  # the final DDIM render, full VAE
 
 
 def test_the_node_with_the_tiny_gradient_decoder_and_no_file_fails_naming_the_folder(setup, tiny_sd, vae_approx,

@@ -155,3 +155,34 @@ def build_taesd_decoder(path: Path, latent_channels: int = 4, seed: int = 5) -> 
     random_init_(dec, seed)
     comfy.utils.save_torch_file({k: v.contiguous() for k, v in dec.state_dict().items()}, str(path))
     return path
+
+
+class GradientDecoderSpy:
+    """A random tiny decoder put in a ``vae_approx`` folder, and a record of what decoded what in one run:
+    ``tiny_grads`` (per tiny-decoder call: did its output carry gradients), ``full_calls`` (calls of the full-VAE
+    gradient decoder) and ``finals`` (latents the full VAE decoded for the outputs)."""
+
+    def __init__(self, monkeypatch, vae, vae_approx_folder: Path):
+        from diffprivacy.guidance import gradient_path as gp
+        from diffprivacy.guidance.vae_decode import VaeDecoder
+        build_taesd_decoder(vae_approx_folder / "taesd_decoder.safetensors")
+        self.tiny_grads, self.full_calls, self.finals = [], [], []
+        self.vae, self.vae_decode = vae, vae.decode
+        tiny_call, full_call = gp.TinyDecoder.__call__, VaeDecoder.__call__
+
+        def spy_tiny(decoder, latent):
+            out = tiny_call(decoder, latent)
+            self.tiny_grads.append(out.requires_grad)
+            return out
+        monkeypatch.setattr(gp.TinyDecoder, "__call__", spy_tiny)
+        monkeypatch.setattr(VaeDecoder, "__call__", lambda d, latent: self.full_calls.append(1) or full_call(d, latent))
+        monkeypatch.setattr(vae, "decode", lambda z: self.finals.append(z) or self.vae_decode(z))
+
+    def assert_output_is_the_full_vae_decode(self, image: torch.Tensor, model) -> None:
+        """The one output decode went through the full VAE (not the tiny decoder, which would differ)."""
+        from diffprivacy.guidance import gradient_path as gp
+        (final,) = self.finals
+        with torch.no_grad():
+            assert torch.equal(image, self.vae_decode(final)[..., :3].float().clamp(0, 1))
+            tiny = gp.make_gradient_decoder(self.vae, model, gp.GradientOptions(decoder="tiny"))
+            assert float((tiny(final).movedim(1, -1).clamp(0, 1) - image).abs().mean()) > 1e-2
