@@ -69,6 +69,9 @@ class HideSettings:
     max_range: float = 12.0        # R_p: |delta| <= R_p per pixel and channel, 0-255 scale (README: the thesis's
                                    # 3 hides few real faces from MTCNN; 8 misses some portraits' large faces)
     iterations: int = 200          # N, at most (the loop stops as soon as every private face is gone)
+    region: float = 1.2            # change only pixels within this many times each private face's box (centred);
+                                   # 0: anywhere (the thesis). Unrestricted, the attack changed 65-100 % of the
+                                   # pixels of a portrait; restricted, SSIM rose from ~0.95 to ~0.98 (README).
     lam: float = 0.0               # lambda of Eq. 3.8 (the thesis does not report it)
     check_every: int = 2           # run the detectors on the rounded image every k iterations
     robust: bool = False           # expectation over JPEG + rescale (see module doc)
@@ -77,6 +80,9 @@ class HideSettings:
     seed: int = 0
 
     def validate(self):
+        if not (self.region == 0 or self.region >= 1):
+            raise ValueError(f"region must be 0 (anywhere) or at least 1 (the face boxes themselves), "
+                             f"got {self.region}")
         if not (self.epsilon > 0 and self.max_range > 0 and self.iterations >= 1 and self.check_every >= 1):
             raise ValueError(f"epsilon, max_range must be > 0 and iterations, check_every >= 1; got {self}")
         if self.epsilon > self.max_range:
@@ -140,6 +146,17 @@ def choose_private(faces: list[Face], mode: str, indices: Sequence[int] = (), ma
     """Split detected faces (largest first) into (private, kept) index lists: the pack's face choice
     (:func:`.face.base.select_faces`: all / largest / indices / the faces a MASK covers)."""
     return select_faces(faces, mode, indices, mask, mask_cover)
+
+
+def region_mask(boxes: torch.Tensor, scale: float, h: int, w: int) -> torch.Tensor:
+    """(1, 1, h, w) mask: 1 inside each box scaled by ``scale`` about its centre (0 where no box reaches)."""
+    m = torch.zeros(1, 1, h, w)
+    for x1, y1, x2, y2 in boxes.tolist():
+        cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * scale / 2, (y2 - y1) * scale / 2
+        top, bottom = max(0, math.floor(cy - hh)), max(0, math.ceil(cy + hh))
+        left, right = max(0, math.floor(cx - hw)), max(0, math.ceil(cx + hw))
+        m[..., top:bottom, left:right] = 1
+    return m
 
 
 def _boxes(faces: list[Face]) -> torch.Tensor:
@@ -291,6 +308,7 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
     if s.robust:
         checks += [(1.0, s.jpeg_quality[0]), (1.0, s.jpeg_quality[1]), (1 - s.rescale, None), (1 + s.rescale, None)]
     delta = torch.zeros_like(x0)
+    allowed = region_mask(ref_private, s.region, *x0.shape[2:]).to(x0) if s.region else None
     best = (-1, -1, math.inf, x0, None, None)   # (hidden count, kept count, L2, x, hidden, found)
     log, first = [], None
     loss = None
@@ -347,6 +365,8 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
             (grad,) = torch.autograd.grad(loss, delta)
         else:  # no anchor left on any face: nothing to push
             grad = torch.zeros_like(delta)
+        if allowed is not None:  # pixels outside the faces' regions never move (sign(0) = 0)
+            grad = grad * allowed
         with torch.no_grad():
             delta = (delta - s.epsilon * grad.sign()).clamp(-s.max_range, s.max_range)
             delta = (x0 + delta).clamp(0, 255) - x0

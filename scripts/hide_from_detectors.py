@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epsilon", type=float, default=HideSettings.epsilon)
     ap.add_argument("--iterations", type=int, default=HideSettings.iterations)
     ap.add_argument("--robust", action="store_true")
+    ap.add_argument("--region", type=float, default=HideSettings.region,
+                    help="change only pixels within this many times each private face's box (0: anywhere)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many photos per folder (0: all)")
     ap.add_argument("--max-side", type=int, default=0, help="downscale photos to this longest side first (0: no)")
     ap.add_argument("--evaluate", action="store_true", help="measure the saved PNGs (and tuned blur / mosaic)")
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targets = load_attack_targets(args.detectors.split(","))
-    settings = HideSettings(epsilon=args.epsilon, max_range=args.range, iterations=args.iterations, robust=args.robust)
+    settings = HideSettings(epsilon=args.epsilon, max_range=args.range, iterations=args.iterations, robust=args.robust,
+                            region=args.region)
     transfer = transfer_detectors([t for t in args.transfer.split(",") if t]) if args.evaluate else {}
     rows = []
     for folder in args.input:

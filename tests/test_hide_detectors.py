@@ -155,6 +155,8 @@ def test_robust_mode_hides_after_jpeg_and_rescale_too():
 def test_settings_refuse_a_step_larger_than_the_range():
     with pytest.raises(ValueError, match="larger than the range"):
         dh.HideSettings(epsilon=4, max_range=3).validate()
+    with pytest.raises(ValueError, match="region must be 0"):   # a region smaller than the face box itself
+        dh.HideSettings(region=0.5).validate()
 
 
 # -- the node: bad input --------------------------------------------------------------------------
@@ -243,3 +245,20 @@ def test_after_reupload_detects_on_the_changed_image_and_maps_boxes_back():
         if scale == 1.0:
             assert (shown - img).abs().max() > 2 / 255   # JPEG changed the pixels the detector saw
         assert torch.allclose(found.box, torch.tensor([24.0, 24.0, 48.0, 48.0]), atol=0.6), (scale, found.box)
+
+
+def test_region_keeps_every_change_near_the_private_faces_and_they_still_hide():
+    """Real MTCNN on the astronaut (512 px): with region 1.2 nothing outside 1.2 x the face's box changes and the
+    face is still hidden; unrestricted (region 0, the thesis) the attack also changes pixels far from the face."""
+    from conftest import shared_path
+    from face_fixtures import load_photo, mtcnn
+    from diffprivacy.guidance.face.mtcnn_target import MTCNNTarget
+    img = load_photo(shared_path("data", "photos", "one-face-astronaut.png"))
+    target = MTCNNTarget(mtcnn())
+    (face,) = target.detect(img)
+    outside = dh.region_mask(face.box[None], 1.2, *img.shape[:2])[0, 0] == 0
+    near = dh.hide_from_detectors(img, [target], "all", settings=dh.HideSettings(region=1.2))
+    assert near.hidden == {"mtcnn": [True]}
+    assert near.delta[outside].abs().max() == 0 and near.delta[~outside].abs().max() > 0
+    anywhere = dh.hide_from_detectors(img, [target], "all", settings=dh.HideSettings(region=0))
+    assert anywhere.delta[outside].abs().amax(-1).gt(0).float().mean() > 0.2   # a fifth of the far pixels moved
