@@ -58,8 +58,9 @@ class DiffPrivacyHideFromDetectors:
             "range_rp": ("FLOAT", tip("R_p: no pixel value moves by more than this (0-255 scale). The thesis's 3 "
                                       "(invisible) hid few real faces from MTCNN here; 8 hid every face of the "
                                       "group photos but not every large portrait face; 12 hid all measured "
-                                      "(SSIM about 0.96; README). The attack stops as soon as the faces are gone, "
-                                      "so a larger range often ends with a smaller change.",
+                                      "(SSIM about 0.98 with the default region; README). The attack stops as "
+                                      "soon as the faces are gone, so a larger range often ends with a smaller "
+                                      "change.",
                                       default=12.0, min=0.5, max=32.0, step=0.5)),
             "epsilon": ("FLOAT", tip("Step per iteration (0-255 scale). Smaller steps with more iterations hide "
                                      "better at the same range (thesis Fig. 3.6).",
