@@ -29,6 +29,11 @@ bound whatever N is. ``sign`` makes the step size independent of the loss scale:
 loss depends on moves by exactly eps, and pixels it does not depend on (gradient 0) never move,
 which is why the perturbation gathers on the faces.
 
+Region (``region`` r > 0, not in the thesis): the gradient is multiplied by a mask that is 1 inside each private
+face's box scaled r times about its centre and 0 elsewhere, so sign(0) = 0 keeps every other pixel unchanged.
+Unrestricted, P-Net's large pyramid windows spread the change over most of a portrait; restricted to r = 1.2 the
+same faces still hid (README).
+
 Evaluated as saved: what counts is the image rounded to 8 bits (PNG). Every check of "is the face
 gone" runs the real detector on the rounded image, and the result returned is that rounded image.
 The loop stops as soon as every private face is gone from every target (checked every
