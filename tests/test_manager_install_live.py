@@ -49,3 +49,4 @@ def test_a_shipped_workflow_runs_without_the_facenet_wheels(bare_server):
     assert "auto chose detector dlib and recognizer arcface-r50" in note, note
     assert len(bare_server.output_images(entry)) >= 4
     assert bare_server.alive()
+
