@@ -90,11 +90,20 @@ def _resident_patcher(patcher, what: str):
                 "[Diff-Privacy] %s is loaded with ComfyUI's dynamic VRAM and came from a loader that leaves no reload "
                 "recipe (cached_patcher_init; ComfyUI's core checkpoint loaders set one), so no resident copy can be "
                 "made for back-propagation: running on the dynamically loaded weights. If the gradient step fails or "
-                "runs out of memory, start ComfyUI with %s, or load the model with Load Checkpoint.",
+                "runs out of memory, start ComfyUI with %s (or, for a MODEL, CLIP or VAE, load it with Load "
+                "Checkpoint).",
                 what, DISABLE_DYNAMIC_SWITCH)
             _RESIDENT[loaded] = known = _NO_DELEGATE
         else:
-            delegate = patcher.clone(disable_dynamic=True)  # ComfyUI reloads the weights from disk: once per model
+            try:
+                delegate = patcher.clone(disable_dynamic=True)  # ComfyUI reloads the weights from disk: once per model
+            except interrupt_exceptions():
+                raise
+            except Exception as e:  # the file moved since it was loaded, out of memory, a loader's own error, ...
+                raise RuntimeError(
+                    f"ComfyUI could not reload {what} to make the resident copy that back-propagation needs "
+                    f"({type(e).__name__}: {e}). Start ComfyUI with {DISABLE_DYNAMIC_SWITCH} to load models without "
+                    "dynamic VRAM (then no copy is needed).") from e
             _RESIDENT[loaded] = delegate.get_clone_model_override()  # (its model, its backups): no link to `loaded`
             log.info("[Diff-Privacy] made the resident copy of %s that gradients run through (once per loaded model; "
                      "%s avoids the copy)", what, DISABLE_DYNAMIC_SWITCH)

@@ -31,7 +31,7 @@ DELEGATE_ERROR = "Cannot create non-dynamic delegate: cached_patcher_init is not
 
 
 class ModelPatcher038(comfy.model_patcher.ModelPatcher):
-    """0.38's ``ModelPatcher``: 0.3.75's clone plus ``disable_dynamic`` / ``model_override`` / ``cached_patcher_init``."""
+    """0.38's ``ModelPatcher``: 0.3.75's clone plus ``disable_dynamic``, ``model_override``, ``cached_patcher_init``."""
     cached_patcher_init = None
 
     def is_dynamic(self):

@@ -101,8 +101,9 @@ def test_diffusion_de_id_reloads_each_model_once_across_two_runs(loads, adapter_
     g = torch.Generator().manual_seed(1)
     appearance_width = int(cv.model.visual_projection.weight.shape[0])
     pool = deid.Pool(torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=1),
-                     torch.randn(2, appearance_width, generator=g), torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=g),
-                     torch.randn(2, 16, generator=g), torch.ones(2, dtype=torch.bool), {"resolution": SIZE})
+                     torch.randn(2, appearance_width, generator=g),
+                     torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=g), torch.randn(2, 16, generator=g),
+                     torch.ones(2, dtype=torch.bool), {"resolution": SIZE})
     settings = deid.DeIDSettings(steps=4, render_steps=2, iterations=1, lambda_att=1.0, lr=1.0, checkpoint=False)
     face = _face()  # made outside inference mode, as a loader node's module is thawed by the method
     with torch.inference_mode():

@@ -95,3 +95,10 @@ def test_the_clip_clone_runs_the_resident_text_encoder(loads):
     assert clone.cond_stage_model is not clip.cond_stage_model and not clone.patcher.is_dynamic()
     assert host.resident_clone(clip).cond_stage_model is clone.cond_stage_model and loads.reloads == {"clip": 1}
     assert clip.cond_stage_model is clip.patcher.model and clip.patcher.is_dynamic()  # the input is left as it was
+
+
+def test_a_failing_reload_says_what_failed_and_names_the_switch(loads):
+    model, _, _ = loads.checkpoint()
+    loads.checkpoint_path = "/nonexistent/moved.safetensors"  # the file went away after loading
+    with pytest.raises(RuntimeError, match=r"could not reload the MODEL .*--disable-dynamic-vram"):
+        host.resident_clone(model, "the MODEL")
