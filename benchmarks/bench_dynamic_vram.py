@@ -6,7 +6,8 @@ One loading mode per process (ComfyUI decides dynamic VRAM at start-up; benchmar
 0.38 turns dynamic VRAM on in ``main.py``, which a library import does not run: this script does what ``main.py``
 does (``enables_dynamic_vram()``, comfy-aimdo's ``init`` / ``init_devices``, ``CoreModelPatcher =
 ModelPatcherDynamic``), and says so, or why not, in its result. The checkpoint (tiny, or with ``--full`` the
-full-size SD 1.5-layout one) and the tiny CLIP-vision model are loaded with ComfyUI's loaders; every reload recipe
+full-size SD 1.5-layout one) and the tiny CLIP-vision model are loaded by ComfyUI's Load Checkpoint and Load CLIP
+Vision nodes; every reload recipe
 (``cached_patcher_init``) is wrapped to count the reloads from disk. Then each gradient path runs twice:
 
 * Apply Identity Streams + one back-propagation through the UNet (the MODEL's resident copy),
@@ -67,6 +68,20 @@ def count_reloads(patcher, part: str, reloads: dict) -> bool:
     return True
 
 
+def load_as_the_core_loaders_do(checkpoint: Path, clip_vision: Path):
+    """(MODEL, CLIP, VAE, CLIP_VISION) from ComfyUI's Load Checkpoint and Load CLIP Vision nodes (on 0.38 these set
+    the reload recipes, or do not, exactly as in a user's workflow), run as the server runs a node."""
+    import torch
+    import folder_paths
+    import nodes
+    folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
+    folder_paths.add_model_folder_path("clip_vision", str(clip_vision.parent))
+    with torch.inference_mode():
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint.name)[:3]
+        (cv,) = nodes.CLIPVisionLoader().load_clip(clip_vision.name)
+    return model, clip, vae, cv
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--disable-dynamic-vram", action="store_true", help="load as ComfyUI does with that switch")
@@ -81,9 +96,7 @@ def main() -> int:
     gpu = torch.cuda.is_available()
     if not gpu:
         comfy.cli_args.args.cpu = True
-    import comfy.clip_vision
     import comfy.model_management as mm
-    import comfy.sd
     import comfy_test_pack  # noqa: F401  (registers the tiny model type)
     import tiny_models
     import ip_adapter_fixtures as fx
@@ -100,9 +113,7 @@ def main() -> int:
     path = tiny_models.full_sd15_checkpoint_path() if args.full else tiny_models.tiny_checkpoint_path()
     size = 512 if args.full else 64
     device = mm.get_torch_device()
-    with torch.inference_mode():  # as a node runs
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
-        cv = comfy.clip_vision.load(str(tiny_models.tiny_clip_vision_path()))
+    model, clip, vae, cv = load_as_the_core_loaders_do(path, tiny_models.tiny_clip_vision_path())
     reloads: dict = {}
     parts = {"model": model, "clip": clip.patcher, "vae": vae.patcher, "clip_vision": cv.patcher}
     recipes = {part: count_reloads(p, part, reloads) for part, p in parts.items()}  # before any clone copies them

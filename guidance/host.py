@@ -1,5 +1,6 @@
-"""What the pack asks of its ComfyUI host, in one place: interrupts, progress, and the few host
-APIs that differ between ComfyUI versions (feature-detected, never version-compared).
+"""What the pack asks of its ComfyUI host, in one place: interrupts, progress, the models gradients run
+through (:func:`resident_clone`), and the few host APIs that differ between ComfyUI versions
+(feature-detected, never version-compared).
 
 Every function works without a running server (plain-function use, tests, the dataset command):
 then interrupts never fire and progress goes nowhere.
