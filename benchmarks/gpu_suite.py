@@ -8,7 +8,9 @@ decoder (a random-weight file in ComfyUI's TAESD layout: same cost as the real o
 window, with bf16 autocast off and on; Key-I and recovery (50 steps); DIFP (benchmarks/bench_difp.py, when the DIFP
 module exists); Key-E learning to the reference loop's loss (benchmarks/bench_key_e.py). Each: time, ratio to
 unguided sampling of the same length, peak GPU memory. Then the host-default check: the x0 and through-UNet gradient
-paths run a few steps and must give finite latents.
+paths run a few steps and must give finite latents. Last, issue 29: the gradient paths twice with the host's default
+model loading and, where the host has the switch (ComfyUI 0.38), with ``--disable-dynamic-vram``: reloads from disk
+(the resident copies the pack makes, once per loaded model) and peak memory (benchmarks/bench_dynamic_vram.py).
 
 ``--dry``: the tiny checkpoint at 64², few steps, on whatever device there is: checks the script, measures nothing.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import subprocess
 import sys
@@ -198,16 +201,54 @@ def difp_row(args, rows, notes):
     rows.append(("DIFP step (one UNet call of its 3 entries + ILVR)", "—", "—", "see below", "see below", "—"))
 
 
+def dynamic_vram_rows(args, rows, notes):
+    """Issue 29: the gradient paths twice each (benchmarks/bench_dynamic_vram.py, one process per loading) with the
+    host's default model loading, then with --disable-dynamic-vram where the host has that switch (ComfyUI 0.38):
+    reloads from disk over both runs (1 per part that has a reload recipe is right; 2 would be a reload per run) and
+    the peak GPU memory of each path."""
+    import comfy.cli_args
+    modes = [("host default loading", [])]
+    if hasattr(comfy.cli_args, "enables_dynamic_vram"):
+        modes.append(("--disable-dynamic-vram", ["--disable-dynamic-vram"]))
+    else:
+        notes.append("dynamic VRAM: this ComfyUI has none (no --disable-dynamic-vram switch): the gradient paths ran "
+                     "with its one loading")
+    for label, extra in modes:
+        extra = extra + ([] if args.dry else ["--full"])
+        out = _sub("bench_dynamic_vram.py", extra, args.dynamic_vram_timeout)
+        found = re.search(r"^RESULT (\{.*\})$", out, re.M)
+        if not found:
+            rows.append((f"gradient paths twice, {label}", "—", "—", "FAILED: see below", "—", "—"))
+            notes.append("bench_dynamic_vram.py " + " ".join(extra) + ":\n" + out.strip()[-2000:])
+            continue
+        r = json.loads(found.group(1))
+        with_recipe = [k for k, v in r["reload_recipe"].items() if v]
+        reloads = ", ".join(f"{k} {r['reloads'][k]}" for k in with_recipe) or "none (no part has a reload recipe)"
+        notes.append(f"gradient paths, {label} (ComfyUI {r['host']}): {r['loading']}; dynamic patchers: "
+                     f"{', '.join(k for k, v in r['dynamic'].items() if v) or 'none'}; reloads from disk over two "
+                     f"runs: {reloads}")
+        for path in dict.fromkeys(run["path"] for run in r["runs"]):
+            runs = [run for run in r["runs"] if run["path"] == path]
+            peaks = [run["peak_gib"] for run in runs if run["peak_gib"] is not None]
+            results = sorted({run["result"] for run in runs})
+            rows.append((f"{path}, twice: {label}", r["loading"], "—",
+                         " / ".join(f"{run['seconds']:.2f} s" for run in runs) + ("" if results == ["ok"] else
+                                                                                 f" ({'; '.join(results)})"),
+                         f"reloads: {reloads}", _gib(max(peaks) if peaks else None)))
+            print("  ", rows[-1], flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry", action="store_true", help="tiny checkpoint, 64², few steps: checks the script only")
     ap.add_argument("--out", type=Path, default=None, help="the Markdown file (default benchmarks/results/...)")
-    ap.add_argument("--skip", default="", help="comma-separated: protection, key-e, difp, host-check")
+    ap.add_argument("--skip", default="", help="comma-separated: protection, key-e, difp, host-check, dynamic-vram")
     ap.add_argument("--key-e-reference-steps", type=int, default=None,
                     help="steps of the reference loop whose loss the fast settings must reach (default 1500 on a "
                          "GPU, to fit 8 minutes; the paper's loop is 6100: pass 6100 to measure that goal)")
     ap.add_argument("--key-e-timeout", type=int, default=300)
     ap.add_argument("--difp-timeout", type=int, default=120)
+    ap.add_argument("--dynamic-vram-timeout", type=int, default=240, help="per loading mode")
     args = ap.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.anonymize_steps, args.hide_steps, args.key_steps = (8, 10, 5) if args.dry else (50, 100, 50)
@@ -235,6 +276,8 @@ def main() -> int:
             difp_row(args, rows, notes)
         if "key-e" not in skip:
             key_e_row(args, rows, notes)
+        if "dynamic-vram" not in skip:
+            dynamic_vram_rows(args, rows, notes)
     total = time.perf_counter() - t0
 
     lines = [f"GPU suite, {date}, {device_name}, torch {torch.__version__}, SD 1.5-layout "

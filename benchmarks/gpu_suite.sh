@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_suite.sh --dry      # the same script on the tiny checkpoint at 64²: checks it runs (CPU ok)
 #
 # The table is also written to benchmarks/results/gpu-suite-<date>-<gpu>.md for the README to quote. Other options
-# go to benchmarks/gpu_suite.py (--skip key-e,difp; --key-e-reference-steps 6100; --out FILE).
+# go to benchmarks/gpu_suite.py (--skip key-e,difp,dynamic-vram; --key-e-reference-steps 6100; --out FILE).
 # Budget: 8 minutes on one H100/H200 (a first run adds the set-up and the checkpoint build: a few minutes).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

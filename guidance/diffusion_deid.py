@@ -65,7 +65,7 @@ from .ddim import check_finite, ddim_sigmas, ddim_step
 from .face.base import NoFaceError
 from .gradient_path import whole_frame_gradient_decoder
 from .gradient_path import GradientOptions
-from .host import check_interrupt
+from .host import check_interrupt, resident_clone
 
 OBJECTIVES = ("iis", "irs")
 X_T_SOURCES = ("real", "fake")
@@ -181,7 +181,9 @@ class Appearance:
         for attr in ("model", "patcher"):
             if not hasattr(clip_vision, attr):
                 raise ValueError(f"expected a CLIP_VISION model (missing {attr!r}), got {type(clip_vision).__name__}")
-        self.cv, self.name = clip_vision, name
+        # the copy gradients run through (host.resident_clone; on ComfyUI 0.38 with dynamic VRAM a CLIP-vision model
+        # has no reload recipe: it runs as loaded, with a warning)
+        self.cv, self.name = resident_clone(clip_vision, f"the {name} model"), name
         self.size = int(getattr(clip_vision, "image_size", 224))
         self.mean = list(getattr(clip_vision, "image_mean", [0.48145466, 0.4578275, 0.40821073]))
         self.std = list(getattr(clip_vision, "image_std", [0.26862954, 0.26130258, 0.27577711]))

@@ -36,6 +36,8 @@ from typing import Callable
 
 import torch
 
+from .host import interrupt_exceptions
+
 log = logging.getLogger("diffprivacy")
 
 DECODER_CHOICES = ("full VAE", "tiny", "auto")
@@ -370,6 +372,8 @@ class _CompiledFallback:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
+            except interrupt_exceptions():
+                raise  # Cancel (an Exception on ComfyUI 0.3.75): not a compile failure, and no eager re-run
             except Exception as e:
                 log.warning("[Diff-Privacy] torch.compile of %s failed, running eager from now on: %s",
                             self.what, str(e).splitlines()[0] if str(e) else type(e).__name__)

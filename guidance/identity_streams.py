@@ -426,7 +426,7 @@ def apply_identity_streams(model, streams: list[Stream]):
             raise ValueError(f"{len(s.layer_weights)} layer weights given for {len(layers)} cross-attention layers")
     import comfy.patcher_extension as pe
     from .host import resident_clone
-    clone = resident_clone(model)
+    clone = resident_clone(model, "the MODEL")
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     previous = next((p.streams for p in existing.values() if isinstance(p, LayerPatch)), None)
     foreign = [k for k, p in existing.items() if not isinstance(p, LayerPatch)]

@@ -51,10 +51,10 @@ class VaeDecoder:
         self.vae = vae
         self.process_out = process_out
         self.process_output = unclamped_output(vae.process_output)
-        # Our own resident copy of the VAE's patcher: newer ComfyUI streams weights ("dynamic VRAM") unless
-        # asked not to, and autograd must not meet streamed copies. On 0.3.75 the clone shares the module.
+        # Our own resident copy of the VAE's patcher (host.resident_clone: newer ComfyUI streams weights, "dynamic
+        # VRAM"; the copy is made once per loaded VAE). On 0.3.75 the clone shares the module.
         patcher = getattr(vae, "patcher", None)
-        self.patcher = resident_clone(patcher) if patcher is not None else None
+        self.patcher = resident_clone(patcher, "the VAE") if patcher is not None else None
         self.decoder = self.patcher.model if self.patcher is not None else vae.first_stage_model
         self.core = self.decoder.decode  # what torch.compile may replace (gradient_path.apply_flags)
         ratio = getattr(vae, "downscale_ratio", 8)  # a function for some video VAEs

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..guidance.host import clip_preprocess
+from ..guidance.host import clip_preprocess, resident_clone
 
 DEFAULT_LAYERS = (3, 7, 11, 15, 24)
 
@@ -68,6 +68,7 @@ def clip_layer_features(clip_vision, images: torch.Tensor, layers: Sequence[int]
     if layers[-1] > n:
         raise ValueError(f"CLIP-vision layer {layers[-1]} requested but the model has only {n} layers")
 
+    clip_vision = resident_clone(clip_vision, "the CLIP-vision model")  # the copy the pack's other paths use too
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
     pixels = clip_preprocess(images.to(device=device, dtype=torch.float32),

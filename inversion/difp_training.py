@@ -186,7 +186,7 @@ def train_difp_adapters(model_patcher, data: DIFPDataset, options: DIFPTrainingO
     (adapters, steps done, losses, optimizer state). On interrupt the state so far is checkpointed and re-raised."""
     options = options.validated()
     check_interrupt = check_interrupt or host_check_interrupt
-    model_patcher = resident_clone(model_patcher)
+    model_patcher = resident_clone(model_patcher, "the MODEL")
     with gradients_enabled():
         unet = model_patcher.model.diffusion_model
         thaw_inference_tensors(model_patcher.model)

@@ -179,7 +179,7 @@ def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, opti
 
     options = options.validated()
     # Back-propagation needs weights that stay put: newer ComfyUI streams them ("dynamic VRAM") unless asked not to.
-    model_patcher, clip = resident_clone(model_patcher), resident_clone(clip)
+    model_patcher, clip = resident_clone(model_patcher, "the MODEL"), resident_clone(clip, "the CLIP")
     encoder = PseudoTokenEncoder(clip, options.prompt)
     model = model_patcher.model
     if getattr(model.model_sampling, "num_timesteps", None) is None or not hasattr(model.model_sampling, "sigma"):
