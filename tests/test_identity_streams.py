@@ -298,6 +298,38 @@ def test_faceid_with_its_lora_patches_the_clone_and_without_it_runs_with_a_warni
     assert "DiffPrivacyIdentityAdapterLoader" in identity_nodes.NODE_CLASS_MAPPINGS
 
 
+def test_applying_streams_again_is_idempotent_one_lora_entry_per_weight_and_each_stream_once(tiny, files):
+    """Re-applying (e.g. DIFP / FSAP / De-ID / DP render on a MODEL from Apply Identity Streams) replaces: the FaceID
+    LoRA's patch entries stay at one per weight key, each stream is present once, and the output equals one
+    application of the last streams."""
+    import comfy.utils
+    from diffprivacy.guidance.identity_streams import faceid_lora_entries
+    lora = comfy.utils.load_torch_file(str(files["lora"]))
+    x, t, ctx = _inputs()
+    with torch.inference_mode():
+        adapter = ipa.load_adapter(files["faceid"])
+        adapter.lora, adapter.lora_name, adapter.lora_strength = lora, ipa.FACEID_LORAS["faceid"], 1.0
+        style = _load(files, "ip-adapter")
+        first, _ = _identity_stream(adapter, seed=1)
+        second, _ = _identity_stream(adapter, seed=2)
+        s_on = style.tokens(torch.randn(1, style.spec.clip_dim, generator=torch.Generator().manual_seed(3)))
+        once, _ = ids.apply_identity_streams(tiny, [second])
+        twice, ss = ids.apply_identity_streams(ids.apply_identity_streams(tiny, [first])[0], [second])
+        thrice, ss3 = ids.apply_identity_streams(twice, [ids.Stream("style", style, s_on, style.off_tokens())])
+        per_key = {k: len(v) for k, v in twice.patches.items()}
+        assert per_key and set(per_key.values()) == {1}, per_key
+        assert faceid_lora_entries(twice) == faceid_lora_entries(once) == {k: 1 for k in once.patches}
+        assert set(per_key) == set(once.patches)
+        assert {k: len(v) for k, v in thrice.patches.items()} == per_key  # a style stream keeps the one LoRA
+        assert sorted(ss.streams) == ["identity"] and sorted(ss3.streams) == ["identity", "style"]
+        assert torch.equal(ss.streams["identity"].on, second.on)
+        torch.testing.assert_close(_run(twice, x, t, ctx), _run(once, x, t, ctx))
+        # a FaceID adapter without its LoRA takes the earlier LoRA off (the identity it belonged to is replaced)
+        bare = _load(files, "faceid")
+        replaced, _ = ids.apply_identity_streams(twice, [_identity_stream(bare, seed=2)[0]])
+        assert not replaced.patches and not tiny.patches
+
+
 def test_sigma_range_turns_the_streams_off_outside_it(tiny, files):
     adapter = _load(files, "faceid")
     x, t, ctx = _inputs()
