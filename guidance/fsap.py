@@ -19,8 +19,9 @@ box, grown), for n = 1..N:
 
 If tau is not reached within N iterations, W_{N+1} is rendered once more and the W with the highest L_I is the
 result (said in the report). Success is never judged on the stand-in alone: the reported L_I and "reached" are
-measured on the delivered image (the final render, 8-bit rounded). Cancel stops the search early and keeps the best W so far: a W that reached tau
-beats one that did not; among those that did the lowest L_P wins, among the others the highest L_I.
+measured on the delivered image (the final render, 8-bit rounded). Cancel stops the search early and keeps the
+best W so far: a W that reached tau (on the delivered render where that was checked) beats one that did not; among
+those that did the lowest L_P wins, among the others the highest L_I.
 ``renormalise``: W <- W * |W_0| / |W| after every step (the embedding lives on the unit sphere).
 
 Two renders (both documented in the node):

@@ -99,10 +99,10 @@ class DiffPrivacyDPRender:
                    "strict (the DP statement holds): generated from fresh latent noise with your prompt text, encoded "
                    "here; the photo is never read, and a MODEL or CLIP carrying anything beyond the checkpoint "
                    "(streams, attention patches, LoRAs) or a connected CONDITIONING is refused by name. The label is "
-                   "computed from what went in. in the photo (NOT DP): the photo's face region inpainted with the noised "
-                   "identity; pose, background and hair still come from the original. With T > 1 rounds it runs the "
-                   "thesis's iteration: each round's render is re-embedded (face_model) and noised again. The label "
-                   "(JSON) says which, with ε and δ; save it with Save DP Image as the sidecar.")
+                   "computed from what went in. in the photo (NOT DP): the photo's face region inpainted with the "
+                   "noised identity; pose, background and hair still come from the original. With T > 1 rounds it "
+                   "runs the thesis's iteration: each round's render is re-embedded (face_model) and noised again. "
+                   "The label (JSON) says which, with ε and δ; save it with Save DP Image as the sidecar.")
 
     @classmethod
     def INPUT_TYPES(cls):
