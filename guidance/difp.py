@@ -344,8 +344,16 @@ def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, set
     from .identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
                                    recognizer_space_warning, style_tokens)
     import dataclasses
+
+    from .identity_streams import carried_streams
     c, warnings = conditions, []
     check_strength(settings.strength)
+    carried = carried_streams(model)
+    if carried is not None:
+        raise ValueError(f"the `model` input already carries {'/'.join(sorted(carried.streams))} stream(s) (from Apply "
+                         f"Identity Streams): DIFP Protect adds its identity and style streams itself, as chosen by "
+                         f"donor and style_source, and a stream from upstream would mix in whatever it was built "
+                         f"from. Connect the checkpoint's MODEL directly.")
     check_source("style", c.style_source, c.style_image, "style_image")
     check_source("realism reference", c.reference_source, c.reference, "reference")
     if c.style_source == "none" and settings.s_sty != 0.0:

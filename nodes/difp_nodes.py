@@ -113,7 +113,8 @@ class DiffPrivacyDIFPProtect:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", tip("Your SD 1.5 checkpoint's MODEL (without streams: they are added here).")),
+            "model": ("MODEL", tip("Your SD 1.5 checkpoint's MODEL, without streams (they are added here; a MODEL from "
+                                   "Apply Identity Streams is refused: its streams would mix in).")),
             "clip": ("CLIP", tip("Its text encoder: encodes the (empty) prompt DIFP conditions on.")),
             "vae": ("VAE", tip("Its VAE.")),
             "face_model": ("FACE_MODEL", tip("Detector + recognizer: finds the face (mask), embeds the original "

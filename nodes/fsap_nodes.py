@@ -116,7 +116,8 @@ class DiffPrivacyFSAP:
         bar = StepProgress(max(settings.n, 1), unique_id)
 
         def progress(it, history):
-            bar(min(it, settings.n), f"FSAP iteration {it}: L_I {history[-1].l_i:.4f} (tau {settings.tau:g})",
+            bar(min(it, settings.n),
+                f"FSAP iteration {it}: L_I {history[-1].l_i:.4f} on the stand-in (tau {settings.tau:g})",
                 ("PNG", fsap.curve_pil(history, settings.tau), 512))
 
         result = fsap.run_fsap(model, vae, positive, identity_adapter, emb, img, face_model, settings,

@@ -42,6 +42,7 @@ def _photo(seed=3, size=128):
 def _protect(tiny_sd, tiny_clip_vision, parts, **kw):
     from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPProtect
     model, clip, vae = tiny_sd
+    model = kw.pop("model", model)
     args = dict(donor="synthetic", strength=0.8, steps=10, s_id=1.5, s_sty=1.0, realism="fixed", g_rea=0.6,
                 region="face (feathered mask)", num_outputs=2, seed=0, resolution=128, identity_adapter=parts[0],
                 style_adapter=parts[1], clip_vision=tiny_clip_vision, style_source="original")
@@ -175,6 +176,11 @@ def test_style_source_and_realism_reference_are_the_explicit_choices_and_nothing
     assert "style" not in streams and "identity" in streams and realism is None
     assert seen["settings"].s_sty == 0.0 and seen["settings"].realism is False
     assert "style: none" in text and "realism reference: none" in text
+    with torch.inference_mode():  # a style stream built upstream (here from the original) cannot sneak in
+        upstream, _ = ids.apply_identity_streams(tiny_sd[0], [ids.Stream("style", parts[1], style_on(_photo()),
+                                                                         parts[1].off_tokens())])
+    with pytest.raises(ValueError, match="the `model` input already carries style stream"):
+        _protect(tiny_sd, tiny_clip_vision, parts, num_outputs=1, style_source="none", model=upstream)
     for kw, message in ((dict(style_source="another image"), "needs the image connected to style_image"),
                         (dict(style_image=style_img), "style_image is connected but the style source is 'original'"),
                         (dict(realism_reference="another image"), "needs the image connected to reference"),
