@@ -1,7 +1,8 @@
 """DP-Image on the identity embedding (thesis ch. 4): ε against dp-accounting and the closed form, the thesis's own
 figure, the released distribution, strict rendering's independence from the original's pixels and its refusal of a
-MODEL or CONDITIONING that can carry the original, the privacy label on every output (computed from what went in), bad input, and the dp-identity workflow in a live server. Renders use the tiny random-weight model and a
-random-weight FaceID file (tests/ip_adapter_fixtures.py): they test the plumbing, never image quality."""
+MODEL or CONDITIONING that can carry the original, the privacy label on every output (computed from what went in),
+bad input, and the dp-identity workflow in a live server. Renders use the tiny random-weight model and a random-weight
+FaceID file (tests/ip_adapter_fixtures.py): they test the plumbing, never image quality."""
 from __future__ import annotations
 
 import io
