@@ -11,11 +11,15 @@ The thesis decodes a DiffAE latent z = (z̄, x_T). Here, on the user's own SD 1.
 
 The algorithm:
 
-1. **Fake pool** X_F, |X_F| > |X_R| (:func:`build_pool`): identity embeddings drawn from a Gaussian fitted to the real
-   set's embeddings (:func:`fit_gaussian`; random points on the sphere are out of FaceID's distribution), each
-   rendered by the user's checkpoint with the prompt and the identity stream (stock DDIM, CFG). The pool stores per
-   fake its embedding, its latent, its appearance embedding and its recognizer embedding (when a face is found on
-   it); never the real set's statistics (its mean and covariance would be a summary of real identities).
+1. **Fake pool** X_F, |X_F| > |X_R| (:func:`build_pool`): identity embeddings drawn from a fixed prior that does not
+   depend on the set being protected: uniform on the identity recognizer's unit sphere (:func:`draw_identities`; the
+   thesis samples fakes from a generator trained on other data, FFHQ, for the same reason: a distribution fitted to
+   the real set puts fakes next to real people, e.g. at cosine ~0.4 with two real faces). Each drawn identity is
+   checked against every real input's embedding and redrawn while it lies within the identity model's match
+   threshold of any of them (:func:`fake_identities`); the smallest real-fake distance is kept in the pool's
+   metadata and stated in every report. Each is rendered by the user's checkpoint with the prompt and the identity
+   stream (stock DDIM, CFG). The pool stores per fake its embedding, its latent, its appearance embedding and its
+   recognizer embedding (when a face is found on it); of the real set only that one distance.
 2. **Pairing** (:func:`nearest_fakes`): each real image to its nearest fake by Euclidean distance between appearance
    embeddings (CLIP-vision image embeddings; FaRL's CLS token when FaRL weights are given: :func:`load_farl`).
 3. **Anonymisation** (:func:`anonymize`): from the paired fake's embedding, optimise the embedding e_A against
@@ -120,31 +124,51 @@ class DeIDSettings:
 
 
 # -- pool maths -----------------------------------------------------------------------------------------------------
-def fit_gaussian(embeddings: torch.Tensor, shrinkage: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(mean, covariance, shrinkage) of (N, D) embeddings. The sample covariance has rank <= N - 1 < D for small
-    sets, so it is shrunk toward the isotropic covariance of the same total variance: (1 - a) S + a (tr S / D) I with
-    a = D / (D + N) by default (mostly isotropic for 61 images, mostly the sample's for 30 000)."""
-    x = embeddings.detach().double()
-    if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"fitting a Gaussian needs at least 2 embeddings (faces found), got {tuple(x.shape)}")
-    n, d = x.shape
-    mean = x.mean(0)
-    centred = x - mean
-    cov = centred.T @ centred / (n - 1)
-    a = d / (d + n) if shrinkage is None else float(shrinkage)
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"shrinkage must lie in [0, 1], got {a}")
-    iso = torch.trace(cov) / d
-    cov = (1 - a) * cov + a * iso * torch.eye(d, dtype=cov.dtype)
-    return mean.float(), cov.float(), a
+MAX_REDRAWS_PER_FAKE = 100
 
 
-def draw_identities(mean: torch.Tensor, cov: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """``count`` draws (count, D) from N(mean, cov), reproducible from ``seed``."""
+def draw_identities(count: int, seed: int, dim: int = 512) -> torch.Tensor:
+    """``count`` unit vectors (count, dim) uniform on the sphere, reproducible from ``seed``: the fixed prior fakes are
+    drawn from (it depends on nothing but the seed)."""
     g = torch.Generator().manual_seed(int(seed))
-    chol = torch.linalg.cholesky(cov.double() + 1e-10 * torch.eye(cov.shape[0], dtype=torch.float64))
-    z = torch.randn(int(count), cov.shape[0], generator=g, dtype=torch.float64)
-    return (mean.double() + z @ chol.T).float()
+    return F.normalize(torch.randn(int(count), int(dim), generator=g, dtype=torch.float64), dim=1).float()
+
+
+def identity_distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """(K, N) distances between unit embeddings: 1 - cos ("cosine") or Euclidean ("l2")."""
+    a, b = F.normalize(a.double(), dim=1), F.normalize(b.double(), dim=1)
+    if metric == "cosine":
+        return 1.0 - a @ b.T
+    if metric == "l2":
+        return torch.cdist(a[None], b[None])[0]
+    raise ValueError(f"unknown metric {metric!r}; expected 'cosine' or 'l2'")
+
+
+def fake_identities(count: int, seed: int, real_embeddings: torch.Tensor, metric: str = "cosine",
+                    threshold: float = 0.68) -> tuple[torch.Tensor, dict]:
+    """``count`` fake identities from :func:`draw_identities`' prior, each beyond the match ``threshold`` of every
+    real embedding (N, D) under ``metric`` (a draw within it is redrawn). Returns (identities (count, D), report:
+    the smallest real-fake distance, the metric and threshold, how many draws were rejected)."""
+    reals = real_embeddings.detach().float()
+    if reals.dim() != 2 or reals.shape[0] < 1:
+        raise ValueError(f"the fakes are checked against the real faces' embeddings: got shape {tuple(reals.shape)}")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"the identity match threshold must be a finite number > 0, got {threshold}")
+    g = torch.Generator().manual_seed(int(seed))
+    kept, rejected, budget = [], 0, MAX_REDRAWS_PER_FAKE * int(count)
+    while len(kept) < int(count):
+        z = F.normalize(torch.randn(1, reals.shape[1], generator=g, dtype=torch.float64), dim=1).float()
+        if bool((identity_distances(z, reals, metric) < threshold).any()):
+            rejected += 1
+            if rejected > budget:
+                raise ValueError(f"{rejected} random identities fell within the match threshold {threshold} "
+                                 f"({metric}) of a real face: the threshold leaves no room on the sphere; lower it")
+            continue
+        kept.append(z[0])
+    identities = torch.stack(kept)
+    smallest = float(identity_distances(identities, reals, metric).min())
+    return identities, {"min_real_fake_distance": smallest, "identity_metric": metric,
+                        "identity_threshold": float(threshold), "redrawn": rejected}
 
 
 def nearest_fakes(real: torch.Tensor, fakes: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,13 +336,14 @@ def _largest_face(face_model, image_hwc: torch.Tensor):
 def build_pool(model, vae, positive, negative, adapter, face_model, appearance: Appearance, real_embeddings,
                count: int, seed: int, resolution: int = 512, steps: int = 30, cfg: float = 5.0,
                sampler: str = "ddim", scheduler: str = "ddim_uniform", identity_weight: float = 1.0,
-               shrinkage: float | None = None, progress: Callable | None = None) -> Pool:
-    """Render ``count`` fakes with identities drawn from the Gaussian fitted to ``real_embeddings`` (N, D)."""
+               identity_metric: str = "cosine", identity_threshold: float = 0.68,
+               progress: Callable | None = None) -> Pool:
+    """Render ``count`` fakes with identities from the fixed prior (:func:`fake_identities`), each beyond the match
+    threshold of every real embedding (N, D) in the identity model's space (``identity_metric``/``_threshold``)."""
     import comfy.sample
 
     from . import identity_streams as ids
-    mean, cov, a = fit_gaussian(real_embeddings, shrinkage)
-    identities = draw_identities(mean, cov, count, seed)
+    identities, check = fake_identities(count, seed, real_embeddings, identity_metric, identity_threshold)
     with torch.no_grad():
         on, off = ids.identity_tokens(adapter, identities[:1])
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, identity_weight)])
@@ -346,7 +371,8 @@ def build_pool(model, vae, positive, negative, adapter, face_model, appearance: 
     it = iter(recs)
     rec = torch.stack([next(it) if f else torch.zeros(rec_dim) for f in found])
     meta = {"count": count, "seed": int(seed), "resolution": resolution, "steps": steps, "cfg": cfg,
-            "sampler": sampler, "scheduler": scheduler, "shrinkage": a, "real_count": int(real_embeddings.shape[0]),
+            "sampler": sampler, "scheduler": scheduler, "prior": "uniform on the unit sphere",
+            "real_count": int(real_embeddings.shape[0]), **check,
             "appearance": appearance.name, "recognizer": getattr(face_model, "name", "?"),
             "faces_found": int(sum(found))}
     return Pool(identities, torch.stack(apps), torch.stack(latents), rec, torch.tensor(found), meta)
@@ -371,12 +397,21 @@ class DeIDResult:
     history: list[Step]
     best: Step
     settings: dict
+    delivered: dict | None = None   # the identity check measured on the delivered render (None: not rendered)
+    pool_check: dict = field(default_factory=dict)  # the pool's real-fake check (smallest distance, metric, ...)
 
     def info(self) -> dict:
+        """The report: ``cos_start`` / ``cos`` are the optimisation's (on its ``render_steps`` stand-in render);
+        ``delivered`` is the identity check on the image actually delivered (the full render, 8-bit rounded)."""
         first = self.history[0] if self.history else self.best
-        return {"pair": self.pair, "pair_distance": round(self.pair_distance, 6), "cos_start": round(first.cos, 6),
-                "cos": round(self.best.cos, 6), "l_id": round(self.best.l_id, 6), "l_att": round(self.best.l_att, 6),
-                "best_iteration": self.best.iteration}
+        out = {"pair": self.pair, "pair_distance": round(self.pair_distance, 6), "cos_start": round(first.cos, 6),
+               "cos": round(self.best.cos, 6), "l_id": round(self.best.l_id, 6), "l_att": round(self.best.l_att, 6),
+               "best_iteration": self.best.iteration, "delivered": self.delivered}
+        if "min_real_fake_distance" in self.pool_check:
+            out["min_real_fake_distance"] = round(float(self.pool_check["min_real_fake_distance"]), 6)
+            out["real_fake_metric"] = self.pool_check.get("identity_metric")
+            out["real_fake_threshold"] = self.pool_check.get("identity_threshold")
+        return out
 
 
 def render_grid(sigmas: torch.Tensor, render_steps: int) -> torch.Tensor:
@@ -550,9 +585,51 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     sample_with_comfy(patched, sampler, sigmas, conditioning, x_t)
     best_e, history = job["out"]
     result = DeIDResult(None, best_e.float().cpu(), pair, distance, history, job["best_step"], asdict(s))
+    result.pool_check = {k: pool.meta[k] for k in ("min_real_fake_distance", "identity_metric", "identity_threshold")
+                         if k in pool.meta}
     if render_final:
         with torch.no_grad():
             ss.set_tokens("identity", on=tokens(result.embedding))
         final = sample_with_comfy(patched, guided_ddim_sampler(None), sigmas, conditioning, x_t)
         result.image = vae.decode(final)[..., :3].float().clamp(0, 1)
+        result.delivered = delivered_identity(face_model, result.image, x_r, lms)
     return result
+
+
+def report_text(info: dict, objective: str) -> str:
+    """The node's report: the pairing, the optimisation (on its stand-in render), the identity check on the delivered
+    image, and the pool's smallest real-fake distance."""
+    lines = [f"paired with fake {info['pair']} (appearance distance {info['pair_distance']:.4g}); optimisation on "
+             f"the short gradient render: |cos| to the original {info['cos_start']:.4f} -> {info['cos']:.4f} "
+             f"({objective}, best at iteration {info['best_iteration']})"]
+    d = info.get("delivered")
+    if d:
+        verdict = "STILL RECOGNISED" if d["recognised"] else "not recognised"
+        lines.append(f"delivered image ({d['recognizer']}{'' if d['face_found'] else ', no face detected on it: '}"
+                     f"{'' if d['face_found'] else 'measured at the original landmarks'}): cos {d['cos']:.4f}, "
+                     f"distance {d['distance']:.4f} ({d['metric']}, threshold {d['threshold']:g}): {verdict}")
+    if "min_real_fake_distance" in info:
+        lines.append(f"pool: smallest real-fake identity distance {info['min_real_fake_distance']:.4f} "
+                     f"({info['real_fake_metric']}, match threshold {info['real_fake_threshold']:g})")
+    else:
+        lines.append("pool: built before fakes were checked against the real faces (no real-fake distance on "
+                     "record); rebuild it")
+    return "\n".join(lines)
+
+
+def delivered_identity(face_model, delivered: torch.Tensor, original: torch.Tensor, landmarks: torch.Tensor) -> dict:
+    """The identity check on the delivered image (1, H, W, 3), rounded to 8 bits as it is saved, against the
+    original (1, 3, H, W) with its ``landmarks`` (1, 5, 2): the face is detected on the delivered image (the
+    original's landmarks when none is found, which the report says), embedded by ``face_model`` and compared under
+    its metric and threshold."""
+    with torch.no_grad():
+        saved = (delivered.float().clamp(0, 1) * 255).round() / 255
+        face = _largest_face(face_model, saved[0])
+        lms = face.landmarks.float()[None].to(saved) if face is not None else landmarks.to(saved)
+        emb = face_model.embed(saved.movedim(-1, 1), lms)
+        ref = face_model.embed(original.float(), landmarks.to(original))
+        distance = float(face_model.distance(emb, ref.to(emb))[0])
+        cos = float(F.cosine_similarity(emb, ref.to(emb), dim=1)[0])
+    return {"recognizer": getattr(face_model, "name", "?"), "face_found": face is not None, "cos": round(cos, 6),
+            "distance": round(distance, 6), "metric": face_model.metric, "threshold": float(face_model.threshold),
+            "recognised": distance < float(face_model.threshold)}

@@ -20,7 +20,13 @@ feathered mask over the detected face (only the face changes; an option regenera
 
 ⚠ Gaps of the paper, as settled here: s_id, s_sty are not reported (defaults 1.0 / 1.0); k in Eq. 13 is not
 reported (0); the identity/style encoders are not named (ArcFace r50 buffalo_l / CLIP-ViT-H, the adapters'
-own); X_com is only "the combined reference" (default: the original).
+own); X_com is only "the combined reference"; I_sty is "an image of any style".
+
+Where the style and the realism reference come from is an explicit choice (``SOURCES``: the original, another
+image, none), because both can feed the original back into the protected face: the original as I_sty puts its
+CLIP-vision reading (appearance, with identity cues) into every step at s_sty, and the original as X_com copies its
+low frequencies at every controlled step (at g_rea 0.6, H = 26 of 64 latent cells per side: face shape, pose,
+skin tone and light). "none" drops the style stream (s_sty is then 0) or the realism control.
 """
 from __future__ import annotations
 
@@ -245,6 +251,16 @@ def same_person_warning(donor: torch.Tensor, original: torch.Tensor, face_model)
 
 # -- the whole protection of one photo ------------------------------------------------------------------------------
 DONORS = ("synthetic", "image", "embedding")
+SOURCES = ("original", "another image", "none")   # of the style image I_sty and of the realism reference X_com
+SOURCE_COST = {
+    "style": {"original": "the original's CLIP-vision appearance (with identity cues) guides every step at s_sty",
+              "another image": "the other image's style; nothing of the original",
+              "none": "no style stream (s_sty is 0)"},
+    "reference": {"original": "the original's low frequencies (face shape, pose, skin tone, light) are copied at "
+                              "every controlled step",
+                  "another image": "the other image's low frequencies; nothing of the original",
+                  "none": "no realism control"},
+}
 
 
 @dataclass
@@ -256,8 +272,10 @@ class DIFPConditions:
     donor: str = "synthetic"                 # "synthetic" | "image" | "embedding"
     donor_image: torch.Tensor | None = None  # IMAGE
     donor_embedding: dict | None = None      # FACE_EMBEDDING
-    style_image: torch.Tensor | None = None  # IMAGE; None: the original
-    reference: torch.Tensor | None = None    # X_com IMAGE; None: the original
+    style_image: torch.Tensor | None = None  # IMAGE, with style_source "another image"
+    reference: torch.Tensor | None = None    # X_com IMAGE, with reference_source "another image"
+    style_source: str = "original"           # SOURCES: I_sty is the original, style_image, or no style stream
+    reference_source: str = "original"       # SOURCES: X_com is the original, reference, or no realism control
     whole_frame: bool = False
     mask_grow: float = 0.25
     mask_feather: float = 0.15
@@ -271,6 +289,18 @@ class DIFPProtection:
     donor_embedding: torch.Tensor | None
     mask: torch.Tensor | None
     warnings: list
+    sources: dict | None = None   # {"style": ..., "reference": ...}: the choices made and what each costs
+
+
+def check_source(what: str, source: str, image, input_name: str) -> None:
+    """An explicit source choice and its image input agree (an image connected but not used is an error too)."""
+    if source not in SOURCES:
+        raise ValueError(f"{what} source must be one of {SOURCES}, got {source!r}")
+    if source == "another image" and image is None:
+        raise ValueError(f"{what} source 'another image' needs the image connected to {input_name}")
+    if source != "another image" and image is not None:
+        raise ValueError(f"{input_name} is connected but the {what} source is {source!r}, so it would be ignored: "
+                         f"choose 'another image' to use it, or disconnect it")
 
 
 def _resize_to(image: torch.Tensor, size: tuple[int, int], what: str, warnings: list) -> torch.Tensor:
@@ -313,8 +343,29 @@ def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, set
     from .face.base import NoFaceError
     from .identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
                                    recognizer_space_warning, style_tokens)
+    import dataclasses
+
+    from .identity_streams import carried_streams
     c, warnings = conditions, []
     check_strength(settings.strength)
+    carried = carried_streams(model)
+    if carried is not None:
+        raise ValueError(f"the `model` input already carries {'/'.join(sorted(carried.streams))} stream(s) (from Apply "
+                         f"Identity Streams): DIFP Protect adds its identity and style streams itself, as chosen by "
+                         f"donor and style_source, and a stream from upstream would mix in whatever it was built "
+                         f"from. Connect the checkpoint's MODEL directly.")
+    check_source("style", c.style_source, c.style_image, "style_image")
+    check_source("realism reference", c.reference_source, c.reference, "reference")
+    if c.style_source == "none" and settings.s_sty != 0.0:
+        settings = dataclasses.replace(settings, s_sty=0.0)
+    if c.reference_source == "none":
+        settings = dataclasses.replace(settings, realism=False)
+    sources = {"style": f"{c.style_source}: {SOURCE_COST['style'][c.style_source]}",
+               "reference": f"{c.reference_source}: {SOURCE_COST['reference'][c.reference_source]}"}
+    if settings.s_sty == 0.0 and c.style_source != "none":
+        sources["style"] = f"{c.style_source}, unused (s_sty = 0)"
+    if not settings.realism and c.reference_source != "none":
+        sources["reference"] = f"{c.reference_source}, unused (realism off)"
     try:
         original = face_identity(face_model, image[:1])
     except NoFaceError as e:
@@ -339,19 +390,19 @@ def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, set
         if c.style_adapter is None or c.clip_vision is None:
             raise ValueError("s_sty > 0 needs a style adapter (ip-adapter_sd15 / -plus) and CLIP vision (ViT-H); set "
                              "s_sty 0 to run without a style")
-        style = image if c.style_image is None else _resize_to(c.style_image[:1], image.shape[1:3], "the style image",
-                                                               warnings)
+        style = image if c.style_source == "original" else _resize_to(c.style_image[:1], image.shape[1:3],
+                                                                          "the style image", warnings)
         on, off = style_tokens(c.style_adapter, c.clip_vision, style)
         streams.append(Stream("style", c.style_adapter, on, off))
     if settings.s_id == 0.0 and settings.s_sty == 0.0:
         warnings.append("s_id = s_sty = 0: plain img2img (no donor identity, no style): this protects little")
     streamed = apply_identity_streams(model, streams)[0] if streams else model
-    reference = None if c.reference is None else _resize_to(c.reference[:1], image.shape[1:3], "the realism reference",
-                                                            warnings)
+    reference = None if c.reference_source != "another image" else _resize_to(
+        c.reference[:1], image.shape[1:3], "the realism reference", warnings)
     mask = None
     if not c.whole_frame:
         faces = face_model.detect(image[0])
         largest = max(faces, key=lambda f: f.area)
         mask = feathered_box_mask(image.shape[1], image.shape[2], [largest.box], c.mask_grow, c.mask_feather)
     result = protect(streamed, vae, image, conditioning, settings, mask, reference)
-    return DIFPProtection(result, original, donor, mask, warnings)
+    return DIFPProtection(result, original, donor, mask, warnings, sources)

@@ -288,13 +288,44 @@ STRICT, IN_PHOTO = "strict", "in the photo"
 RENDER_MODES = (STRICT, IN_PHOTO)
 
 
-def release_label(report: DPReport | dict, mode: str) -> dict:
-    """What is, and is not, private about an output: the node's output string, the sidecar JSON, the report."""
+def provenance_leaks(provenance: dict | None) -> list[str]:
+    """What, in the record of what went into a render, can carry the original besides the noised embedding.
+
+    ``provenance`` (made by :func:`guidance.dp_render.inputs_provenance`): ``photo_read`` (bool), ``model`` and
+    ``clip`` (lists of what they carry beyond the checkpoint as loaded), ``conditioning`` ("built" when the renderer
+    encoded the prompt text itself). None: nothing was recorded, so nothing can be claimed.
+    """
+    if provenance is None:
+        return ["no record of the render's inputs: nothing was checked"]
+    leaks = []
+    if provenance.get("photo_read", True):
+        leaks.append("the original photo was read (its pixels outside the embedding reach the image)")
+    leaks += [f"MODEL carries {what}" for what in provenance.get("model", ["unknown additions"])]
+    leaks += [f"CLIP carries {what}" for what in provenance.get("clip", ["unknown additions"])]
+    if provenance.get("conditioning") != "built":
+        leaks.append("the conditioning was connected from outside, not encoded from the prompt text by the renderer")
+    return leaks
+
+
+def release_label(report: DPReport | dict, mode: str, provenance: dict | None = None) -> dict:
+    """What is, and is not, private about an output: the node's output string, the sidecar JSON, the report.
+
+    The DP claim is computed from ``provenance`` (what actually went into the render, see :func:`provenance_leaks`),
+    never asserted from the mode: a strict render is labelled differentially private only when the photo was not
+    read, the MODEL and CLIP carried nothing beyond the checkpoint as loaded, the conditioning was encoded from the
+    prompt text by the renderer, and the noise was secret.
+    """
     if mode not in RENDER_MODES:
         raise ValueError(f"render mode must be one of {RENDER_MODES}; got {mode!r}")
     r = report.to_dict() if isinstance(report, DPReport) else dict(report)
     secret = str(r.get("noise", "")).startswith("secret")
-    if mode == STRICT and not secret:
+    leaks = provenance_leaks(provenance)
+    if mode == STRICT and leaks:
+        eps = r["epsilon_first_round"] if r["rounds"] > 1 else r["epsilon"]
+        statement = ("strict rendering whose inputs can carry the original besides the noised embedding: NOT "
+                     "differentially private (" + "; ".join(leaks) + ").")
+        dp = False
+    elif mode == STRICT and not secret:
         eps = r["epsilon_first_round"] if r["rounds"] > 1 else r["epsilon"]
         statement = ("strict rendering with a FIXED noise seed: NOT private. The seed is stored with the workflow; "
                      "whoever has it regenerates the noise and recovers the clipped identity embedding. Use noise "
@@ -303,9 +334,11 @@ def release_label(report: DPReport | dict, mode: str) -> dict:
     elif mode == STRICT:
         eps = r["epsilon_first_round"] if r["rounds"] > 1 else r["epsilon"]
         statement = (f"strict: differentially private identity release, (ε, δ) = ({eps:.4g}, {r['delta']:.3g}). "
-                     f"The image depends on the original only through the noised identity embedding (generated "
-                     f"from fresh noise with a fixed prompt). ε bounds what the image reveals about which face went "
-                     f"in, for any two faces.")
+                     f"The image depends on the original only through the noised identity embedding: it was "
+                     f"generated from fresh noise, the photo was not read, the MODEL and CLIP carried nothing beyond "
+                     f"the checkpoint as loaded, and the conditioning was encoded here from the prompt text (recorded "
+                     f"in 'inputs'; the statement assumes that text does not describe the original). ε bounds what "
+                     f"the image reveals about which face went in, for any two faces.")
         dp = True
     else:
         eps = r["epsilon"]
@@ -314,8 +347,10 @@ def release_label(report: DPReport | dict, mode: str) -> dict:
                      f"only the identity embedding fed to the face region is noised ((ε, δ) = ({eps:.4g}, "
                      f"{r['delta']:.3g}) for that embedding alone).")
         dp = False
+    reasons = [] if dp else leaks + ([] if secret else ["a fixed noise seed (stored with the workflow)"]) + (
+        [] if mode == STRICT else ["in the photo: the rest of the image comes from the original photo"])
     return {"release": mode, "differentially_private": dp, "statement": statement, "epsilon": eps,
-            "delta": r["delta"], "mechanism": r}
+            "delta": r["delta"], "mechanism": r, "inputs": provenance, "not_private_because": reasons}
 
 
 def label_text(label: dict) -> str:

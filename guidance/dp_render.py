@@ -4,7 +4,12 @@ Two renderings, labelled by :func:`guidance.dp_identity.release_label` wherever 
 
 * ``strict``: an image generated from fresh latent noise (the render seed), a fixed prompt and the identity stream
   of the noised embedding. :func:`render` never reads the original photo in this mode (it is not even passed on),
-  so the image is post-processing of the noised embedding and the DP statement holds for it.
+  so the image is post-processing of the noised embedding and the DP statement holds for it, *provided nothing else
+  that went in carries the original*. Strict mode therefore takes only what it can vouch for: the checkpoint's MODEL
+  and CLIP as loaded (no streams, attention or block patches, wrappers, LoRAs: :func:`model_additions`), and text,
+  which it encodes itself; a connected CONDITIONING (it can hold image tokens, an unCLIP or style-model embedding,
+  hooks) is refused by name. The label is computed from the record of what went in (:func:`inputs_provenance`,
+  :func:`guidance.dp_identity.release_label`), never from the mode alone.
 * ``in the photo``: the face region of the photo (a detected box, or a MASK) inpainted with the noised identity.
   Pose, background and everything outside the embedding come from the original: NOT differentially private.
 
@@ -37,6 +42,97 @@ def face_box_mask(face_model, images: torch.Tensor, margin: float = FACE_MARGIN)
     return masks
 
 
+# -- what went in ---------------------------------------------------------------------------------------------------
+def _non_empty(d) -> bool:
+    return bool(d) and any(bool(v) for v in (d.values() if isinstance(d, dict) else d))
+
+
+def model_additions(model) -> list[str]:
+    """What a ModelPatcher (MODEL, or a CLIP's patcher) carries beyond its checkpoint as loaded, each named.
+
+    A checkpoint loader's MODEL carries nothing: no weight patches (LoRAs), object patches, model options, attention
+    or block patches, wrappers, callbacks or hooks. Anything here was added upstream and may carry the original.
+    """
+    found = []
+    streams_on = streams.carried_streams(model) if hasattr(model, "model_options") else None
+    if streams_on is not None:
+        found.append(f"Diff-Privacy {'/'.join(sorted(streams_on.streams))} stream(s) (from Apply Identity Streams "
+                     f"or a protect node; a stream built from the original carries it)")
+    options = dict(getattr(model, "model_options", {}) or {})
+    transformer = dict(options.pop("transformer_options", {}) or {})
+    for name, per_block in (transformer.pop("patches_replace", {}) or {}).items():
+        foreign = [k for k, p in per_block.items() if not isinstance(p, streams.LayerPatch)]
+        if foreign:
+            found.append(f"{name} replacement patches on {len(foreign)} layer(s) (another node's attention patch)")
+    for name, patches in (transformer.pop("patches", {}) or {}).items():
+        if patches:
+            found.append(f"{len(patches)} '{name}' patch(es) (another node's attention or block patch)")
+    found += [f"transformer option '{k}'" for k, v in transformer.items() if v]
+    found += [f"model option '{k}'" for k, v in options.items() if v]
+    weights = getattr(model, "patches", {}) or {}
+    if weights:
+        marked = len(streams.faceid_lora_entries(model))
+        found.append(f"weight patches on {len(weights)} weight(s) (a LoRA or merged weights"
+                     + (f"; {marked} from a FaceID LoRA" if marked else "") + "; one trained on the original "
+                     "carries it)")
+    wrappers = {k: v for k, v in (getattr(model, "wrappers", {}) or {}).items()
+                if _non_empty({k1: w for k1, w in v.items() if k1 != streams.WRAPPER_KEY})}
+    if wrappers:
+        found.append(f"wrappers ({', '.join(sorted(map(str, wrappers)))})")
+    for attr, what in (("object_patches", "object patches"), ("callbacks", "callbacks"),
+                       ("hook_patches", "hook patches"), ("attachments", "attachments"),
+                       ("additional_models", "additional models"), ("injections", "injections"),
+                       ("weight_wrapper_patches", "weight wrappers")):
+        value = getattr(model, attr, None)
+        if isinstance(value, dict) and _non_empty(value):
+            found.append(f"{what} ({', '.join(sorted(map(str, value)))})")
+    return found
+
+
+def clip_additions(clip) -> list[str]:
+    """What a CLIP carries beyond the checkpoint's text encoder as loaded (a LoRA on it, hooks, ...)."""
+    patcher = getattr(clip, "patcher", None)
+    return model_additions(patcher) if patcher is not None else ["no patcher: not a checkpoint's CLIP"]
+
+
+def inputs_provenance(model, clip, mode: str, prompt: str, negative_prompt: str, conditioning_connected: bool) -> dict:
+    """The record of what goes into a render, from which its label is computed (``dp_identity.release_label``)."""
+    return {"photo_read": mode == dpi.IN_PHOTO, "model": model_additions(model),
+            "clip": clip_additions(clip) if not conditioning_connected else [],
+            "conditioning": "connected" if conditioning_connected else "built",
+            "prompt": None if conditioning_connected else prompt,
+            "negative_prompt": None if conditioning_connected else negative_prompt}
+
+
+def check_strict_inputs(model, clip, prompt: str, negative_prompt: str, positive=None, negative=None) -> None:
+    """Refuse, naming the input, anything but what strict mode can vouch for (see the module doc)."""
+    for name, cond in (("positive", positive), ("negative", negative)):
+        if cond is not None:
+            raise ValueError(f"strict DP rendering builds its own conditioning from the prompt text with `clip`, so "
+                             f"that nothing but the text reaches the image; the `{name}` CONDITIONING was not built "
+                             f"here (a CONDITIONING can hold image tokens, an unCLIP or style-model embedding or "
+                             f"hooks made from the original). Disconnect `{name}` and write the text in `prompt` / "
+                             f"`negative_prompt`, or switch mode to 'in the photo' (NOT differentially private).")
+    for name, what in (("model", model_additions(model)), ("clip", clip_additions(clip))):
+        if what:
+            raise ValueError(f"strict DP rendering needs the checkpoint's {name.upper()} as loaded, but the `{name}` "
+                             f"input carries: {'; '.join(what)}. Any of these may carry the original besides the "
+                             f"noised embedding. Connect Load Checkpoint's {name.upper()} directly (DP Render adds the "
+                             f"noised identity stream itself), or switch mode to 'in the photo' (NOT DP).")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise ValueError(f"`{name}` must be text; got {type(text).__name__}")
+        if "embedding:" in text.lower():
+            raise ValueError(f"`{name}` names a textual-inversion embedding ('embedding:...'): one trained on the "
+                             f"original carries it. Strict DP rendering takes plain text only.")
+
+
+def encode_prompt(clip, text: str):
+    """A CONDITIONING from text, as CLIP Text Encode builds it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+# -- rendering -----------------------------------------------------------------------------------------------------
 def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mode: str, seed: int, steps: int,
            cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
            identity_weight: float = 1.0, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -91,11 +187,17 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
     return vae.decode(samples)[..., :3].float().cpu()
 
 
-def render_release(noised: dict, model, vae, positive, negative, adapter, mode: str, seed: int, steps: int,
-                   cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
+def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt: str, adapter, mode: str, seed: int,
+                   steps: int, cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
                    identity_weight: float = 1.0, image: torch.Tensor | None = None, face_model=None,
-                   mask: torch.Tensor | None = None, denoise: float = 1.0, on_round=None):
+                   mask: torch.Tensor | None = None, denoise: float = 1.0, on_round=None, positive=None,
+                   negative=None):
     """The final image of a release (``noised``: the FACE_EMBEDDING a DP Identity node made) and its label.
+
+    The conditioning is encoded here from ``prompt`` / ``negative_prompt`` with ``clip``; ``positive`` /
+    ``negative`` (a connected CONDITIONING) are taken only in the photo mode and refused in strict mode, as is a
+    MODEL or CLIP that carries anything beyond the checkpoint (:func:`check_strict_inputs`). The label is computed
+    from the record of what went in (:func:`inputs_provenance`).
 
     T = 1: render round 1's noised embedding. T > 1 (the thesis's Alg. 6): rounds 2..T render the previous round,
     re-embed the rendered face with ``face_model`` (a render without a face stops with the no-face error, naming
@@ -108,6 +210,18 @@ def render_release(noised: dict, model, vae, positive, negative, adapter, mode: 
                          "first (rendering the original embedding would publish the identity itself)")
     report = release["report"]
     rounds = int(report["rounds"])
+    if mode not in dpi.RENDER_MODES:
+        raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {mode!r}")
+    if mode == dpi.STRICT:
+        check_strict_inputs(model, clip, prompt, negative_prompt, positive, negative)
+    connected = positive is not None or negative is not None
+    if connected and (positive is None or negative is None):
+        raise ValueError("connect both `positive` and `negative`, or neither (then the prompt text is encoded)")
+    if clip is None and not connected:
+        raise ValueError("connect `clip` (the checkpoint's CLIP): the prompt text is encoded with it")
+    provenance = inputs_provenance(model, clip, mode, prompt, negative_prompt, connected)
+    if not connected:
+        positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
     kw = dict(model=model, vae=vae, positive=positive, negative=negative, adapter=adapter, mode=mode, steps=steps,
               cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, width=width, height=height,
               identity_weight=identity_weight, denoise=denoise)
@@ -147,4 +261,4 @@ def render_release(noised: dict, model, vae, positive, negative, adapter, mode: 
         z, trace = dpi.iterate(z, rounds, report["clip_radius"], report["sigma"], release["noise_seed"], draw, embed,
                                report["renormalize"], on_round)
     images = draw(z, rounds)  # z_t is rendered with seed + t - 1
-    return images, dpi.release_label(report, mode), trace
+    return images, dpi.release_label(report, mode, provenance), trace

@@ -10,14 +10,18 @@ Alg. 7, as run here. With x the original (working image), f the recognizer (a di
 L_I(W) = 1 - cos(f(x), f(x_hat(W))) and L_P = [L_mse, L_lpips, L_ssim] on the face region (the original's face
 box, grown), for n = 1..N:
 
-1. render x_hat_n = R(W_n) and evaluate L_I; if L_I > tau: stop, the result is W_n (the thesis returns x_hat_n);
+1. render x_hat_n = R(W_n) and evaluate L_I; if L_I > tau on this stand-in, render the image that would be
+   delivered (the full DDIM render of W_n, full VAE, 8-bit) and evaluate L_I there: only if it also exceeds tau,
+   stop with W_n; otherwise go on (the stand-in's pass is recorded, not counted as success);
 2. identity step:   W += lambda_I * sign(dL_I/dW), renormalise;
 3. k perceptual steps: W -= lambda_P * [sign dL_mse/dW + sign dL_lpips/dW + sign dL_ssim/dW], renormalise
    (each on a fresh render; L_lpips only when LPIPS weights are present, the report says when absent).
 
 If tau is not reached within N iterations, W_{N+1} is rendered once more and the W with the highest L_I is the
-result (said in the report). Cancel stops the search early and keeps the best W so far: a W that reached tau
-beats one that did not; among those that did the lowest L_P wins, among the others the highest L_I.
+result (said in the report). Success is never judged on the stand-in alone: the reported L_I and "reached" are
+measured on the delivered image (the final render, 8-bit rounded). Cancel stops the search early and keeps the
+best W so far: a W that reached tau (on the delivered render where that was checked) beats one that did not; among
+those that did the lowest L_P wins, among the others the highest L_I.
 ``renormalise``: W <- W * |W_0| / |W| after every step (the embedding lives on the unit sphere).
 
 Two renders (both documented in the node):
@@ -190,6 +194,11 @@ class Record:
     l_p: float
     parts: dict
     w: torch.Tensor | None = None  # (1, D) the W this record was rendered from
+    l_i_delivered: float | None = None  # L_I on the delivered render of this W (measured when the stand-in passed)
+
+    def passed(self, tau: float) -> bool:
+        """L_I > tau on the stand-in, and on the delivered render where that was measured."""
+        return self.l_i > tau and (self.l_i_delivered is None or self.l_i_delivered > tau)
 
 
 @dataclass
@@ -197,10 +206,10 @@ class FSAPResult:
     w: torch.Tensor                       # (1, D) the found embedding
     w0: torch.Tensor                      # (1, D) the original's
     latent: torch.Tensor                  # z_t (VAE latent space) the final render starts from
-    l_i: float                            # L_I of the found W (cheap render)
+    l_i: float                            # L_I of the found W on the delivered image (``l_i_on`` says where)
     l_p: float
     iterations: int                       # outer iterations run
-    reached: bool                         # L_I > tau
+    reached: bool                         # L_I > tau on the delivered image
     interrupted: bool = False
     history: list[Record] = field(default_factory=list)
     trace: list | None = None             # per step: (kind, pre-normalisation delta), when asked for
@@ -208,13 +217,16 @@ class FSAPResult:
     image: torch.Tensor | None = None     # IMAGE (1, H, W, 3): the final DDIM render
     cheap: torch.Tensor | None = None     # IMAGE of the cheap render at the found W
     notes: list[str] = field(default_factory=list)
+    l_i_standin: float | None = None      # L_I of the found W on the one-UNet-call stand-in x_hat0
+    l_i_on: str = "delivered image"       # where ``l_i`` was measured ("stand-in x_hat0" only without a render)
+    standin_only: list = field(default_factory=list)  # (iteration, stand-in L_I, delivered L_I): passes not kept
 
 
 def better(a: Record, b: Record | None, tau: float) -> bool:
     """Is ``a`` a better result than ``b``: reached tau beats not; then lower L_P, or higher L_I."""
     if b is None:
         return True
-    ra, rb = a.l_i > tau, b.l_i > tau
+    ra, rb = a.passed(tau), b.passed(tau)
     if ra != rb:
         return ra
     return a.l_p < b.l_p if ra else a.l_i > b.l_i
@@ -246,8 +258,10 @@ class Search:
     """The losses on a render, and Alg. 7's loop (see module doc)."""
 
     def __init__(self, settings: FSAPSettings, face_model, original: torch.Tensor, landmarks: torch.Tensor,
-                 box, lpips=None, progress: Callable | None = None, trace: bool = False):
+                 box, lpips=None, progress: Callable | None = None, trace: bool = False,
+                 deliver: Callable | None = None):
         self.s = settings.validated()
+        self.deliver = deliver   # deliver(w, z) -> IMAGE (1, H, W, 3) as delivered; None: stand-in only
         self.face_model = face_model
         self.x = original        # (1, 3, H, W)
         self.landmarks = landmarks.float().reshape(1, 5, 2)
@@ -269,6 +283,15 @@ class Search:
         lms = thaw(self.landmarks).to(img.device).expand(img.shape[0], 5, 2).contiguous()
         emb = self.face_model.embed(img, lms)
         return 1.0 - F.cosine_similarity(emb, self.ref.to(emb).expand_as(emb), dim=1)
+
+    def delivered_loss(self, image: torch.Tensor) -> float:
+        """L_I of a delivered IMAGE (1, H, W, 3): rounded to 8 bits as saved, no gradient."""
+        with torch.no_grad():
+            img = ((image.float().clamp(0, 1) * 255).round() / 255).movedim(-1, 1).to(self.x.device)
+            if img.shape[-2:] != self.x.shape[-2:]:
+                img = F.interpolate(img, size=self.x.shape[-2:], mode="bilinear", align_corners=False)
+            emb = self.face_model.embed(img, self.landmarks.to(img.device))
+            return float(1.0 - F.cosine_similarity(emb, self.ref.to(emb), dim=1)[0])
 
     def perceptual(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
         return perceptual_losses(self._crop(img), self._crop(self.x.to(img)), self.lpips)
@@ -301,9 +324,11 @@ class Search:
                     parts = {k: float(v[0]) for k, v in self.perceptual(img.detach()).items()}
                 rec = Record(it, float(l_i.detach()), sum(parts.values()), parts, w.detach().float().cpu().clone())
                 history.append(rec)
+                if rec.l_i > s.tau and self.deliver is not None:  # the stand-in passed: check what is delivered
+                    rec.l_i_delivered = self.delivered_loss(self.deliver(w.detach(), z.detach()))
                 if better(rec, best, s.tau):
                     best, best_wz = rec, (w.clone(), z.clone())
-                if rec.l_i > s.tau:
+                if rec.passed(s.tau):
                     reached = True
                     break
                 if it > s.n:
@@ -372,6 +397,15 @@ def _search_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
         _thaw_unet(model)
         job["stream_set"].thaw()
         render = Renderer(model, extra_args, sigmas[0], job["stream_set"], job["tokens"], job["decode"])
+
+        def deliver(w, z):
+            """The image the user would get for (W, z_t): the full DDIM render down the grid, full VAE."""
+            from .guided_ddim import sample_guided_ddim
+            with torch.no_grad():
+                job["stream_set"].set_tokens("identity", on=job["tokens"](w.float()))
+                x0 = sample_guided_ddim(model, z.to(x), job["sigmas"], extra_args, guidance=None)
+                return job["decode_full"](x0)
+        job["search"].deliver = deliver if job.get("decode_full") is not None else None
         job["out"] = job["search"].run(render, job["w0"], x)
         z = job["out"][1]
     return z.detach().to(x)
@@ -454,18 +488,23 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
     z_t = sample_with_comfy(patched, invert, sigmas, conditioning, z0)
     x = image.permute(0, 3, 1, 2)
     search = Search(settings, face_model, x, landmarks, box, lpips, progress, trace)
-    job = {"stream_set": ss, "tokens": tokens, "decode": decode, "search": search, "w0": w0}
+    job = {"stream_set": ss, "tokens": tokens, "decode": decode, "search": search, "w0": w0, "sigmas": sigmas,
+           "decode_full": lambda x0: vae.decode(patched.model.process_latent_out(x0))[..., :3].float().clamp(0, 1)}
     sampler = comfy.samplers.KSAMPLER(_search_sampler, extra_options={"job": job})
     z_found = sample_with_comfy(patched, sampler, torch.stack([sigmas[0], sigmas[0].new_zeros(())]),
                                 conditioning, z_t)
     w, _, history, best, reached, done, interrupted = job["out"]
+    delivered_known = best.l_i_delivered is not None
     result = FSAPResult(w=w.float(), w0=w0, latent=z_found if settings.latent_step > 0 else z_t,
-                        l_i=best.l_i, l_p=best.l_p, iterations=done, reached=reached, interrupted=interrupted,
-                        history=history, trace=search.trace, lpips=lpips is not None)
-    if not reached:
-        result.notes.append(f"L_I did not exceed tau = {settings.tau} within N = {settings.n} iterations"
-                            f"{' (stopped by Cancel)' if interrupted else ''}: the W with the highest L_I "
-                            f"({best.l_i:.4f}) is used")
+                        l_i=best.l_i_delivered if delivered_known else best.l_i, l_p=best.l_p, iterations=done,
+                        reached=reached, interrupted=interrupted, history=history, trace=search.trace,
+                        lpips=lpips is not None, l_i_standin=best.l_i,
+                        l_i_on="delivered image" if delivered_known else "stand-in x_hat0",
+                        standin_only=[(h.iteration, h.l_i, h.l_i_delivered) for h in history
+                                      if h.l_i > settings.tau and not h.passed(settings.tau)])
+    for it, standin, delivered in result.standin_only:
+        result.notes.append(f"iteration {it}: the one-UNet-call stand-in passed tau (L_I {standin:.4f}) but the "
+                            f"delivered render did not (L_I {delivered:.4f}): not counted, the search went on")
     if lpips is None:
         result.notes.append("LPIPS weights absent: L_P = MSE + SSIM only")
     if render_final:
@@ -473,6 +512,13 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
             ss.set_tokens("identity", on=tokens(result.w))
         final = sample_with_comfy(patched, guided_ddim_sampler(None), sigmas, conditioning, result.latent)
         result.image = vae.decode(final)[..., :3].float().clamp(0, 1)
+        result.l_i, result.l_i_on = search.delivered_loss(result.image), "delivered image"
+        result.reached = result.l_i > settings.tau
+    if not result.reached:
+        result.notes.insert(0, f"NOT reached: L_I on the {result.l_i_on} is {result.l_i:.4f} <= tau = "
+                               f"{settings.tau} after {done} of N = {settings.n} iterations"
+                               f"{' (stopped by Cancel)' if interrupted else ''}; the W with the best L_I is used "
+                               f"and no de-identification is claimed")
     return result
 
 
@@ -520,8 +566,10 @@ def curve_pil(history: list[Record], tau: float, width: int = 512, height: int =
 
 
 def report_text(result: FSAPResult, settings: FSAPSettings) -> str:
-    lines = [f"FSAP: L_I = {result.l_i:.4f} ({'>' if result.reached else '<='} tau {settings.tau:g}) after "
-             f"{result.iterations} of N = {settings.n} iterations (k = {settings.k}); L_P = {result.l_p:.4f}",
+    standin = "" if result.l_i_standin is None else f"; stand-in x_hat0 L_I {result.l_i_standin:.4f}"
+    lines = [f"FSAP: L_I = {result.l_i:.4f} on the {result.l_i_on} ({'>' if result.reached else '<='} tau "
+             f"{settings.tau:g}: {'reached' if result.reached else 'NOT reached'}) after {result.iterations} of N = "
+             f"{settings.n} iterations (k = {settings.k}){standin}; L_P = {result.l_p:.4f}",
              f"lambda_I = {settings.lambda_i:.3g}, lambda_P = {settings.lambda_p:.3g} per embedding component "
              f"(thesis 0.02 / 0.008 x {RESCALE:.4f}); cos(W, W0) = "
              f"{float(F.cosine_similarity(result.w, result.w0)):.4f}",

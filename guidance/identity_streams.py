@@ -395,8 +395,42 @@ def face_identity(face_model, images: torch.Tensor, mode: str = "largest", index
 
 
 # -- applying ----------------------------------------------------------------------------------------------------
+LORA_MARK = "_diffprivacy_faceid_lora"  # attribute set on each weight patch of a FaceID LoRA this module added
+
+
+def faceid_lora_entries(model) -> dict[str, int]:
+    """{weight key: number of FaceID-LoRA patch entries on it} of a ModelPatcher (the ones this module added)."""
+    counts = {}
+    for key, entries in model.patches.items():
+        n = sum(1 for e in entries if getattr(e[1], LORA_MARK, None) is not None)
+        if n:
+            counts[key] = n
+    return counts
+
+
+def remove_faceid_lora(model) -> int:
+    """Take every FaceID LoRA patch this module added off ``model`` (a clone); returns how many entries went."""
+    import uuid
+    removed = 0
+    for key in list(model.patches):
+        kept = [e for e in model.patches[key] if getattr(e[1], LORA_MARK, None) is None]
+        removed += len(model.patches[key]) - len(kept)
+        if kept:
+            model.patches[key] = kept
+        else:
+            del model.patches[key]
+    if removed:
+        model.patches_uuid = uuid.uuid4()  # the weights change: ComfyUI must re-patch
+    return removed
+
+
 def apply_lora(model, adapter: IdentityAdapter) -> bool:
-    """Apply the adapter's FaceID LoRA to ``model`` (a clone) with ComfyUI's LoRA loading; False when it has none."""
+    """Apply the adapter's FaceID LoRA to ``model`` (a clone) with ComfyUI's LoRA loading; False when it has none.
+
+    Idempotent: a FaceID LoRA an earlier application put on the model is taken off first, so the model carries
+    exactly one (this adapter's), never the same LoRA twice.
+    """
+    remove_faceid_lora(model)
     if adapter.lora is None:
         if adapter.spec.kind in FACEID_LORAS:
             log.warning("[Diff-Privacy] %s runs without its LoRA (%s in models/loras/): FaceID quality drops.",
@@ -408,15 +442,28 @@ def apply_lora(model, adapter: IdentityAdapter) -> bool:
     if not loaded:
         raise ValueError(f"the LoRA {adapter.lora_name} matches no layer of this model: it is not an SD 1.5 UNet LoRA "
                          f"(expected {FACEID_LORAS.get(adapter.spec.kind, 'the FaceID LoRA')})")
+    for patch in loaded.values():
+        try:
+            setattr(patch, LORA_MARK, adapter.lora_name or adapter.name)
+        except AttributeError:
+            raise ValueError(f"the LoRA {adapter.lora_name} loads as {type(patch).__name__} patches, which cannot "
+                             f"be tracked; use the FaceID LoRA file ({FACEID_LORAS.get(adapter.spec.kind)})") from None
     model.add_patches(loaded, adapter.lora_strength)
     return True
+
+
+def carried_streams(model) -> StreamSet | None:
+    """The StreamSet of the identity streams an earlier :func:`apply_identity_streams` put on ``model``, or None."""
+    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return next((p.streams for p in existing.values() if isinstance(p, LayerPatch)), None)
 
 
 def apply_identity_streams(model, streams: list[Stream]):
     """A clone of ``model`` (ModelPatcher) with the streams' decoupled attention on every cross-attention layer.
 
-    Streams already on ``model`` from an earlier application are kept (a stream of the same name is replaced).
-    FaceID adapters' LoRAs are applied to the clone. Returns (clone, StreamSet).
+    Idempotent per stream: streams already on ``model`` from an earlier application are kept, a stream of the same
+    name is replaced (each stream is present once). The identity stream's FaceID LoRA is applied to the clone once:
+    one from an earlier application is taken off first. Returns (clone, StreamSet).
     """
     check_sd15_family(model)
     layers = cross_attention_layers(model)
@@ -428,7 +475,7 @@ def apply_identity_streams(model, streams: list[Stream]):
     from .host import resident_clone
     clone = resident_clone(model, "the MODEL")
     existing = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    previous = next((p.streams for p in existing.values() if isinstance(p, LayerPatch)), None)
+    previous = carried_streams(clone)
     foreign = [k for k, p in existing.items() if not isinstance(p, LayerPatch)]
     if foreign:
         log.warning("[Diff-Privacy] replacing another node's attn2 patches on %d layers", len(foreign))

@@ -23,8 +23,15 @@ kind                projection (keys under ``image_proj``)                tokens
 ``faceid``          MLPProjModel: ``proj.0`` 512 -> 1024, GELU,           4       ArcFace embedding (512)
                     ``proj.2`` -> T*C, ``norm``
 ``faceid-plus``     the FaceID MLP + ``perceiver_resampler`` over CLIP    4       ArcFace (512) + CLIP hidden
-                    hidden states; output x + s * resampler(x, states)            states of the aligned face
+                    hidden states; v1: resampler(x, states), v2:                  states of the aligned face
+                    x + s * resampler(x, states)
 =================== ===================================================== ======= ==============================
+
+FaceID Plus v1 (``ip-adapter-faceid-plus_sd15.bin``) and v2 (``ip-adapter-faceid-plusv2_sd15.bin``) hold the same
+tensors under the same names and shapes: the v2 "shortcut" (adding the MLP tokens x back, scaled by s) is a flag
+of the reference's ``ProjPlusModel.forward(..., shortcut=True, scale=s)``, not a tensor. The tensors say
+"FaceID Plus"; only the released file name says which version, so the version is read from it
+(:func:`faceid_plus_version`) and a FaceID Plus file whose name says neither is refused, never guessed.
 
 Every projection is plain torch and differentiable in its inputs: tokens are a differentiable function of the
 embeddings (FSAP / De-ID optimise the embedding through them).
@@ -60,6 +67,7 @@ EXPECTED_FILES = {
     "faceid": "ip-adapter-faceid_sd15.bin",
     "faceid-plus": "ip-adapter-faceid-plusv2_sd15.bin",
 }
+FACEID_PLUS_FILES = {1: "ip-adapter-faceid-plus_sd15.bin", 2: "ip-adapter-faceid-plusv2_sd15.bin"}
 FACEID_LORAS = {"faceid": "ip-adapter-faceid_sd15_lora.safetensors",
                 "faceid-plus": "ip-adapter-faceid-plusv2_sd15_lora.safetensors"}
 DOWNLOAD_HELP = ("IP-Adapter files come from the h94/IP-Adapter (models/) and h94/IP-Adapter-FaceID repositories on "
@@ -184,7 +192,8 @@ class AdapterSpec:
         return STREAM_OF_KIND[self.kind]
 
     def describe(self) -> str:
-        return (f"{self.kind} ({self.stream} stream, {self.num_tokens} tokens of width {self.cross_dim}, "
+        version = f" v{self.extra['version']}" if "version" in self.extra else ""
+        return (f"{self.kind}{version} ({self.stream} stream, {self.num_tokens} tokens of width {self.cross_dim}, "
                 f"{len(self.layer_widths)} cross-attention layers)")
 
 
@@ -199,6 +208,17 @@ def _what_else(keys: list[str]) -> str | None:
         return "a CLIP-vision model (it belongs in models/clip_vision/)"
     if any(k.startswith(("input_blocks.", "down_blocks.", "conv_in.")) for k in ks):
         return "a UNet / diffusion model (it belongs in models/unet/ or models/diffusion_models/)"
+    return None
+
+
+def faceid_plus_version(name: str) -> int | None:
+    """2 for a FaceID Plus v2 file name (``...plusv2...``), 1 for v1 (``...faceid-plus...`` without v2), else None."""
+    import re
+    base = Path(str(name)).name.lower()
+    if re.search(r"plus[-_ ]?v2", base):
+        return 2
+    if re.search(r"face[-_ ]?id[-_ ]?plus(?![-_ ]?v\d)", base):
+        return 1
     return None
 
 
@@ -236,9 +256,16 @@ def detect_kind(sd: dict[str, torch.Tensor], source: str = "the file") -> Adapte
 
     if has("perceiver_resampler.proj_in.weight", "proj.0.weight", "proj.2.weight", "norm.weight"):
         kind, tokens = "faceid-plus", proj["proj.2.weight"].shape[0] // proj["norm.weight"].shape[0]
+        version = faceid_plus_version(source)
+        if version is None:
+            raise ValueError(f"{source} holds FaceID Plus tensors, but FaceID Plus v1 and v2 files hold exactly the "
+                             f"same tensors (v2 adds the MLP tokens back: x + s * resampler, v1 does not) and only "
+                             f"the released file name tells them apart. Keep the official name: "
+                             f"{FACEID_PLUS_FILES[1]} (v1) or {FACEID_PLUS_FILES[2]} (v2).")
         spec = AdapterSpec(kind, tokens, cross, widths, id_dim=proj["proj.0.weight"].shape[1],
                            clip_dim=proj["perceiver_resampler.proj_in.weight"].shape[1],
-                           clip_input="penultimate_hidden_states", lora_in_file=lora_in_file)
+                           clip_input="penultimate_hidden_states", lora_in_file=lora_in_file,
+                           extra={"version": version})
     elif has("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"):
         spec = AdapterSpec("ip-adapter-plus", proj["latents"].shape[1], cross, widths,
                            clip_dim=proj["proj_in.weight"].shape[1], clip_input="penultimate_hidden_states",
@@ -346,11 +373,12 @@ class Resampler(PerceiverStack):
 
 
 class FaceIDPlusProj(nn.Module):
-    """FaceID Plus: x = FaceID MLP tokens; out = x + s * resampler(x over CLIP states of the aligned face) (v2)."""
+    """FaceID Plus: x = FaceID MLP tokens; r = resampler(x over CLIP states of the aligned face); out = r (v1) or
+    x + s * r (v2, ``shortcut``)."""
 
-    def __init__(self, id_dim, hidden, cross_dim, tokens, resampler: PerceiverStack):
+    def __init__(self, id_dim, hidden, cross_dim, tokens, resampler: PerceiverStack, shortcut: bool = True):
         super().__init__()
-        self.tokens, self.cross_dim = tokens, cross_dim
+        self.tokens, self.cross_dim, self.shortcut = tokens, cross_dim, shortcut
         self.proj = nn.Sequential(nn.Linear(id_dim, hidden), nn.GELU(), nn.Linear(hidden, tokens * cross_dim))
         self.norm = nn.LayerNorm(cross_dim)
         self.perceiver_resampler = resampler
@@ -359,7 +387,8 @@ class FaceIDPlusProj(nn.Module):
         x = self.norm(self.proj(id_embeds).reshape(-1, self.tokens, self.cross_dim))
         if states.shape[0] != x.shape[0]:
             states = states.expand(x.shape[0], -1, -1)
-        return x + shortcut_scale * self.perceiver_resampler.refine(x, states)
+        refined = self.perceiver_resampler.refine(x, states)
+        return x + shortcut_scale * refined if self.shortcut else refined
 
 
 def _perceiver_from(sd: dict, prefix: str, cls, **kw):
@@ -377,7 +406,8 @@ def build_projection(spec: AdapterSpec, proj_sd: dict) -> nn.Module:
     if spec.kind == "ip-adapter-plus":
         return _perceiver_from(proj_sd, "", Resampler, tokens=spec.num_tokens)
     resampler = _perceiver_from(proj_sd, "perceiver_resampler.", PerceiverStack)
-    return FaceIDPlusProj(spec.id_dim, proj_sd["proj.0.weight"].shape[0], spec.cross_dim, spec.num_tokens, resampler)
+    return FaceIDPlusProj(spec.id_dim, proj_sd["proj.0.weight"].shape[0], spec.cross_dim, spec.num_tokens, resampler,
+                          shortcut=spec.extra.get("version", 2) == 2)
 
 
 class IPLayer(nn.Module):

@@ -163,6 +163,13 @@ def _draw(step: int, options: DIFPTrainingOptions, n: int, num_timesteps: int, l
 
 def epsilon_loss(patched, streams, state: DIFPTrainingState, data: DIFPDataset, idx, t, noise, flags):
     """MSE(eps, eps'(z_t, t, I_id or ∅, I_sty or ∅)) with per-row condition flags (1 = on, 0 = ∅)."""
+    return F.mse_loss(epsilon_prediction(patched, streams, state, data, idx, t, noise, flags), noise.to(
+        data.latents.device))
+
+
+def epsilon_prediction(patched, streams, state: DIFPTrainingState, data: DIFPDataset, idx, t, noise, flags):
+    """eps'(z_t, t, I_id or ∅, I_sty or ∅) per row: a row whose flag is 0 gets that stream's "off" tokens (the
+    projection of a zero condition, as IP-Adapter's condition dropout trains it)."""
     model = patched.model
     ms = model.model_sampling
     device = data.latents.device
@@ -175,8 +182,7 @@ def epsilon_loss(patched, streams, state: DIFPTrainingState, data: DIFPDataset, 
     to[COND_KEY] = flags.to(device)
     denoised = model.apply_model(x, sigma, c_crossattn=data.text.to(device).expand(len(idx), -1, -1),
                                  transformer_options=to)
-    eps = (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
-    return F.mse_loss(eps, noise.to(device))
+    return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
 
 
 def train_difp_adapters(model_patcher, data: DIFPDataset, options: DIFPTrainingOptions,

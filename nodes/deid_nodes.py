@@ -1,6 +1,7 @@
 """Diffusion De-ID (thesis ch. 6) for one image with a fake pool the dataset command built.
 
-The pool (|X_F| > |X_R| fakes from identities drawn around the real set's, ``diffusion-de-id.pool.safetensors``
+The pool (|X_F| > |X_R| fakes from identities drawn uniformly on the identity sphere, each beyond the match threshold
+of every real face, ``diffusion-de-id.pool.safetensors``
 in the dataset command's keys folder) needs the whole dataset, so it is made by
 ``scripts/anonymize_dataset.py --method diffusion-de-id``; this node de-identifies a further image against it.
 """
@@ -53,7 +54,9 @@ class DiffPrivacyDiffusionDeID:
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "report")
     OUTPUT_TOOLTIPS = ("The de-identified image at the working resolution.",
-                       "The paired fake, the distance, and |cos| to the original before and after.")
+                       "The paired fake, |cos| to the original during the optimisation, the identity check on the "
+                       "delivered image (cos, distance, threshold: still recognised or not) and the pool's smallest "
+                       "real-fake distance.")
     FUNCTION = "deidentify"
     CATEGORY = CATEGORY
 
@@ -72,11 +75,7 @@ class DiffPrivacyDiffusionDeID:
         result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
                                 deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
                                 real_embedding=real, progress=lambda step, *_: bar(step), gradient=gradient_options)
-        info = result.info()
-        report = (f"paired with fake {info['pair']} (appearance distance {info['pair_distance']:.4g}); |cos| to the "
-                  f"original {info['cos_start']:.4f} -> {info['cos']:.4f} ({objective}, best at iteration "
-                  f"{info['best_iteration']})")
-        return result.image, report
+        return result.image, deid.report_text(result.info(), objective)
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyDiffusionDeID": DiffPrivacyDiffusionDeID}

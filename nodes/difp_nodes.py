@@ -113,7 +113,8 @@ class DiffPrivacyDIFPProtect:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", tip("Your SD 1.5 checkpoint's MODEL (without streams: they are added here).")),
+            "model": ("MODEL", tip("Your SD 1.5 checkpoint's MODEL, without streams (they are added here; a MODEL from "
+                                   "Apply Identity Streams is refused: its streams would mix in).")),
             "clip": ("CLIP", tip("Its text encoder: encodes the (empty) prompt DIFP conditions on.")),
             "vae": ("VAE", tip("Its VAE.")),
             "face_model": ("FACE_MODEL", tip("Detector + recognizer: finds the face (mask), embeds the original "
@@ -131,8 +132,18 @@ class DiffPrivacyDIFPProtect:
                                   min=-10.0, max=30.0, step=0.05)),
             "s_sty": ("FLOAT", tip("Style guidance s_sty (Eq. 10; not reported by the paper). 0 with s_id 0: plain "
                                    "img2img, with a warning.", default=1.0, min=-10.0, max=30.0, step=0.05)),
+            "style_source": (difp.SOURCES, tip(
+                "Where the style image I_sty comes from (the paper: 'an image of any style'). original: the photo "
+                "itself; its CLIP reading, identity cues included, guides every step at s_sty (costs privacy). "
+                "another image: style_image (nothing of the original). none: no style stream (s_sty ignored).",
+                default="none")),
             "realism": (REALISM, tip(MODE_TIP + " off: no realism control.", default="fixed")),
             "g_rea": ("FLOAT", tip(G_REA_TIP, default=0.6, min=0.0, max=1.0, step=0.01)),
+            "realism_reference": (difp.SOURCES, tip(
+                "Where the realism reference X_com comes from. original: the photo; its low frequencies (face shape, "
+                "pose, skin tone, light; H = 26 of 64 latent cells per side at g_rea 0.6) are copied at every "
+                "controlled step: the face fits the photo, and that coarse structure survives (costs privacy). "
+                "another image: reference. none: no realism control.", default="original")),
             "region": (REGIONS, tip("face: only a feathered region around the largest detected face changes (the "
                                     "rest of the photo is the original's pixels). whole frame: everything is "
                                     "regenerated.", default=REGIONS[0])),
@@ -149,8 +160,9 @@ class DiffPrivacyDIFPProtect:
                                                "image.")),
             "donor_image": ("IMAGE", tip("donor = image: a photo of the identity donor.")),
             "donor_embedding": ("FACE_EMBEDDING", tip("donor = embedding: from Face Embedding.")),
-            "style_image": ("IMAGE", tip("The style image; default the original. Another size is resized (logged).")),
-            "reference": ("IMAGE", tip("X_com for realism control; default the original.")),
+            "style_image": ("IMAGE", tip("style_source = another image: the style image (any style; not the "
+                                         "person). Another size is resized (logged).")),
+            "reference": ("IMAGE", tip("realism_reference = another image: X_com for realism control.")),
             "realism_k": ("FLOAT", tip(K_TIP, default=0.0, min=-64.0, max=64.0, step=1.0)),
             "realism_stop_at": ("FLOAT", tip(STOP_TIP, default=1.0, min=0.0, max=1.0, step=0.01)),
             "realism_space": (SPACES, tip(SPACE_TIP, default="latent")),
@@ -169,7 +181,8 @@ class DiffPrivacyDIFPProtect:
     def protect(self, model, clip, vae, face_model, image, donor, strength, steps, s_id, s_sty, realism, g_rea,
                 region, num_outputs, seed, resolution=512, identity_adapter=None, style_adapter=None, clip_vision=None,
                 donor_image=None, donor_embedding=None, style_image=None, reference=None, realism_k=0.0,
-                realism_stop_at=1.0, realism_space="latent", prompt=""):
+                realism_stop_at=1.0, realism_space="latent", prompt="", style_source="none",
+                realism_reference="original"):
         difp.check_strength(strength)
         original = working_image(rgb_batch(image), vae, resolution)
         on, mode = _realism_mode(realism)
@@ -181,14 +194,16 @@ class DiffPrivacyDIFPProtect:
                                          donor_embedding,
                                          None if style_image is None else rgb_batch(style_image, "style_image"),
                                          None if reference is None else rgb_batch(reference, "reference"),
-                                         whole_frame=region == REGIONS[1])
+                                         whole_frame=region == REGIONS[1], style_source=style_source,
+                                         reference_source=realism_reference)
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         done = difp.protect_image(model, vae, face_model, original, cond, settings, conditions)
         found = done.original_identity
         key = difp_keys.make_difp_key(model, cond, vae.encode(original), steps, strength, found["embedding"][:1],
                                       found["landmarks"][:1], face_model.name)
         mask = done.mask if done.mask is not None else torch.ones(original.shape[1:3])
-        text = [f"{len(done.result.images)} image(s) protected"] + done.warnings
+        text = ([f"{len(done.result.images)} image(s) protected", f"style: {done.sources['style']}",
+                 f"realism reference: {done.sources['reference']}"] + done.warnings)
         return {"ui": {"text": ["\n".join(text)]}, "result": (done.result.images, key, original, mask[None])}
 
 

@@ -96,21 +96,30 @@ class DiffPrivacyDPIdentity:
 
 class DiffPrivacyDPRender:
     DESCRIPTION = ("Renders a DP identity release through the FaceID identity stream on your SD 1.5 model, labelled. "
-                   "strict (the DP statement holds): generated from fresh latent noise with your fixed prompt; the "
-                   "photo is never read. in the photo (NOT DP): the photo's face region inpainted with the noised "
-                   "identity; pose, background and hair still come from the original. With T > 1 rounds it runs the "
-                   "thesis's iteration: each round's render is re-embedded (face_model) and noised again. The label "
-                   "(JSON) says which, with ε and δ; save it with Save DP Image as the sidecar.")
+                   "strict (the DP statement holds): generated from fresh latent noise with your prompt text, encoded "
+                   "here; the photo is never read, and a MODEL or CLIP carrying anything beyond the checkpoint "
+                   "(streams, attention patches, LoRAs) or a connected CONDITIONING is refused by name. The label is "
+                   "computed from what went in. in the photo (NOT DP): the photo's face region inpainted with the "
+                   "noised identity; pose, background and hair still come from the original. With T > 1 rounds it "
+                   "runs the thesis's iteration: each round's render is re-embedded (face_model) and noised again. "
+                   "The label (JSON) says which, with ε and δ; save it with Save DP Image as the sidecar.")
 
     @classmethod
     def INPUT_TYPES(cls):
         import comfy.samplers
         return {"required": {
-            "model": ("MODEL", tip("Your SD 1.5 checkpoint's model.")),
+            "model": ("MODEL", tip("Your SD 1.5 checkpoint's MODEL, straight from Load Checkpoint. strict refuses a "
+                                   "MODEL carrying identity/style streams, attention or block patches, wrappers or "
+                                   "LoRAs: they may carry the original; DP Render adds the noised stream itself.")),
             "vae": ("VAE", tip("The checkpoint's VAE.")),
-            "positive": ("CONDITIONING", tip("A fixed prompt, e.g. 'a portrait photo of a person'. In strict mode it "
-                                             "must not describe the original (that would bypass the noise).")),
-            "negative": ("CONDITIONING", tip("Negative prompt.")),
+            "clip": ("CLIP", tip("The checkpoint's CLIP, straight from Load Checkpoint: the prompt text is encoded "
+                                 "with it here (strict refuses a CLIP carrying a LoRA or other patches).")),
+            "prompt": ("STRING", tip("A fixed prompt, e.g. 'a portrait photo of a person'. It must not describe the "
+                                     "original (that would bypass the noise); it is written into the label. No "
+                                     "'embedding:' names in strict mode.",
+                                     default="a portrait photo of a person, neutral background", multiline=True)),
+            "negative_prompt": ("STRING", tip("Negative prompt text (encoded here with clip).",
+                                              default="blurry, lowres, deformed", multiline=True)),
             "identity_adapter": ("IDENTITY_ADAPTER", tip("ip-adapter-faceid_sd15.bin (plain FaceID: it reads only "
                                                          "the embedding; FaceID Plus is refused).")),
             "noised_embedding": ("FACE_EMBEDDING", tip("The release from DP Identity.")),
@@ -130,6 +139,11 @@ class DiffPrivacyDPRender:
             "denoise": ("FLOAT", tip("in the photo: how far the face region is re-noised (1 = fully).", default=0.8,
                                      min=0.0, max=1.0, step=0.01)),
         }, "optional": {
+            "positive": ("CONDITIONING", tip("in the photo only: a CONDITIONING of your own instead of the prompt "
+                                             "text. strict refuses it: a CONDITIONING can hold image tokens or "
+                                             "embeddings made from the original.")),
+            "negative": ("CONDITIONING", tip("in the photo only: the negative CONDITIONING to go with positive "
+                                             "(strict refuses it).")),
             "image": ("IMAGE", tip("in the photo: the photo whose face region is replaced (ignored in strict).")),
             "face_model": ("FACE_MODEL", tip("Finds the face region (in the photo, when no mask) and re-embeds each "
                                              "round's render when T > 1 (use the one that made the embedding).")),
@@ -144,15 +158,16 @@ class DiffPrivacyDPRender:
     FUNCTION = "render"
     CATEGORY = DP_CATEGORY
 
-    def render(self, model, vae, positive, negative, identity_adapter, noised_embedding, mode, seed, steps, cfg,
-               sampler_name, scheduler, width, height, identity_weight, denoise, image=None, face_model=None,
-               mask=None):
+    def render(self, model, vae, clip, prompt, negative_prompt, identity_adapter, noised_embedding, mode, seed, steps,
+               cfg, sampler_name, scheduler, width, height, identity_weight, denoise, positive=None, negative=None,
+               image=None, face_model=None, mask=None):
         rounds = int((noised_embedding.get("dp") or {}).get("report", {}).get("rounds", 1))
         progress = StepProgress(rounds)
         images, label, trace = dp_render.render_release(
-            noised_embedding, model, vae, positive, negative, identity_adapter, mode, seed, steps, cfg, sampler_name,
-            scheduler, width, height, identity_weight, None if image is None else rgb_batch(image), face_model,
-            mask, denoise, on_round=lambda t: progress(t, f"round {t} of {rounds}"))
+            noised_embedding, model, vae, clip, prompt, negative_prompt, identity_adapter, mode, seed, steps, cfg,
+            sampler_name, scheduler, width, height, identity_weight, None if image is None else rgb_batch(image),
+            face_model, mask, denoise, on_round=lambda t: progress(t, f"round {t} of {rounds}"), positive=positive,
+            negative=negative)
         if rounds > 1:
             label["rounds_cosine_to_round_1"] = [round(c, 4) for c in trace]
         progress(rounds)

@@ -25,7 +25,9 @@ class DiffPrivacyFSAP:
         "loss L_I = 1 - cos(f(x), f(x_hat)) exceeds tau, keeping the face region close with k perceptual steps per "
         "iteration (MSE + SSIM + LPIPS when its weights are in models/lpips/). Losses are taken on a cheap "
         "differentiable render: the decoded x0 prediction of ONE UNet call from the original's DDIM-inverted latent "
-        "at the chosen timestep. The output is a full deterministic DDIM render from that latent with the found W. "
+        "at the chosen timestep. When that stand-in passes tau, the image that would be delivered (the full DDIM "
+        "render) is checked too, and only its L_I counts: the reported L_I and 'reached' are measured on the "
+        "delivered image. The output is a full deterministic DDIM render from that latent with the found W. "
         "Cancel stops the search early and renders the best W so far. Text conditioning runs at cfg 1 (no negative).")
 
     @classmethod
@@ -42,8 +44,9 @@ class DiffPrivacyFSAP:
             "image": ("IMAGE", tip("The photo to de-identify (one image).")),
             "face_model": ("FACE_MODEL", tip("The recognizer f of L_I (differentiable: FaceNet-CASIA, ArcFace); its "
                                              "detector finds the face region. dlib is refused (evaluation only).")),
-            "tau": ("FLOAT", tip("Stop once L_I = 1 - cos(f(x), f(x_hat)) > tau (a cosine distance in (0, 2]; "
-                                 "thesis 0.8). Higher = further from the original identity.",
+            "tau": ("FLOAT", tip("Stop once L_I = 1 - cos(f(x), f(x_hat)) > tau on the delivered image (checked "
+                                 "whenever the cheap stand-in passes; a cosine distance in (0, 2]; thesis 0.8). "
+                                 "Higher = further from the original identity.",
                                  default=fsap.THESIS_DEFAULTS["tau"], min=0.01, max=2.0, step=0.01)),
             "lambda_i": ("FLOAT", tip(f"Identity step per embedding component: W += lambda_I * sign(dL_I/dW). Thesis "
                                       f"0.02 on StyleGAN W+ (components of order 1), rescaled by 1/sqrt(512) = {R} "
@@ -83,8 +86,9 @@ class DiffPrivacyFSAP:
     OUTPUT_TOOLTIPS = ("The de-identified photo: full DDIM render with the found W.",
                        "L_I (red) and L_P (blue) per iteration, tau dashed; shown live on the node while it runs.",
                        "The found W as a FACE_EMBEDDING (for Apply Identity Streams).",
-                       "Final L_I, iterations, whether tau was reached, LPIPS used or absent (and why).",
-                       "Final L_I on the cheap render.")
+                       "Final L_I on the delivered image (and the stand-in's), iterations, whether tau was reached "
+                       "on the delivered image, iterations where only the stand-in passed, LPIPS used or absent.",
+                       "Final L_I measured on the delivered image (8-bit, the original's landmarks).")
     FUNCTION = "run"
     CATEGORY = FSAP_CATEGORY
 
@@ -112,7 +116,8 @@ class DiffPrivacyFSAP:
         bar = StepProgress(max(settings.n, 1), unique_id)
 
         def progress(it, history):
-            bar(min(it, settings.n), f"FSAP iteration {it}: L_I {history[-1].l_i:.4f} (tau {settings.tau:g})",
+            bar(min(it, settings.n),
+                f"FSAP iteration {it}: L_I {history[-1].l_i:.4f} on the stand-in (tau {settings.tau:g})",
                 ("PNG", fsap.curve_pil(history, settings.tau), 512))
 
         result = fsap.run_fsap(model, vae, positive, identity_adapter, emb, img, face_model, settings,

@@ -147,8 +147,9 @@ class DiffPrivacyApplyIdentityStreams:
             "layer_weights": ("STRING", tip("Optional: one weight per cross-attention layer, comma-separated, in the "
                                             "order input 1, 2, 4, 5, 7, 8; output 3-11; middle (16 for SD 1.5). "
                                             "Empty: all 1.", default="")),
-            "faceid_v2_shortcut": ("FLOAT", tip("FaceID Plus v2: s in tokens = x + s * resampler(x, CLIP states).",
-                                                default=1.0, min=0.0, max=5.0, step=0.05)),
+            "faceid_v2_shortcut": ("FLOAT", tip("FaceID Plus v2: s in tokens = x + s * resampler(x, CLIP states). "
+                                                "v1 files have no shortcut (tokens = resampler(x, CLIP states)) "
+                                                "and ignore it.", default=1.0, min=0.0, max=5.0, step=0.05)),
         }}
 
     RETURN_TYPES = ("MODEL",)

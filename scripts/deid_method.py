@@ -107,9 +107,9 @@ def real_embeddings(m: dict, input_dir: Path, resolution: int, log=print) -> tor
         if e is not None:
             rows.append(e[0])
     if len(rows) < 2:
-        raise ValueError(f"the pool is fitted to the real set's identity embeddings: found faces in {len(rows)} "
-                         f"image(s) of {input_dir}; at least 2 are needed")
-    log(f"Diffusion De-ID: {len(rows)} real face(s) embedded for the pool's Gaussian")
+        raise ValueError(f"every fake is checked against the real set's identity embeddings: found faces in "
+                         f"{len(rows)} image(s) of {input_dir}; at least 2 are needed")
+    log(f"Diffusion De-ID: {len(rows)} real face(s) embedded to check the fakes against")
     return torch.stack(rows)
 
 
@@ -133,7 +133,12 @@ def pool_for_run(m: dict, settings: dict, run: dict, log=print):
                     pool = deid.build_pool(m["model"], m["vae"], m["positive"], m["negative"], m["adapter"],
                                            m["face_model"], m["appearance"], reals, count, int(run.get("seed", 0)),
                                            resolution, int(settings.get("pool_steps", 30)),
-                                           float(settings.get("cfg", 5.0)))
+                                           float(settings.get("cfg", 5.0)),
+                                           identity_metric=m["identity_model"].metric,
+                                           identity_threshold=m["identity_model"].threshold)
+                log(f"Diffusion De-ID: smallest real-fake identity distance {pool.meta['min_real_fake_distance']:.4f} "
+                    f"({pool.meta['identity_metric']}, match threshold {pool.meta['identity_threshold']:g}; "
+                    f"{pool.meta['redrawn']} draw(s) within it were redrawn)")
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
                 pool.save(tmp)
                 os.replace(tmp, path)

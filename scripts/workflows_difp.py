@@ -6,13 +6,21 @@ from workflows_identity import add_arcface, add_faceid_adapter
 SD15 = "v1-5-pruned-emaonly.safetensors"
 STYLE = "ip-adapter_sd15.safetensors"
 VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+STYLE_IMAGE = "style.png"  # any image of the look wanted (a painting, a stock photo): not the person
 
 PROTECT_NOTE = (
     "What: DIFP protection. The face is regenerated from the photo noised to S_n*T under a donor identity (by default "
-    "a synthetic one: no donor photo needed) and the photo's own style, with dual classifier-free guidance (s_id, "
-    "s_sty) and low-pass realism control (g_rea); only a feathered region around the face changes. The key (F_i + "
-    "F_e) is saved next to the images: with its password it recovers the original (workflow difp-recover).\n"
-    "Where: SD 1.5 checkpoint in Load Checkpoint; the photo as face.png in ComfyUI's input folder; "
+    "a synthetic one: no donor photo needed) and a style, with dual classifier-free guidance (s_id, s_sty) and "
+    "low-pass realism control (g_rea); only a feathered region around the face changes. The key (F_i + F_e) is saved "
+    "next to the images: with its password it recovers the original (workflow difp-recover).\n"
+    "Which sources, and why: style_source = another image (style.png), as the paper takes I_sty from 'an image of any "
+    "style': the photo itself as style would feed its CLIP appearance, identity cues included, back into every step. "
+    "realism_reference = original: the new face must fit the photo's pose and light, which is what realism control "
+    "is for; its cost is that the original's coarse structure (face shape, pose, skin tone, light: H = 26 of 64 "
+    "latent cells at g_rea 0.6) survives. Raise g_rea or choose 'none' to copy less; choose 'another image' to copy "
+    "nothing of the original.\n"
+    "Where: SD 1.5 checkpoint in Load Checkpoint; the photo as face.png and a style image as style.png in ComfyUI's "
+    "input folder; "
     "ip-adapter-faceid_sd15.bin and ip-adapter_sd15.safetensors in models/ipadapter/ (+ the FaceID LoRA in "
     "models/loras/); CLIP-ViT-H-14 in models/clip_vision/; the buffalo_l pack in models/insightface/models/.\n"
     "Settings that matter: strength S_n (0.8; above 1 is refused), g_rea (0.6; 0 copies the photo, 1 frees it), s_id "
@@ -39,12 +47,14 @@ def difp_protect():
     style = g.node("DiffPrivacyIdentityAdapterLoader", title="style adapter", adapter_name=STYLE, lora_name="auto",
                    lora_strength=1.0)
     vision = g.node("CLIPVisionLoader", clip_name=VIT_H)
+    style_image = g.node("LoadImage", title="style image (any style; not the person)", image=STYLE_IMAGE)
     g.stage("Protect")
     protect = g.node("DiffPrivacyDIFPProtect", model=ckpt.out(0), clip=ckpt.out(1), vae=ckpt.out(2),
                      face_model=face_model.out(0), image=photo.out(0), identity_adapter=identity.out(0),
-                     style_adapter=style.out(0), clip_vision=vision.out(0), donor="synthetic", strength=0.8, steps=50,
-                     s_id=1.0, s_sty=1.0, realism="fixed", g_rea=0.6, region="face (feathered mask)", num_outputs=2,
-                     seed=0, resolution=512)
+                     style_adapter=style.out(0), clip_vision=vision.out(0), style_image=style_image.out(0),
+                     donor="synthetic", strength=0.8, steps=50, s_id=1.0, s_sty=1.0, style_source="another image",
+                     realism="fixed", g_rea=0.6, realism_reference="original", region="face (feathered mask)",
+                     num_outputs=2, seed=0, resolution=512)
     g.stage("Save images and key")
     g.node("DiffPrivacySaveImageClean", images=protect.out(0), filename_prefix="diffprivacy/difp-protected")
     g.node("DiffPrivacySaveDIFPKey", key=protect.out(1), protected=protect.out(0),

@@ -8,8 +8,11 @@ NOTE = ("What: a differentially private identity release (DP-Image, thesis ch. 4
         "clipped to radius C (sensitivity 2C), Gaussian noise sigma is added, and epsilon comes from Google's "
         "dp-accounting (the thesis's own looser bound is shown beside it, labelled). Strict rendering generates a new "
         "image from fresh noise and a fixed prompt, so the image depends on the original only through the noised "
-        "embedding and the DP statement holds; switch DP Render to 'in the photo' to inpaint the original's face "
-        "instead: NOT differentially private. The label travels with the image as a JSON sidecar.\n"
+        "embedding and the DP statement holds. Strict takes the checkpoint's MODEL and CLIP as loaded and encodes the "
+        "prompt text itself: a MODEL with streams, attention patches or LoRAs, or a connected CONDITIONING, is "
+        "refused by name, and the label is computed from what went in. Switch DP Render to 'in the photo' to "
+        "inpaint the original's face instead: NOT differentially private. The label travels with the image as a "
+        "JSON sidecar.\n"
         "Where: SD 1.5 checkpoint in Load Checkpoint; the photo as face.png in ComfyUI's input folder; "
         "ip-adapter-faceid_sd15.bin in models/ipadapter/ (+ its LoRA in models/loras/); the buffalo_l pack in "
         "models/insightface/models/.\n"
@@ -37,10 +40,10 @@ def dp_identity():
                 target_epsilon=10.0, delta=1e-5, rounds=1, renormalize=True, noise_seed=0)
     g.node("PreviewAny", title="epsilon report", source=dp.out(1))
     g.stage("Render (strict) and save with the label")
-    pos = g.node("CLIPTextEncode", clip=ckpt.out(1), text="a portrait photo of a person, neutral background")
-    neg = g.node("CLIPTextEncode", clip=ckpt.out(1), text="blurry, lowres, deformed")
-    render = g.node("DiffPrivacyDPRender", model=ckpt.out(0), vae=ckpt.out(2), positive=pos.out(0),
-                    negative=neg.out(0), identity_adapter=adapter.out(0), noised_embedding=dp.out(0), mode="strict",
+    render = g.node("DiffPrivacyDPRender", model=ckpt.out(0), vae=ckpt.out(2), clip=ckpt.out(1),
+                    prompt="a portrait photo of a person, neutral background",
+                    negative_prompt="blurry, lowres, deformed", identity_adapter=adapter.out(0),
+                    noised_embedding=dp.out(0), mode="strict",
                     seed=0, steps=30, cfg=5.0, sampler_name="dpmpp_2m", scheduler="karras", width=512, height=512,
                     identity_weight=1.0, denoise=0.8, face_model=face_model.out(0))
     g.node("PreviewAny", title="privacy label", source=render.out(1))

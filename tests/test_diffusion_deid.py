@@ -1,5 +1,6 @@
 """Diffusion De-ID (thesis ch. 6) on the tiny model with the real FaceNet-CASIA: the IIS loss, the pairing, the pool's
-Gaussian, and the method through the dataset command. The tiny model has random weights: its renders are not faces
+fixed prior and real-fake check, the identity check on the delivered image, and the method through the dataset
+command. The tiny model has random weights: its renders are not faces
 and its numbers are not results (a real SD 1.5 with IP-Adapter-FaceID and CLIP-vision is needed for those)."""
 from __future__ import annotations
 
@@ -101,11 +102,19 @@ def test_x_t_from_the_paired_fake_renders_from_the_fakes_latent_not_the_real_ima
     fake = _anonymize(setup, iterations=0, x_t="fake")
     assert real.pair == fake.pair
     assert float((real.image - fake.image).abs().mean()) > 1e-3
+    # a pool of that one fake: whatever the real photo, it pairs with fake 0, so the comparison always runs
+    pool, p = setup["pool"], fake.pair
+    single = deid.Pool(pool.identity[p:p + 1], pool.appearance[p:p + 1], pool.latents[p:p + 1],
+                       pool.recognizer[p:p + 1], pool.has_face[p:p + 1], pool.meta)
     other = setup["image"].clone()
     other[:, :, : SIZE // 4] = 0.5  # the real photo changed away from the face: the fake's x_T does not see it
-    fake_other = _anonymize({**setup, "image": other}, iterations=0, x_t="fake")
-    if fake_other.pair == fake.pair:
-        torch.testing.assert_close(fake_other.image, fake.image)
+    fake_single = _anonymize({**setup, "pool": single}, iterations=0, x_t="fake")
+    fake_other = _anonymize({**setup, "pool": single, "image": other}, iterations=0, x_t="fake")
+    assert fake_single.pair == fake_other.pair == 0
+    torch.testing.assert_close(fake_single.image, fake.image)
+    torch.testing.assert_close(fake_other.image, fake.image)
+    real_other = _anonymize({**setup, "pool": single, "image": other}, iterations=0)
+    assert float((real_other.image - real.image).abs().mean()) > 1e-4  # x_t="real" does see the change
 
 
 def test_pairing_returns_the_nearest_fake_of_a_brute_force_distance_matrix():
@@ -138,22 +147,74 @@ def test_pair_image_pairs_a_real_image_with_the_fake_nearest_in_clip_vision_spac
     torch.testing.assert_close(ours[1], theirs["last_hidden_state"][:, 1:].float(), atol=1e-4, rtol=1e-4)
 
 
-def test_the_fake_identities_follow_the_gaussian_fitted_to_the_real_embeddings():
+def test_fake_identities_come_from_a_prior_that_does_not_depend_on_the_real_set():
+    """The audit's case: with 2 real faces, a Gaussian fitted to them put fakes at cos ~0.41 to a real person. The
+    prior is fixed (uniform on the unit sphere): two different real sets give the same fakes, which sit at the
+    chance level of 512-d cosines to every real face, far beyond ArcFace's match threshold."""
     g = torch.Generator().manual_seed(1)
-    direction = torch.nn.functional.normalize(torch.randn(512, generator=g), dim=0)
-    reals = torch.nn.functional.normalize(direction + 0.05 * torch.randn(400, 512, generator=g), dim=1)
-    mean, cov, a = deid.fit_gaussian(reals)
-    assert a == pytest.approx(512 / 912)
-    draws = deid.draw_identities(mean, cov, 4000, seed=3)
-    assert torch.allclose(draws.mean(0), reals.mean(0), atol=0.01)
-    # the draws sit near the real cluster (cos to its centre ~ that of the reals), not uniformly on the sphere
-    cos_real = torch.nn.functional.cosine_similarity(reals, mean[None]).mean()
-    cos_draw = torch.nn.functional.cosine_similarity(draws, mean[None]).mean()
-    assert float(cos_draw) == pytest.approx(float(cos_real), abs=0.05) and float(cos_real) > 0.5
-    assert torch.equal(draws[:10], deid.draw_identities(mean, cov, 10, seed=3))
+    reals_a = torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=1)
+    reals_b = torch.nn.functional.normalize(torch.randn(2, 512, generator=g) + 3 * reals_a, dim=1)
+    fakes_a, check_a = deid.fake_identities(200, seed=3, real_embeddings=reals_a)
+    fakes_b, _ = deid.fake_identities(200, seed=3, real_embeddings=reals_b)
+    assert torch.equal(fakes_a, fakes_b) and check_a["redrawn"] == 0
+    assert torch.allclose(fakes_a.norm(dim=1), torch.ones(200), atol=1e-5)
+    cos = fakes_a @ reals_a.T
+    assert float(cos.abs().max()) < 0.25 and float(cos.mean().abs()) < 0.01  # chance level, not around the reals
+    assert float(cos.std()) == pytest.approx(1 / math.sqrt(512), rel=0.15)
+    assert check_a["min_real_fake_distance"] == pytest.approx(float((1 - cos).min()), abs=1e-6)
+    assert torch.equal(deid.draw_identities(10, seed=4), deid.draw_identities(10, seed=4))
     assert deid.pool_size(61) == 92 and deid.pool_size(2, 1.01) == 3
     with pytest.raises(ValueError, match="must exceed 1"):
         deid.pool_size(10, 1.0)
+
+
+def test_every_fake_is_beyond_the_match_threshold_of_every_real_face_or_redrawn():
+    g = torch.Generator().manual_seed(5)
+    reals = torch.nn.functional.normalize(torch.randn(2, 512, generator=g), dim=1)
+    # threshold 1.0 (cosine distance): any fake with cos > 0 to a real face "matches": about 3 in 4 draws are redrawn
+    fakes, check = deid.fake_identities(40, seed=6, real_embeddings=reals, threshold=1.0)
+    dist = deid.identity_distances(fakes, reals, "cosine")
+    assert bool((dist >= 1.0).all()) and check["redrawn"] > 40
+    assert check["min_real_fake_distance"] == pytest.approx(float(dist.min())) and check["min_real_fake_distance"] >= 1
+    l2, check_l2 = deid.fake_identities(5, seed=6, real_embeddings=reals, metric="l2", threshold=1.42)
+    assert bool((deid.identity_distances(l2, reals, "l2") >= 1.42).all()) and check_l2["identity_metric"] == "l2"
+    with pytest.raises(ValueError, match="leaves no room on the sphere"):  # v and -v: every point is within 1.05
+        deid.fake_identities(1, seed=0, real_embeddings=torch.cat([reals[:1], -reals[:1]]), threshold=1.05)
+
+
+def test_the_pool_states_its_smallest_real_fake_distance_and_every_report_repeats_it(setup):
+    pool = setup["pool"]
+    assert pool.meta["prior"] == "uniform on the unit sphere" and "mean" not in pool.meta
+    reals = torch.nn.functional.normalize(torch.randn(6, 512, generator=torch.Generator().manual_seed(2)), dim=1)
+    smallest = float(deid.identity_distances(pool.identity, reals, "cosine").min())
+    assert pool.meta["min_real_fake_distance"] == pytest.approx(smallest, abs=1e-6)
+    assert pool.meta["min_real_fake_distance"] >= pool.meta["identity_threshold"] == 0.68
+    info = _anonymize(setup, iterations=0).info()
+    assert info["min_real_fake_distance"] == pytest.approx(smallest, abs=1e-6)
+    text = deid.report_text(info, "iis")
+    assert f"smallest real-fake identity distance {smallest:.4f}" in text
+
+
+def test_the_reported_identity_check_is_measured_on_the_delivered_image(setup):
+    """The optimisation's cos comes from its short stand-in render; the report's verdict from the delivered image
+    (8-bit rounded) under the recognizer: recomputed here, and the verdict flips for the original itself."""
+    from face_fixtures import mtcnn
+    r = _anonymize(setup, iterations=1)
+    face = setup["face"]
+    x_r = setup["image"].movedim(-1, 1)
+    lm = mtcnn().detect(setup["image"][0])[0].landmarks.float()[None]
+    saved = (r.image * 255).round() / 255
+    found = face.detect(saved[0])
+    lms = found[0].landmarks.float()[None] if found else lm
+    with torch.no_grad():
+        cos = float(torch.nn.functional.cosine_similarity(face.embed(saved.movedim(-1, 1), lms),
+                                                          face.embed(x_r, lm)))
+    d = r.info()["delivered"]
+    assert d["cos"] == pytest.approx(cos, abs=1e-4) and d["face_found"] == bool(found)
+    assert d["cos"] != pytest.approx(r.best.cos, abs=1e-3)  # not the stand-in's number
+    same = deid.delivered_identity(face, setup["image"], x_r, lm)  # an output that is the input
+    assert same["recognised"] is True and same["cos"] > 0.99
+    assert "STILL RECOGNISED" in deid.report_text({**r.info(), "delivered": same}, "iis")
 
 
 def test_the_pool_file_round_trips_and_other_files_are_refused(setup, tmp_path):

@@ -12,7 +12,7 @@ from diffprivacy.guidance import difp
 from diffprivacy.guidance import identity_streams as ids
 from diffprivacy.guidance.ddim import ddim_sigmas
 from diffprivacy.guidance.guided_ddim import sample_guided_ddim
-from diffprivacy.guidance.ilvr import RealismControl, filter_size, lowpass
+from diffprivacy.guidance.ilvr import RealismControl, filter_size, lowpass, lowpass_g
 from toy_models import GaussianDenoiser, toy_latent
 
 
@@ -146,10 +146,46 @@ def test_realism_filter_size_follows_eq_13_and_stops_at_the_stop_step():
         filter_size(1.5, 64)
 
 
-def test_adaptive_realism_uses_eq_14_as_printed():
+def _ssim_reference(a, b, window=7):
+    """SSIM (Wang et al. 2004) with a uniform window, population statistics and the data range of ``b``, averaged
+    over channels and the valid region: scipy's uniform filter, independent of guidance.ilvr.ssim."""
+    import numpy as np
+    from scipy.ndimage import uniform_filter
+    a, b = a.double().numpy(), b.double().numpy()
+    r = b.max() - b.min()
+    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    pad = window // 2
+    maps = []
+    for ca, cb in zip(a, b):
+        f = lambda t: uniform_filter(t, window, mode="reflect")[pad:-pad, pad:-pad]  # noqa: E731
+        ma, mb = f(ca), f(cb)
+        va, vb, cov = f(ca * ca) - ma ** 2, f(cb * cb) - mb ** 2, f(ca * cb) - ma * mb
+        maps.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(maps))
+
+
+def test_adaptive_realism_g_is_the_ssim_of_the_step_and_the_noised_reference_eq_14():
+    """Eq. 14: g_rea = SSIM(z'_{t-1}, X_com,t-1) per sample (the reference noised with the control's own seeded
+    noise), clamped to [0, 1], and that g sets the filter of that sample's update (Eq. 12-13)."""
+    reference = toy_latent(21, (3, 4, 16, 16))
+    reference[2] += 5.0  # same local means, opposite structure: SSIM < 0
+    x = torch.stack([0.8 * reference[0] + 0.2 * toy_latent(22, (4, 16, 16)),  # close to the reference
+                     toy_latent(23, (4, 16, 16)),                             # unrelated
+                     10.0 - reference[2]])                                    # anti-correlated
+    control = RealismControl(reference, 0.6, mode="adaptive", seed=3)
+    sigma = 0.5
+    out = control(x, torch.tensor(sigma), 0, 10)
+    ref_t = reference + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    want = [_ssim_reference(x[b], ref_t[b]) for b in range(3)]
+    assert want[0] > 0.3 > want[1] > 0.0 > want[2], want
+    clamped = [min(max(w, 0.0), 1.0) for w in want]
+    assert control.g_history == [pytest.approx(clamped, abs=1e-4)]
+    expected = torch.cat([x[b:b + 1] - lowpass_g(x[b:b + 1], g) + lowpass_g(ref_t[b:b + 1], g)
+                          for b, g in enumerate(control.g_history[0])])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out[2], ref_t[2])  # g = 0: the all-pass filter, the sample becomes the reference
     _, _, realism = _ilvr_run(0.6, mode="adaptive")
     gs = [g[0] for g in realism.g_history]
-    assert all(0.0 <= g <= 1.0 for g in gs)
     assert gs[-1] > gs[0]  # as the noised reference and the sample converge, SSIM (so g_rea) rises
 
 

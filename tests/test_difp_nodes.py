@@ -42,9 +42,10 @@ def _photo(seed=3, size=128):
 def _protect(tiny_sd, tiny_clip_vision, parts, **kw):
     from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPProtect
     model, clip, vae = tiny_sd
+    model = kw.pop("model", model)
     args = dict(donor="synthetic", strength=0.8, steps=10, s_id=1.5, s_sty=1.0, realism="fixed", g_rea=0.6,
                 region="face (feathered mask)", num_outputs=2, seed=0, resolution=128, identity_adapter=parts[0],
-                style_adapter=parts[1], clip_vision=tiny_clip_vision)
+                style_adapter=parts[1], clip_vision=tiny_clip_vision, style_source="original")
     args.update(kw)
     face_model = args.pop("face_model", SmallFace())
     image = args.pop("image", _photo())
@@ -99,7 +100,8 @@ def test_bad_input(tiny_sd, tiny_clip_vision, parts, caplog):
         plain = _protect(tiny_sd, tiny_clip_vision, parts, s_id=0.0, s_sty=0.0, num_outputs=1, identity_adapter=None,
                          style_adapter=None)
         assert "plain img2img" in plain["ui"]["text"][0]
-        resized = _protect(tiny_sd, tiny_clip_vision, parts, style_image=_photo(5, 96), num_outputs=1)
+        resized = _protect(tiny_sd, tiny_clip_vision, parts, style_image=_photo(5, 96), num_outputs=1,
+                           style_source="another image")
         assert "resized" in resized["ui"]["text"][0]
     with pytest.raises(ValueError, match="needs an identity adapter"):
         _protect(tiny_sd, tiny_clip_vision, parts, identity_adapter=None)
@@ -120,3 +122,77 @@ def test_every_difp_node_has_tooltips_a_description_and_is_registered():
         for section in ("required", "optional"):
             for name, spec in cls.INPUT_TYPES().get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name}"
+
+
+# -- where the style and the realism reference come from (issue 24) ---------------------------------------------------
+def _spy_protect(monkeypatch):
+    """Record the MODEL (its streams), the reference and the settings DIFP's sampling gets."""
+    from diffprivacy.guidance import difp
+    seen = {}
+    real = difp.protect
+
+    def spy(model, vae, image, conditioning, settings, mask=None, reference=None):
+        seen.update(model=model, reference=reference, settings=settings, image=image)
+        out = real(model, vae, image, conditioning, settings, mask, reference)
+        seen["realism"] = out.realism
+        return out
+    monkeypatch.setattr(difp, "protect", spy)
+    return seen
+
+
+def test_style_source_and_realism_reference_are_the_explicit_choices_and_nothing_else(tiny_sd, tiny_clip_vision,
+                                                                                     parts, monkeypatch):
+    """original: the photo is I_sty / X_com; another image: the given one (the photo is not read for it); none: no
+    style stream / no realism control. The node's text names each choice and its privacy cost."""
+    from diffprivacy.guidance import identity_streams as ids
+    seen = _spy_protect(monkeypatch)
+    style_img, ref_img = _photo(5), _photo(6)
+
+    def style_on(image):
+        with torch.inference_mode():
+            return ids.style_tokens(parts[1], tiny_clip_vision, image)[0]
+
+    def latent(image):
+        with torch.inference_mode():
+            return tiny_sd[0].get_model_object("latent_format").process_in(tiny_sd[2].encode(image))
+
+    def run(**kw):
+        out = _protect(tiny_sd, tiny_clip_vision, parts, num_outputs=1, **kw)
+        streams = ids.carried_streams(seen["model"])
+        return out["ui"]["text"][0], (streams.streams if streams is not None else {}), seen["realism"]
+
+    text, streams, realism = run(style_source="original", realism_reference="original")
+    torch.testing.assert_close(streams["style"].on, style_on(seen["image"]))
+    torch.testing.assert_close(realism.reference, latent(seen["image"]))
+    assert "style: original: the original's CLIP-vision appearance" in text
+    assert "realism reference: original: the original's low frequencies" in text
+    text, streams, realism = run(style_source="another image", style_image=style_img,
+                                 realism_reference="another image", reference=ref_img)
+    torch.testing.assert_close(streams["style"].on, style_on(style_img))
+    assert not torch.allclose(streams["style"].on, style_on(seen["image"]))
+    torch.testing.assert_close(realism.reference, latent(ref_img))
+    assert "nothing of the original" in text
+    text, streams, realism = run(style_source="none", realism_reference="none")
+    assert "style" not in streams and "identity" in streams and realism is None
+    assert seen["settings"].s_sty == 0.0 and seen["settings"].realism is False
+    assert "style: none" in text and "realism reference: none" in text
+    with torch.inference_mode():  # a style stream built upstream (here from the original) cannot sneak in
+        upstream, _ = ids.apply_identity_streams(tiny_sd[0], [ids.Stream("style", parts[1], style_on(_photo()),
+                                                                         parts[1].off_tokens())])
+    with pytest.raises(ValueError, match="the `model` input already carries style stream"):
+        _protect(tiny_sd, tiny_clip_vision, parts, num_outputs=1, style_source="none", model=upstream)
+    for kw, message in ((dict(style_source="another image"), "needs the image connected to style_image"),
+                        (dict(style_image=style_img), "style_image is connected but the style source is 'original'"),
+                        (dict(realism_reference="another image"), "needs the image connected to reference"),
+                        (dict(reference=ref_img), "reference is connected but the realism reference source")):
+        with pytest.raises(ValueError, match=message):
+            _protect(tiny_sd, tiny_clip_vision, parts, num_outputs=1, **kw)
+
+
+def test_the_node_defaults_do_not_feed_the_original_back_as_style():
+    from diffprivacy.guidance import difp
+    from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPProtect
+    required = DiffPrivacyDIFPProtect.INPUT_TYPES()["required"]
+    assert required["style_source"][0] == difp.SOURCES and required["style_source"][1]["default"] == "none"
+    assert required["realism_reference"][1]["default"] == "original"
+    assert "costs privacy" in required["realism_reference"][1]["tooltip"]

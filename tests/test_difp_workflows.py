@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 
 import ip_adapter_fixtures as fx
 from conftest import nodes_of
@@ -26,6 +27,11 @@ def served(comfy_server, tiny_sd, tiny_clip_vision, tiny_clip_vision_path, tmp_p
     comfy_server.put_model("insightface/models/buffalo_l", "w600k_r50.onnx",
                            fx.export_arcface_onnx(d / "buffalo_l" / "w600k_r50.onnx"))
     assert ipa.FACEID_LORAS  # the FaceID LoRA is left out on purpose: the workflow runs without it (warned)
+    from PIL import Image
+    style = comfy_server.base / "input" / "style.png"  # the shipped workflow's style image: any picture
+    if not style.exists():
+        Image.fromarray((torch.rand(96, 96, 3, generator=torch.Generator().manual_seed(8)) * 255).byte().numpy()
+                        ).save(style)
     return comfy_server
 
 

@@ -1,7 +1,8 @@
 """DP-Image on the identity embedding (thesis ch. 4): ε against dp-accounting and the closed form, the thesis's own
-figure, the released distribution, strict rendering's independence from the original's pixels, the privacy label on
-every output, bad input, and the dp-identity workflow in a live server. Renders use the tiny random-weight model and a
-random-weight FaceID file (tests/ip_adapter_fixtures.py): they test the plumbing, never image quality."""
+figure, the released distribution, strict rendering's independence from the original's pixels and its refusal of a
+MODEL or CONDITIONING that can carry the original, the privacy label on every output (computed from what went in),
+bad input, and the dp-identity workflow in a live server. Renders use the tiny random-weight model and a random-weight
+FaceID file (tests/ip_adapter_fixtures.py): they test the plumbing, never image quality."""
 from __future__ import annotations
 
 import io
@@ -170,12 +171,13 @@ def _release(rounds=1, noise_seed=123, sigma=1.0, original=None):
     return out
 
 
-def _render(tiny_sd, faceid, prompt, noised, mode="strict", image=None, mask=None, face_model=None, seed=4):
+def _render(tiny_sd, faceid, prompt, noised, mode="strict", image=None, mask=None, face_model=None, seed=4,
+            model=None, text="a portrait photo", **conds):
     from diffprivacy.nodes.dp_nodes import DiffPrivacyDPRender
     with torch.inference_mode():
         images, label = DiffPrivacyDPRender().render(
-            tiny_sd[0], tiny_sd[2], prompt[0], prompt[1], faceid["adapter"], noised, mode, seed, 2, 3.0, "euler",
-            "normal", 64, 64, 1.0, 0.9, image=image, face_model=face_model, mask=mask)
+            model or tiny_sd[0], tiny_sd[2], tiny_sd[1], text, "blurry", faceid["adapter"], noised, mode, seed, 2,
+            3.0, "euler", "normal", 64, 64, 1.0, 0.9, image=image, face_model=face_model, mask=mask, **conds)
     return images, json.loads(label)
 
 
@@ -209,6 +211,62 @@ def test_strict_output_is_bit_identical_when_the_originals_pixels_change_and_in_
     assert not torch.equal(other, strict_a)  # the noised identity does reach the image
 
 
+def _leaky_inputs(tiny_sd, faceid, original):
+    """The channels through which the original can reach a 'strict' render besides the noised embedding: a MODEL
+    carrying a stream of the original's identity (as Apply Identity Streams makes it), a MODEL with another node's
+    attention patch, a MODEL with a LoRA, and a CONDITIONING carrying extra tokens made from the original."""
+    import comfy.lora
+    from diffprivacy.guidance import identity_streams as ids
+    model = tiny_sd[0]
+    with torch.inference_mode():
+        on, off = ids.identity_tokens(faceid["adapter"], original["embedding"])
+        streamed, _ = ids.apply_identity_streams(model, [ids.Stream("identity", faceid["adapter"], on, off)])
+        patched = model.clone()
+        patched.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 1, 0)
+        lora = model.clone()
+        key = next(iter(comfy.lora.model_lora_keys_unet(model.model, {}).values()))
+        lora.add_patches({key: ("diff", (torch.zeros_like(model.model.state_dict()[key]),))}, 1.0)
+        positive = [[torch.cat([c, on.expand(c.shape[0], -1, -1)[..., :c.shape[-1]]], dim=1), dict(o)]
+                    for c, o in tiny_sd[1].encode_from_tokens_scheduled(tiny_sd[1].tokenize("a portrait photo"))]
+    return {"model": [streamed, patched, lora], "positive": positive}
+
+
+def test_strict_refuses_a_model_or_conditioning_that_can_carry_the_original_naming_the_input(tiny_sd, faceid,
+                                                                                             prompt):
+    """The leaking channels are MODEL and CONDITIONING (strict never reads `image`): each is refused by name, and
+    the same inputs in the photo mode run but are labelled NOT DP with the reason recorded."""
+    leaky = _leaky_inputs(tiny_sd, faceid, _original())
+    noised = _release(noise_seed=0)
+    for model, what in zip(leaky["model"], ("identity stream", "attn2 replacement", "weight patches")):
+        with pytest.raises(ValueError, match=f"the `model` input carries: .*{what}"):
+            _render(tiny_sd, faceid, prompt, noised, "strict", model=model)
+    with pytest.raises(ValueError, match="the `positive` CONDITIONING was not built here"):
+        _render(tiny_sd, faceid, prompt, noised, "strict", positive=leaky["positive"], negative=prompt[1])
+    with pytest.raises(ValueError, match="`prompt` names a textual-inversion embedding"):
+        _render(tiny_sd, faceid, prompt, noised, "strict", text="a photo of embedding:someone")
+    a, _, mask = _photos()
+    _, label = _render(tiny_sd, faceid, prompt, noised, "in the photo", image=a, mask=mask, model=leaky["model"][0],
+                       positive=leaky["positive"], negative=prompt[1])
+    assert label["differentially_private"] is False and label["inputs"]["conditioning"] == "connected"
+    assert any("identity stream" in r for r in label["not_private_because"])
+    _, clean = _render(tiny_sd, faceid, prompt, noised, "strict")
+    assert clean["differentially_private"] is True and clean["not_private_because"] == []
+    assert clean["inputs"] == {"photo_read": False, "model": [], "clip": [], "conditioning": "built",
+                               "prompt": "a portrait photo", "negative_prompt": "blurry"}
+
+
+def test_the_label_is_computed_from_what_went_in_not_from_the_mode():
+    report = dpi.account(1.0, 1.0, 1e-5)
+    clean = {"photo_read": False, "model": [], "clip": [], "conditioning": "built"}
+    assert dpi.release_label(report, "strict", clean)["differentially_private"] is True
+    assert dpi.release_label(report, "strict")["differentially_private"] is False  # nothing recorded: no claim
+    for leak in (dict(photo_read=True), dict(model=["Diff-Privacy identity stream(s)"]), dict(clip=["a LoRA"]),
+                 dict(conditioning="connected")):
+        label = dpi.release_label(report, "strict", dict(clean, **leak))
+        assert label["differentially_private"] is False and "NOT differentially private" in label["statement"]
+        assert label["not_private_because"], leak
+
+
 def test_the_iterated_strict_form_re_embeds_each_round_and_still_ignores_the_original(tiny_sd, faceid, prompt):
     a, b, _ = _photos()
     noised = _release(rounds=3)
@@ -238,7 +296,8 @@ def test_saved_images_have_no_metadata_and_a_sidecar_with_the_label(tmp_path, mo
     from PIL import Image
     from diffprivacy.nodes.dp_nodes import DiffPrivacySaveDPImage
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
-    label = dpi.label_text(dpi.release_label(dpi.account(1.0, 1.0, 1e-5), "strict"))
+    clean = {"photo_read": False, "model": [], "clip": [], "conditioning": "built"}
+    label = dpi.label_text(dpi.release_label(dpi.account(1.0, 1.0, 1e-5), "strict", clean))
     ui = DiffPrivacySaveDPImage().save(torch.rand(2, 64, 64, 3), label, "diffprivacy/dp")["ui"]
     assert len(ui["images"]) == 2
     for i, entry in enumerate(ui["images"]):
@@ -256,8 +315,8 @@ def test_faceid_plus_which_reads_the_original_crop_is_refused(tiny_sd, faceid, p
         plus = ipa.load_adapter(faceid["faceid-plus"])
     from diffprivacy.nodes.dp_nodes import DiffPrivacyDPRender
     with pytest.raises(ValueError, match="FaceID Plus also reads the original face crop"):
-        DiffPrivacyDPRender().render(tiny_sd[0], tiny_sd[2], prompt[0], prompt[1], plus, _release(), "strict", 0, 1,
-                                     1.0, "euler", "normal", 64, 64, 1.0, 1.0)
+        DiffPrivacyDPRender().render(tiny_sd[0], tiny_sd[2], tiny_sd[1], "a portrait", "blurry", plus, _release(),
+                                     "strict", 0, 1, 1.0, "euler", "normal", 64, 64, 1.0, 1.0)
 
 
 def test_every_dp_node_input_has_a_tooltip_and_every_node_a_description():

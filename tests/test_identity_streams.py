@@ -82,7 +82,7 @@ def _identity_stream(adapter, weight=1.0, seed=1, **kw):
 def test_each_kind_is_recognised_from_its_tensors_not_its_file_name(files, tmp_path):
     shape = files["shape"]
     misnamed = {"faceid": tmp_path / "style.safetensors", "ip-adapter": tmp_path / "faceid.bin",
-                "ip-adapter-plus": tmp_path / "ip-adapter_sd15.bin", "faceid-plus": tmp_path / "plus.bin"}
+                "ip-adapter-plus": tmp_path / "ip-adapter_sd15.bin", "faceid-plus": tmp_path / "my-faceid-plus.bin"}
     for kind, path in misnamed.items():
         fx.write_adapter(path, kind, nested=kind != "faceid-plus", **shape)  # .bin: nested groups and flat
         spec = ipa.load_adapter(path).spec
@@ -90,6 +90,119 @@ def test_each_kind_is_recognised_from_its_tensors_not_its_file_name(files, tmp_p
         assert spec.num_tokens == fx.TOKENS[kind] and spec.layer_widths == shape["widths"]
         assert spec.cross_dim == shape["cross_dim"]
         assert spec.lora_in_file == kind.startswith("faceid")
+
+
+def test_faceid_plus_v1_and_v2_are_told_apart_by_their_released_names_and_an_unnamed_one_is_refused(files, tmp_path):
+    """v1 and v2 hold the same tensors (the shortcut is a forward flag), so the version comes from the name."""
+    shape = files["shape"]
+    for name, version in (("ip-adapter-faceid-plus_sd15.bin", 1), ("ip-adapter-faceid-plusv2_sd15.bin", 2),
+                          ("faceid_plus_v2.bin", 2), ("my-faceid-plus.bin", 1)):
+        spec = ipa.load_adapter(fx.write_adapter(tmp_path / name, "faceid-plus", **shape)).spec
+        assert (spec.kind, spec.extra["version"]) == ("faceid-plus", version), name
+    with pytest.raises(ValueError, match=r"same tensors.*ip-adapter-faceid-plus_sd15\.bin \(v1\)"):
+        ipa.load_adapter(fx.write_adapter(tmp_path / "plus.bin", "faceid-plus", **shape))
+
+
+# -- an independent implementation of the published projection modules (tencent-ailab/IP-Adapter: resampler.py,
+# ip_adapter.py ImageProjModel, ip_adapter_faceid.py MLPProjModel / ProjPlusModel), written from their structure:
+# heads of 64, q and k each scaled by dim_head^-1/4, latents attend to [inputs; latents] --------------------------
+class _RefAttention(torch.nn.Module):
+    def __init__(self, dim, heads, dim_head=64):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.to_q = torch.nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = torch.nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = torch.nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x, latents):
+        x, latents = self.norm1(x), self.norm2(latents)
+        b, n, _ = latents.shape
+        heads = lambda t: t.view(b, t.shape[1], self.heads, self.dim_head).transpose(1, 2)  # noqa: E731
+        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
+        q, k, v = heads(self.to_q(latents)), heads(k), heads(v)
+        scale = self.dim_head ** -0.25
+        weight = torch.softmax(((q * scale) @ (k * scale).transpose(-2, -1)).float(), dim=-1)
+        return self.to_out((weight @ v).permute(0, 2, 1, 3).reshape(b, n, -1))
+
+
+class _RefPerceiver(torch.nn.Module):
+    def __init__(self, dim, in_dim, out_dim, depth=4, ff_mult=4, num_queries=None):
+        super().__init__()
+        if num_queries:
+            self.latents = torch.nn.Parameter(torch.zeros(1, num_queries, dim))
+        self.proj_in, self.proj_out = torch.nn.Linear(in_dim, dim), torch.nn.Linear(dim, out_dim)
+        self.norm_out = torch.nn.LayerNorm(out_dim)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleList([_RefAttention(dim, dim // 64), torch.nn.Sequential(
+            torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim * ff_mult, bias=False), torch.nn.GELU(),
+            torch.nn.Linear(dim * ff_mult, dim, bias=False))]) for _ in range(depth))
+
+    def forward(self, x, latents=None):
+        latents = self.latents.repeat(x.shape[0], 1, 1) if latents is None else latents
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+class _RefMLP(torch.nn.Module):  # MLPProjModel, and the first half of ProjPlusModel
+    def __init__(self, c=768, id_dim=512, tokens=4, clip_dim=None):
+        super().__init__()
+        self.c, self.t = c, tokens
+        self.proj = torch.nn.Sequential(torch.nn.Linear(id_dim, 2 * id_dim), torch.nn.GELU(),
+                                        torch.nn.Linear(2 * id_dim, c * tokens))
+        self.norm = torch.nn.LayerNorm(c)
+        if clip_dim:
+            self.perceiver_resampler = _RefPerceiver(c, clip_dim, c)
+
+    def forward(self, id_embeds, clip_states=None, shortcut=False, scale=1.0):
+        x = self.norm(self.proj(id_embeds).reshape(-1, self.t, self.c))
+        if clip_states is None:
+            return x
+        out = self.perceiver_resampler(clip_states, x)
+        return x + scale * out if shortcut else out
+
+
+class _RefImageProj(torch.nn.Module):
+    def __init__(self, c=768, clip_dim=1024, tokens=4):
+        super().__init__()
+        self.c, self.t = c, tokens
+        self.proj, self.norm = torch.nn.Linear(clip_dim, tokens * c), torch.nn.LayerNorm(c)
+
+    def forward(self, embeds):
+        return self.norm(self.proj(embeds).reshape(-1, self.t, self.c))
+
+
+@pytest.mark.parametrize("kind, name", [*FILES.items(), ("faceid-plus", "ip-adapter-faceid-plus_sd15.bin")])
+def test_projections_match_an_independent_implementation_of_the_published_modules_on_the_same_weights(kind, name):
+    """The released layouts (SD 1.5 shapes, random weights): tokens equal the published modules' outputs."""
+    path = fx.cached_sd15_file(kind, name)
+    proj_sd = {k[len("image_proj."):]: v.float() for k, v in ipa.read_state_dict(path).items()
+               if k.startswith("image_proj.")}
+    ref = {"ip-adapter": lambda: _RefImageProj(), "ip-adapter-plus": lambda: _RefPerceiver(768, 1280, 768,
+                                                                                           num_queries=16),
+           "faceid": lambda: _RefMLP(), "faceid-plus": lambda: _RefMLP(clip_dim=1280)}[kind]()
+    ref.load_state_dict(proj_sd, strict=True)
+    with torch.inference_mode():
+        adapter = ipa.load_adapter(path)
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(2, 512, generator=g)
+    states = torch.randn(2, 257, 1280, generator=g)
+    with torch.no_grad():
+        if kind == "ip-adapter":
+            image_embeds = torch.randn(2, 1024, generator=g)
+            got, want = adapter.tokens(image_embeds), ref(image_embeds)
+        elif kind == "ip-adapter-plus":
+            got, want = adapter.tokens(clip_states=states), ref(states)
+        elif kind == "faceid":
+            got, want = adapter.tokens(emb), ref(emb)
+        else:
+            v2 = "plusv2" in name
+            got, want = adapter.tokens(emb, states, 0.7), ref(emb, states, shortcut=v2, scale=0.7)
+            assert adapter.spec.extra["version"] == (2 if v2 else 1)
+    assert got.shape == want.shape == (2, fx.TOKENS[kind], 768)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_sd15_files_have_the_released_shapes_and_patch_all_16_layers_of_the_full_size_checkpoint(full_sd15_path):
@@ -296,6 +409,38 @@ def test_faceid_with_its_lora_patches_the_clone_and_without_it_runs_with_a_warni
         assert torch.isfinite(_run(without, x, t, ctx)).all()
     identity_nodes = __import__("diffprivacy.nodes.identity_nodes", fromlist=["x"])
     assert "DiffPrivacyIdentityAdapterLoader" in identity_nodes.NODE_CLASS_MAPPINGS
+
+
+def test_applying_streams_again_is_idempotent_one_lora_entry_per_weight_and_each_stream_once(tiny, files):
+    """Re-applying (e.g. DIFP / FSAP / De-ID / DP render on a MODEL from Apply Identity Streams) replaces: the FaceID
+    LoRA's patch entries stay at one per weight key, each stream is present once, and the output equals one
+    application of the last streams."""
+    import comfy.utils
+    from diffprivacy.guidance.identity_streams import faceid_lora_entries
+    lora = comfy.utils.load_torch_file(str(files["lora"]))
+    x, t, ctx = _inputs()
+    with torch.inference_mode():
+        adapter = ipa.load_adapter(files["faceid"])
+        adapter.lora, adapter.lora_name, adapter.lora_strength = lora, ipa.FACEID_LORAS["faceid"], 1.0
+        style = _load(files, "ip-adapter")
+        first, _ = _identity_stream(adapter, seed=1)
+        second, _ = _identity_stream(adapter, seed=2)
+        s_on = style.tokens(torch.randn(1, style.spec.clip_dim, generator=torch.Generator().manual_seed(3)))
+        once, _ = ids.apply_identity_streams(tiny, [second])
+        twice, ss = ids.apply_identity_streams(ids.apply_identity_streams(tiny, [first])[0], [second])
+        thrice, ss3 = ids.apply_identity_streams(twice, [ids.Stream("style", style, s_on, style.off_tokens())])
+        per_key = {k: len(v) for k, v in twice.patches.items()}
+        assert per_key and set(per_key.values()) == {1}, per_key
+        assert faceid_lora_entries(twice) == faceid_lora_entries(once) == {k: 1 for k in once.patches}
+        assert set(per_key) == set(once.patches)
+        assert {k: len(v) for k, v in thrice.patches.items()} == per_key  # a style stream keeps the one LoRA
+        assert sorted(ss.streams) == ["identity"] and sorted(ss3.streams) == ["identity", "style"]
+        assert torch.equal(ss.streams["identity"].on, second.on)
+        torch.testing.assert_close(_run(twice, x, t, ctx), _run(once, x, t, ctx))
+        # a FaceID adapter without its LoRA takes the earlier LoRA off (the identity it belonged to is replaced)
+        bare = _load(files, "faceid")
+        replaced, _ = ids.apply_identity_streams(twice, [_identity_stream(bare, seed=2)[0]])
+        assert not replaced.patches and not tiny.patches
 
 
 def test_sigma_range_turns_the_streams_off_outside_it(tiny, files):
