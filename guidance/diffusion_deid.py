@@ -263,11 +263,11 @@ def load_farl(path: str | Path):
 
 
 # -- the pool -------------------------------------------------------------------------------------------------------
-@dataclass
 POOL_FILE_HINT = "diffusion-de-id.pool.safetensors in the dataset command's keys folder"
 REBUILD = "build the pool again with scripts/anonymize_dataset.py --method diffusion-de-id"
 
 
+@dataclass
 class Pool:
     identity: torch.Tensor      # (K, D) FaceID-space embeddings the fakes were rendered with
     appearance: torch.Tensor    # (K, A) appearance embeddings of the fakes
@@ -301,7 +301,7 @@ class Pool:
         if meta.get("format") != POOL_FORMAT:
             raise ValueError(f"{name} is not a Diffusion De-ID pool file (format {meta.get('format')!r}): give the "
                              f"pool file the dataset command wrote ({POOL_FILE_HINT})")
-        t = read_tensor_file(path, f"the pool is damaged: {REBUILD}")  # NaN / infinity refused, naming the tensor
+        t = read_tensor_file(path, damaged=f"the pool is damaged: {REBUILD}")  # NaN / infinity refused, by tensor
         missing = [k for k in ("identity", "appearance", "latents", "recognizer", "has_face") if k not in t]
         if missing:
             raise ValueError(f"{name} lacks the pool tensor(s) {missing}: {REBUILD}")

@@ -119,8 +119,8 @@ class RealismControl:
                              "the Realism DDIM Sampler a reference of the sampled size (scale it with Upscale Image, "
                              "or encode the same image the latent came from)")
         raise ValueError(f"realism control: the reference holds {ref.shape[0]} image(s) of {tuple(ref.shape[1:])} "
-                         f"latent values but the sampler runs a batch of {x.shape[0]} of {tuple(x.shape[1:])}: give one "
-                         "reference image (or one per latent) made with the same VAE, at the sampled size")
+                         f"latent values but the sampler runs a batch of {x.shape[0]} of {tuple(x.shape[1:])}: give "
+                         "one reference image (or one per latent) made with the same VAE, at the sampled size")
 
     def active(self, step: int, total: int) -> bool:
         return step < math.ceil(float(self.stop_at) * total - 1e-9)

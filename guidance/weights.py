@@ -41,19 +41,21 @@ def require_finite(value, what: str, advice: str = ""):
     return value
 
 
-def _check_tensors(data, path: Path, hint: str, prefix: str = "") -> None:
+DAMAGED = "the file is damaged or was saved from a diverged training run; download or export it again"
+
+
+def _check_tensors(data, path: Path, advice: str, prefix: str = "") -> None:
     for name, value in data.items():
         if isinstance(value, dict):
-            _check_tensors(value, path, hint, f"{prefix}{name}.")
+            _check_tensors(value, path, advice, f"{prefix}{name}.")
         elif isinstance(value, torch.Tensor):
-            require_finite(value, f"{path.name}: tensor '{prefix}{name}'",
-                           hint or "the file is damaged or was saved from a diverged training run; download or "
-                           "export it again")
+            require_finite(value, f"{path.name}: tensor '{prefix}{name}'", advice)
 
 
-def read_tensor_file(path: str | Path, hint: str = "") -> dict:
+def read_tensor_file(path: str | Path, hint: str = "", damaged: str = "") -> dict:
     """The file's dict of tensors (possibly nested, as ``.bin`` files hold them); ValueError with ``hint`` appended
-    (what file was expected) when it is not one, or when a tensor holds NaN or infinity (naming the tensor)."""
+    (what file was expected) when it is not one, or when a tensor holds NaN or infinity (naming the tensor; then
+    ``damaged`` says what to do, by default: get the file again)."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(9)
@@ -79,5 +81,5 @@ def read_tensor_file(path: str | Path, hint: str = "") -> dict:
                              f"again. {hint}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors. {hint}")
-    _check_tensors(data, path, hint)
+    _check_tensors(data, path, damaged or f"{DAMAGED}. {hint}".strip())
     return data

@@ -283,13 +283,15 @@ def _first_that_loads(candidates, load, what: str, skipped: list[str]):
     errors = []
     for kind, path in candidates:
         try:
-            return kind, load(kind, path)
+            loaded = load(kind, path)
         except interrupt_exceptions():
             raise
         except Exception as e:  # a damaged or foreign file: say which, and try the next one
             where = path.name if path is not None else "its files"
             errors.append(f"{what} {kind} ({where}: {type(e).__name__}: {str(e)[:160]})")
-    skipped += errors
+            continue
+        skipped += errors
+        return kind, loaded
     raise ValueError(f"auto found no {what} that loads: {'; '.join(errors)}. Replace the damaged file(s), or add "
                      f"{WHAT_TO_ADD}")
 
