@@ -116,13 +116,14 @@ def whole_frame_gradient_options(gradient: str) -> tuple:
 
 RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
                   "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
-                  "image's own size, cropped to a multiple of 8. Protection and Make Key-I must use the same value "
-                  "for recovery to match.")
+                  "image's own size, cropped to a multiple of 8. At most {max_side} pixels a side, with 0 too "
+                  "(downscale larger photos first). Protection and Make Key-I must use the same value for recovery "
+                  "to match.")
 
 
 def resolution_input(what: str):
     """The shared working-resolution widget (see :mod:`guidance.working_image`)."""
-    return ("INT", tip(RESOLUTION_TIP.format(what=what), default=512, min=0, max=MAX_SIDE, step=8))
+    return ("INT", tip(RESOLUTION_TIP.format(what=what, max_side=MAX_SIDE), default=512, min=0, max=MAX_SIDE, step=8))
 
 
 class StepProgress:
