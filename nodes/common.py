@@ -41,6 +41,12 @@ NUMERIC_ADVICE = {
 }
 
 
+# torch's words for tensors whose sizes disagree: a node turns them into a message in the user's terms
+SHAPE_ERRORS = ("must match the size of tensor", "The expanded size of the tensor", "size mismatch",
+                "shapes cannot be multiplied", "is invalid for input of size", "Sizes of tensors must match",
+                "must match the existing size")
+
+
 def typed_input_names(cls, types=("FLOAT",)) -> list[tuple[str, str]]:
     """(name, type) of the inputs of ``types`` a node class declares (required and optional)."""
     spec_of = cls.INPUT_TYPES()
@@ -69,6 +75,7 @@ def guard_float_inputs(cls) -> None:
     NaN in JSON: a NaN weight used to give a "successful" run with a black image and a saved key; a NaN IMAGE
     made by another node ran as "no face found, image unchanged". Applied to every node of the pack when it is
     registered (``nodes/__init__.py``). Numbers typed into STRING widgets are checked where they are parsed.
+    torch's errors about tensor sizes that disagree are turned into a message that says what to check.
     """
     import functools
 
@@ -79,7 +86,7 @@ def guard_float_inputs(cls) -> None:
     except Exception:  # an input list that cannot be built now (e.g. a folder problem): ComfyUI will say so
         return
     function = getattr(cls, cls.FUNCTION)
-    if not typed or getattr(function, "_finite_floats", False):
+    if getattr(function, "_finite_floats", False):
         return
 
     @functools.wraps(function)
@@ -93,7 +100,17 @@ def guard_float_inputs(cls) -> None:
                 else:
                     require_finite(_numbers_of(v, kind), f"{cls.__name__}: the {kind} input {name}",
                                    NUMERIC_ADVICE[kind])
-        return function(self, *args, **kwargs)
+        try:
+            return function(self, *args, **kwargs)
+        except RuntimeError as e:
+            if not any(marker in str(e) for marker in SHAPE_ERRORS):
+                raise
+            import logging
+            logging.getLogger("diffprivacy").warning("[Diff-Privacy] %s: %s", cls.__name__, e)
+            raise ValueError(f"{cls.__name__}: the inputs connected here do not fit together (two of them have sizes "
+                             "that disagree). Check that they belong together: images and masks of the same size "
+                             "and batch, latents made with this model's VAE at the working resolution, an SD 1.5 "
+                             "model with SD 1.5 adapters. (torch's message is in the server log.)") from None
 
     checked._finite_floats = True
     setattr(cls, cls.FUNCTION, checked)
