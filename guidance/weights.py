@@ -75,7 +75,7 @@ def read_tensor_file(path: str | Path, hint: str = "", damaged: str = "") -> dic
         except Exception as e:  # torch's own text advises disabling the safety check: it is not passed on
             kind = ("it is damaged or truncated" if isinstance(e, (EOFError, RuntimeError)) and
                     "weights_only" not in str(e).lower() else
-                    "it holds Python objects that need code to run to load, and such code is never run here")
+                    "it is a pickle that needs code to load (Python objects), and such code is never run here")
             raise ValueError(f"{path.name} is not a plain tensor file ({type(e).__name__}): {kind}. Use the "
                              f".safetensors release of this file (or one saved as plain tensors), or download it "
                              f"again. {hint}") from None
