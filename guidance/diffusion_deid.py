@@ -234,13 +234,10 @@ def load_farl(path: str | Path):
     import tempfile
 
     import comfy.clip_vision
+    from .weights import read_tensor_file
     path = Path(path)
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-        sd = safetensors.torch.load_file(str(path))
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = read_tensor_file(path, "Expected a FaRL ViT-B/16 checkpoint (FaRL-Base-Patch16-LAIONFace20M-ep64.pth).")
+    sd = sd.get("state_dict", sd)
     visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
     if "visual.transformer.resblocks.11.attn.in_proj_weight" not in visual or "visual.proj" not in visual:
         raise ValueError(f"{path.name} is not a FaRL / OpenAI-CLIP ViT-B/16 checkpoint (no visual.transformer with 12 "

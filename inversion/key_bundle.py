@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..guidance.weights import require_finite
 from ..guidance.working_image import check_working_size
 from .key_check import LATENT_SCALE, key_e_provenance, key_i_from_file
 from .key_e import KeyE
@@ -68,9 +67,6 @@ def bundle_from_tensors(tensors: dict, metadata: dict):
         raise ValueError(f"this key file is malformed: Key-I has shape {tuple(key_i.shape)}, expected [1, C, h, w]: "
                          f"{USE_SAVED}")
     check_key_sizes(tensors, metadata)  # shapes against each other and against the bound, before any work
-    for name in (KEY_I, KEY_E, KEY_E_POOLED):
-        if name in tensors:
-            require_finite(tensors[name], f"this key file's {name}", f"the key file is damaged: {USE_SAVED}")
     key_e = KeyE.from_tensors(tensors)
     provenance = key_e_provenance(metadata.get(META_MODEL_FINGERPRINT), metadata.get(META_CLIP_FINGERPRINT))
     return key_i_from_file(key_i.float(), metadata), key_e.with_provenance(provenance).to_conditioning()

@@ -438,7 +438,7 @@ def test_an_oversized_or_inconsistent_key_and_a_difp_key_are_refused_by_load_key
     nan = _write_key(folder / "nan_00001_.safetensors",
                      {**tensors, KEY_I: torch.full_like(tensors[KEY_I], float("nan"))}, metadata)
     _refused(comfy_server, _recover(workflow_api, key_path=nan), "DiffPrivacyLoadKey",
-             "key_i holds NaN or infinity", "damaged")
+             "nan_00001_.safetensors: tensor 'key_i' holds NaN or infinity", "damaged")
     difp = DIFPKey(key_i_latent(torch.zeros(1, 4, 8, 8), steps=4, sigma=1.0, model_fingerprint=None,
                                 clip_fingerprint=None), [[torch.zeros(1, 77, 64), {}]], torch.zeros(1, 512),
                    torch.zeros(1, 5, 2), "mtcnn", 4, 0.8)
