@@ -107,6 +107,11 @@ def guard_float_inputs(cls) -> None:
                 raise
             import logging
             logging.getLogger("diffprivacy").warning("[Diff-Privacy] %s: %s", cls.__name__, e)
+            if "state_dict" in str(e):
+                raise ValueError(f"{cls.__name__}: a model file chosen here does not fit the network it is read "
+                                 "into (its tensors have other sizes): it is another model, or another version of "
+                                 "it, than this input expects. Choose the file the input's tooltip names. (torch's "
+                                 "message is in the server log.)") from None
             raise ValueError(f"{cls.__name__}: the inputs connected here do not fit together (two of them have sizes "
                              "that disagree). Check that they belong together: images and masks of the same size "
                              "and batch, latents made with this model's VAE at the working resolution, an SD 1.5 "

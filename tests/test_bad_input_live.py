@@ -4,6 +4,12 @@ Each case runs the shipped anonymize-text-key or recover workflow, shrunk in the
 input image, the shared working resolution at 64 or 0, S = 4, one output). A bad input must end in an
 execution error that says what is wrong, save nothing, leave the files it was given as they were, and leave
 the server serving.
+
+Then the hostile-user cases of issue 25, all on the same server: NaN / infinity typed into a number list, in a
+weight file's tensor, in an IMAGE made by a stock node, in a De-ID pool and in a key; a pickle and an empty adapter
+file; a key too large or inconsistent (refused within seconds); a DIFP key given to Load Key; a DIFP Guider on a
+MODEL without streams; a realism reference of the wrong size; a damaged insightface pack under Face Model Loader
+auto; and Cancel, which must stop Recover, Hide from Detectors, FSAP and De-ID within one step.
 """
 import io
 
