@@ -10,13 +10,21 @@ from pathlib import Path
 import torch
 
 
+_CHUNK = 1 << 24  # elements checked at once
+
+
 def non_finite_count(value) -> int:
     """How many NaN / infinite numbers ``value`` holds (a tensor, a number, or a (nested) list / tuple / dict of
     them; integer and boolean tensors hold none)."""
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.is_complex()) or value.numel() == 0:
             return 0
-        return int((~torch.isfinite(value)).sum())
+        if value.numel() > _CHUNK and value.dim() > 1:  # a large batch: one image at a time, not one huge mask
+            return sum(non_finite_count(part) for part in value.unbind(0))
+        try:
+            return int((~torch.isfinite(value)).sum())
+        except (RuntimeError, NotImplementedError, TypeError):  # a tensor kind isfinite does not take (nested)
+            return 0
     if isinstance(value, bool):
         return 0
     if isinstance(value, (int, float)):
