@@ -43,10 +43,8 @@ def lpips_folders() -> list[Path]:
 
 
 def _read(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    from ..guidance.weights import read_tensor_file
+    return read_tensor_file(path, "Expected lpips' alex.pth or torchvision's alexnet-owt-7be5be79.pth.")
 
 
 class LPIPS:

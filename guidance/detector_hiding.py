@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from .face.anchors import AttackTarget, box_iou
 from .face.base import SELECT_MODES, Face, select_faces
+from .host import check_interrupt
 
 PRIVATE_MODES = SELECT_MODES
 PRIVATE_ANCHOR_IOU = 0.15   # an anchor this close to a private face may produce it: push it to background
@@ -348,6 +349,7 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
         x = x + (x.round() - x).detach()
         loss, firing = x.new_zeros(()), False
         for t in targets:
+            check_interrupt()  # each detector's pass: Cancel stops within one step
             if s.robust:
                 scale = 1.0 + rng.uniform(-s.rescale, s.rescale)
                 xt = transform(x, scale, rng.randint(*s.jpeg_quality))

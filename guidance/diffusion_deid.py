@@ -260,13 +260,10 @@ def load_farl(path: str | Path):
     import tempfile
 
     import comfy.clip_vision
+    from .weights import read_tensor_file
     path = Path(path)
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-        sd = safetensors.torch.load_file(str(path))
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = read_tensor_file(path, "Expected a FaRL ViT-B/16 checkpoint (FaRL-Base-Patch16-LAIONFace20M-ep64.pth).")
+    sd = sd.get("state_dict", sd)
     visual = {k: v for k, v in sd.items() if k.startswith("visual.")}
     if "visual.transformer.resblocks.11.attn.in_proj_weight" not in visual or "visual.proj" not in visual:
         raise ValueError(f"{path.name} is not a FaRL / OpenAI-CLIP ViT-B/16 checkpoint (no visual.transformer with 12 "
@@ -289,6 +286,10 @@ def load_farl(path: str | Path):
 
 
 # -- the pool -------------------------------------------------------------------------------------------------------
+POOL_FILE_HINT = "diffusion-de-id.pool.safetensors in the dataset command's keys folder"
+REBUILD = "build the pool again with scripts/anonymize_dataset.py --method diffusion-de-id"
+
+
 @dataclass
 class Pool:
     identity: torch.Tensor      # (K, D) FaceID-space embeddings the fakes were rendered with
@@ -311,14 +312,41 @@ class Pool:
     @classmethod
     def load(cls, path: str | Path) -> "Pool":
         import safetensors
-        import safetensors.torch
-        with safetensors.safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+
+        from .weights import read_tensor_file
+        name = Path(path).name
+        try:
+            with safetensors.safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise ValueError(f"{name} is not a readable Diffusion De-ID pool file ({type(e).__name__}): {REBUILD}") \
+                from None
         if meta.get("format") != POOL_FORMAT:
-            raise ValueError(f"{Path(path).name} is not a Diffusion De-ID pool file (format {meta.get('format')!r})")
-        t = safetensors.torch.load_file(str(path))
-        return cls(t["identity"], t["appearance"], t["latents"], t["recognizer"], t["has_face"].bool(),
+            raise ValueError(f"{name} is not a Diffusion De-ID pool file (format {meta.get('format')!r}): give the "
+                             f"pool file the dataset command wrote ({POOL_FILE_HINT})")
+        t = read_tensor_file(path, damaged=f"the pool is damaged: {REBUILD}")  # NaN / infinity refused, by tensor
+        missing = [k for k in ("identity", "appearance", "latents", "recognizer", "has_face") if k not in t]
+        if missing:
+            raise ValueError(f"{name} lacks the pool tensor(s) {missing}: {REBUILD}")
+        pool = cls(t["identity"], t["appearance"], t["latents"], t["recognizer"], t["has_face"].bool(),
                    {k: json.loads(v) for k, v in meta.items() if k != "format"})
+        pool.check(name)
+        return pool
+
+    def check(self, name: str = "the pool") -> "Pool":
+        """Refuse an empty pool and tensors whose counts or ranks disagree, in the user's terms."""
+        dims = {"identity": 2, "appearance": 2, "latents": 4, "recognizer": 2, "has_face": 1}
+        for k, d in dims.items():
+            if getattr(self, k).dim() != d:
+                raise ValueError(f"{name} is malformed: its '{k}' tensor has shape {tuple(getattr(self, k).shape)}, "
+                                 f"expected {d} dimensions: {REBUILD}")
+        counts = {k: int(getattr(self, k).shape[0]) for k in dims}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"{name} is malformed: its tensors disagree on the number of fakes ({counts}): {REBUILD}")
+        if counts["identity"] == 0:
+            raise ValueError(f"{name} holds no fakes, so there is nothing to pair the face with: {REBUILD} (from a "
+                             "folder with at least two photos in which a face is found)")
+        return self
 
 
 def pool_size(real_count: int, factor: float = 1.5) -> int:
@@ -441,6 +469,7 @@ class _Optimisation:
         x = x_t
 
         def step(x_in, i):
+            check_interrupt()  # every UNet call of the differentiable render: Cancel stops within one step
             den = model(x_in, thaw(grid[i] * s_in), **extra_args)
             return ddim_step(x_in, den, grid[i], grid[i + 1])
         for i in range(len(grid) - 1):
@@ -520,6 +549,10 @@ def pair_image(pool: Pool, appearance: Appearance, work: torch.Tensor, objective
     """(index, distance) of the nearest fake to a working image (1, H, W, 3)."""
     with torch.no_grad():
         app = appearance(work.movedim(-1, 1).float())[0].cpu()
+    if app.shape[-1] != pool.appearance.shape[-1]:
+        raise ValueError(f"the pool's fakes were described by an appearance encoder of width "
+                         f"{pool.appearance.shape[-1]}, this clip_vision gives width {app.shape[-1]}: connect the "
+                         "CLIP vision model the pool was built with, or build the pool with this one")
     allowed = pool.has_face if objective == "irs" else None
     idx = int(nearest_fakes(app, pool.appearance, allowed)[0])
     return idx, float((app[0].double() - pool.appearance[idx].double()).norm())
@@ -552,6 +585,10 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     face = _largest_face(face_model, work[0])
     if face is None:
         raise NoFaceError(0, f"{work.shape[2]}x{work.shape[1]} working image; De-ID replaces a detected face")
+    if pool.identity.shape[-1] != adapter.spec.id_dim:
+        raise ValueError(f"the pool's identities have {pool.identity.shape[-1]} numbers but {adapter.name} takes "
+                         f"{adapter.spec.id_dim}-number FaceID embeddings: use the FaceID adapter the pool was built "
+                         "with, or build the pool with this one")
     pair, distance = pair_image(pool, appearance, work, s.objective)
     e_fake = pool.identity[pair:pair + 1].float()
     tokens = lambda e: adapter.tokens(e.to(next(adapter.image_proj.parameters())))  # noqa: E731

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .ip_adapter import FACEID_LORAS, VIT_H, VIT_L, IdentityAdapter
+from .weights import require_finite
 
 log = logging.getLogger("diffprivacy")
 
@@ -454,8 +455,15 @@ def apply_lora(model, adapter: IdentityAdapter) -> bool:
 
 def carried_streams(model) -> StreamSet | None:
     """The StreamSet of the identity streams an earlier :func:`apply_identity_streams` put on ``model``, or None."""
-    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    options = getattr(model, "model_options", None) or {}
+    existing = options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     return next((p.streams for p in existing.values() if isinstance(p, LayerPatch)), None)
+
+
+def streams_on(model) -> set[str]:
+    """The names of the streams a MODEL carries (set by :func:`apply_identity_streams`); empty for a plain model."""
+    found = carried_streams(model)
+    return set(found.streams) if found is not None else set()
 
 
 def apply_identity_streams(model, streams: list[Stream]):
@@ -510,6 +518,8 @@ def parse_layer_weights(text: str, n: int) -> tuple[float, ...] | None:
         values = tuple(float(v) for v in text.replace(";", ",").split(","))
     except ValueError as e:
         raise ValueError(f"layer weights must be numbers separated by commas, got {text!r}") from e
+    require_finite(values, "layer_weights", f"give {n} ordinary numbers separated by commas (e.g. 1, 1, 0.5, ...), "
+                   "or leave it empty for all 1")
     if len(values) != n:
         raise ValueError(f"layer weights: {len(values)} numbers given, the model has {n} cross-attention layers "
                          f"(input 1, 2, 4, 5, 7, 8; output 3-11; middle for SD 1.5)")

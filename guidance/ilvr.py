@@ -107,6 +107,21 @@ class RealismControl:
         self._generator = torch.Generator().manual_seed(int(self.seed))
         self.g_history = []
 
+    def check_fits(self, x: torch.Tensor) -> None:
+        """Refuse, in image terms, a reference of another size (or channel count, or batch) than the sampled latent."""
+        ref = self.reference
+        if ref.dim() == x.dim() and ref.shape[1:] == x.shape[1:] and ref.shape[0] in (1, x.shape[0]):
+            return
+        scale = 8  # pixels per latent cell (SD-family VAEs)
+        if ref.dim() == x.dim() == 4 and ref.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"realism control: the reference image is {ref.shape[-1] * scale}x{ref.shape[-2] * scale} "
+                             f"pixels but the image being sampled is {x.shape[-1] * scale}x{x.shape[-2] * scale}: give "
+                             "the Realism DDIM Sampler a reference of the sampled size (scale it with Upscale Image, "
+                             "or encode the same image the latent came from)")
+        raise ValueError(f"realism control: the reference holds {ref.shape[0]} image(s) of {tuple(ref.shape[1:])} "
+                         f"latent values but the sampler runs a batch of {x.shape[0]} of {tuple(x.shape[1:])}: give "
+                         "one reference image (or one per latent) made with the same VAE, at the sampled size")
+
     def active(self, step: int, total: int) -> bool:
         return step < math.ceil(float(self.stop_at) * total - 1e-9)
 
@@ -122,6 +137,7 @@ class RealismControl:
         if not self.active(step, total):
             return x
         sigma = float(sigma_next)
+        self.check_fits(x)
         ref = self.reference.to(x).expand_as(x)
         noise = torch.randn(x.shape, generator=self._generator).to(x)
         ref_t = ref + sigma * noise

@@ -10,11 +10,24 @@ import torch
 import torch.nn.functional as F
 
 
+# The largest working image, per side. SD 1.5 works at 512; time and memory of every step grow with the square of the
+# pixel count (self-attention), so a 4096x4096 key kept a CPU server busy for over 14 minutes, deaf to Cancel.
+MAX_SIDE = 2048
+
+
+def check_working_size(width: int, height: int, what: str, advice: str) -> None:
+    """Refuse a working image (or a key made for one) larger than :data:`MAX_SIDE` a side, before any work."""
+    if max(int(width), int(height)) > MAX_SIDE:
+        raise ValueError(f"{what} is {int(width)}x{int(height)} pixels, above the {MAX_SIDE} pixels a side these "
+                         f"nodes work at (SD 1.5 works at 512; time and memory grow with the square of the pixel "
+                         f"count): {advice}")
+
+
 def check_resolution(resolution: int) -> int:
     """0 (keep the photo's size) or a multiple of 8 of at least 64."""
     resolution = int(resolution)
-    if resolution and (resolution < 64 or resolution % 8):
-        raise ValueError(f"resolution must be 0 (keep the image's size) or a multiple of 8 of at least 64, "
+    if resolution and (resolution < 64 or resolution % 8 or resolution > MAX_SIDE):
+        raise ValueError(f"resolution must be 0 (keep the image's size) or a multiple of 8 from 64 to {MAX_SIDE}, "
                          f"got {resolution}")
     return resolution
 
@@ -30,6 +43,8 @@ def resize_for_training(image: torch.Tensor, resolution: int) -> torch.Tensor:
     h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
     if h < 64 or w < 64:
         raise ValueError(f"the image is too small ({image.shape[1]}x{image.shape[2]}); at least 64x64 is needed")
+    check_working_size(w, h, "with resolution 0 the working image", f"set the working resolution to {MAX_SIDE} or "
+                       "less (512 is SD 1.5's own), or downscale the photo first")
     return image[:, :h, :w]
 
 

@@ -27,6 +27,7 @@ from ..guidance.energy import hide_energy
 from ..guidance.guided_ddim import IdentityGuidance, guided_ddim_sampler
 from ..guidance.sampling import sample_with_comfy
 from ..guidance.vae_decode import make_vae_decoder
+from ..guidance.working_image import check_working_size
 from .ddim import ddim_invert
 from .fingerprint import model_fingerprint
 from .key_check import LATENT_SCALE, check_keys, key_i_latent
@@ -136,6 +137,8 @@ def key_from_file(tensors: dict, metadata: dict) -> DIFPKey:
     if size != (f_i.shape[2] * LATENT_SCALE, f_i.shape[3] * LATENT_SCALE):
         raise ValueError(f"this DIFP key file is malformed: F_i {tuple(f_i.shape)} does not match its recorded image "
                          f"size {size[1]}x{size[0]}")
+    check_working_size(size[1], size[0], "this DIFP key's image (its F_i)", "a key this large is not one these nodes "
+                       "make; use the key file Save DIFP Key wrote, unchanged")
     latent = key_i_latent(f_i, steps=steps, sigma=None, model_fingerprint=metadata.get(META_MODEL_FINGERPRINT) or None,
                           clip_fingerprint=None)
     extra = {"pooled_output": tensors[TEXT_POOLED]} if TEXT_POOLED in tensors else {}

@@ -30,6 +30,7 @@ from ..guidance.host import check_interrupt as host_check_interrupt
 from ..guidance.host import interrupt_exceptions, resident_clone
 from ..guidance.identity_streams import COND_KEY, Stream, apply_identity_streams, cross_attention_layers
 from ..guidance.ip_adapter import adapter_from_state_dict
+from ..guidance.weights import read_tensor_file
 
 log = logging.getLogger("diffprivacy")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -274,7 +275,7 @@ def save_training_state(state: DIFPTrainingState, path) -> Path:
 
 
 def load_training_state(path) -> DIFPTrainingState:
-    blob = torch.load(str(path), map_location="cpu", weights_only=True)
+    blob = read_tensor_file(path, "Expected a DIFP training state written by Train DIFP Adapters.")
     return DIFPTrainingState(adapter_from_state_dict(blob["identity"], "difp-identity"),
                              adapter_from_state_dict(blob["style"], "difp-style"), int(blob["steps_done"]),
                              [float(v) for v in blob["losses"]], blob.get("optimizer") or None)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from ..guidance.working_image import check_working_size
 from .key_check import LATENT_SCALE, key_e_provenance, key_i_from_file
 from .key_e import KeyE
-from .keyfile import (KEY_E, KEY_I, META_CLIP_FINGERPRINT, META_IMAGE_HEIGHT, META_IMAGE_WIDTH, META_MODEL_FINGERPRINT,
-                      metadata_number)
+from .keyfile import (KEY_E, KEY_E_POOLED, KEY_I, META_CLIP_FINGERPRINT, META_IMAGE_HEIGHT, META_IMAGE_WIDTH,
+                      META_MODEL_FINGERPRINT, metadata_number)
 
 
 def bundle_tensors(key_i: dict, key_e) -> dict:
@@ -18,6 +19,38 @@ def bundle_tensors(key_i: dict, key_e) -> dict:
         shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else None
         raise ValueError(f"key_i must be a LATENT of one image, [1, channels, h, w]; got samples of shape {shape}")
     return {KEY_I: samples, **KeyE.from_conditioning(key_e, allow_text=False).to_tensors()}
+
+
+USE_SAVED = "use the key file Save Key wrote, unchanged"
+MAX_KEY_E_TOKENS = 77 * 32  # a prompt of 32 chunks of 77 tokens; Save Key writes 77 per chunk
+MAX_KEY_E_WIDTH = 4096
+
+
+def check_key_sizes(tensors: dict, metadata: dict) -> None:
+    """Refuse a key bundle whose shapes disagree with each other or with the metadata, or exceed what these nodes
+    make (:data:`guidance.working_image.MAX_SIDE` a side), before any work: a consistent 4096x4096 key ran for
+    over 14 minutes."""
+    key_i, key_e = tensors[KEY_I], tensors[KEY_E]
+    height, width = key_i.shape[2] * LATENT_SCALE, key_i.shape[3] * LATENT_SCALE
+    if META_IMAGE_WIDTH in metadata and META_IMAGE_HEIGHT in metadata:
+        size = (metadata_number(metadata, META_IMAGE_HEIGHT, int), metadata_number(metadata, META_IMAGE_WIDTH, int))
+        if size != (height, width):
+            raise ValueError(f"this key file is malformed: Key-I holds the latent of a {width}x{height} image but "
+                             f"the file records {size[1]}x{size[0]}: {USE_SAVED}")
+    check_working_size(width, height, "this key's image (its Key-I)", f"a key this large is not one these nodes make; "
+                       f"{USE_SAVED}")
+    if not 1 <= key_i.shape[1] <= 16:
+        raise ValueError(f"this key file is malformed: Key-I has {key_i.shape[1]} latent channels (SD-family models "
+                         f"have 4): {USE_SAVED}")
+    if key_e.ndim != 3 or not (1 <= key_e.shape[1] <= MAX_KEY_E_TOKENS and 1 <= key_e.shape[2] <= MAX_KEY_E_WIDTH):
+        raise ValueError(f"this key file is malformed: Key-E has shape {tuple(key_e.shape)}, expected [10, tokens, "
+                         f"width] with at most {MAX_KEY_E_TOKENS} tokens of width at most {MAX_KEY_E_WIDTH}: "
+                         f"{USE_SAVED}")
+    pooled = tensors.get(KEY_E_POOLED)
+    if pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != key_e.shape[0]
+                               or pooled.shape[1] > MAX_KEY_E_WIDTH):
+        raise ValueError(f"this key file is malformed: its pooled Key-E has shape {tuple(pooled.shape)}, expected "
+                         f"[{key_e.shape[0]}, width]: {USE_SAVED}")
 
 
 def bundle_from_tensors(tensors: dict, metadata: dict):
@@ -31,12 +64,9 @@ def bundle_from_tensors(tensors: dict, metadata: dict):
                          "a key bundle?)")
     key_i = tensors[KEY_I]
     if key_i.ndim != 4 or key_i.shape[0] != 1:
-        raise ValueError(f"this key file is malformed: Key-I has shape {tuple(key_i.shape)}, expected [1, C, h, w]")
+        raise ValueError(f"this key file is malformed: Key-I has shape {tuple(key_i.shape)}, expected [1, C, h, w]: "
+                         f"{USE_SAVED}")
+    check_key_sizes(tensors, metadata)  # shapes against each other and against the bound, before any work
     key_e = KeyE.from_tensors(tensors)
-    if META_IMAGE_WIDTH in metadata and META_IMAGE_HEIGHT in metadata:
-        size = (metadata_number(metadata, META_IMAGE_HEIGHT, int), metadata_number(metadata, META_IMAGE_WIDTH, int))
-        if size != (key_i.shape[2] * LATENT_SCALE, key_i.shape[3] * LATENT_SCALE):
-            raise ValueError(f"this key file is malformed: Key-I of shape {tuple(key_i.shape)} does not match "
-                             f"its recorded image size {size[1]}x{size[0]}")
     provenance = key_e_provenance(metadata.get(META_MODEL_FINGERPRINT), metadata.get(META_CLIP_FINGERPRINT))
     return key_i_from_file(key_i.float(), metadata), key_e.with_provenance(provenance).to_conditioning()

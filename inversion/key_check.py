@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from ..guidance.working_image import check_working_size
 from .fingerprint import clip_fingerprint, comparable, model_fingerprint, same_clip, same_model
 from .keyfile import (META_CLIP_FINGERPRINT, META_IMAGE_HEIGHT, META_IMAGE_WIDTH, META_MODEL_FINGERPRINT,
                       META_STEPS, metadata_number)
@@ -150,6 +151,8 @@ def check_keys(key_i, key_e_provenance: dict | None, *, model=None, clip=None, s
     problems += _fingerprint_problems(info, "Key-I", model, clip)
     samples = key_i.get("samples")
     size = (int(samples.shape[-1]) * LATENT_SCALE, int(samples.shape[-2]) * LATENT_SCALE)
+    check_working_size(*size, "Key-I", "a key this large is not one these nodes make; connect the Key-I of Make Key-I "
+                       "or Load Key unchanged")
     recorded = (info.get(META_IMAGE_WIDTH), info.get(META_IMAGE_HEIGHT))
     if None not in recorded and tuple(int(v) for v in recorded) != size:
         problems.append(f"Key-I was made for {recorded[0]}x{recorded[1]} images but holds a latent of a "

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ..guidance.weights import require_finite
+
 FORMAT = "diffprivacy-key"
 FORMAT_VERSION = 1
 
@@ -320,6 +322,9 @@ def _load_unsealed(data: bytes, meta: dict, path: Path) -> tuple[dict, dict]:
         raise ValueError(f"key file {path.name} is corrupted or truncated ({e})") from None
     if meta.get(F_CHECKSUM) != _content_digest(tensors, meta):
         raise ValueError(f"key file {path.name} is corrupted: its contents do not match their checksum")
+    for name, tensor in tensors.items():  # a NaN key recovers a black image that looks like success
+        require_finite(tensor, f"key file {path.name}: tensor '{name}'", "the key is damaged or was made from a run "
+                       "that diverged; use a key file written by a run that succeeded")
     return tensors, {k: v for k, v in meta.items() if k not in RESERVED_FIELDS}
 
 

@@ -56,7 +56,7 @@ def _load():
                                      ": pip install -r requirements.txt in ComfyUI's environment")
                 log.warning("[Diff-Privacy] %s disabled: %s", node_id, DISABLED[node_id])
                 continue
-            guard_float_inputs(cls)  # NaN / infinity in a FLOAT input: a clear error, never a silent black image
+            guard_float_inputs(cls)  # NaN / infinity in a number input: a clear error, never a silent black image
             NODE_CLASS_MAPPINGS[node_id] = cls
             if node_id in mod.NODE_DISPLAY_NAME_MAPPINGS:
                 NODE_DISPLAY_NAME_MAPPINGS[node_id] = mod.NODE_DISPLAY_NAME_MAPPINGS[node_id]

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..guidance.host import check_interrupt, progress_bar, send_progress_text
+from ..guidance.working_image import MAX_SIDE
 
 CATEGORY = "Diff-Privacy"
 MAX_NAME_TRIES = 1000
@@ -28,39 +30,92 @@ PASSWORD_WARNING = ("The password is stored in the workflow JSON like any widget
                     "workflows that contain it, and save protected images with the no-metadata saver.")
 
 
+# Input types whose values carry numbers, and where those numbers sit: checked for NaN / infinity on entry.
+NUMERIC_INPUTS = {"FLOAT": None, "IMAGE": None, "MASK": None, "LATENT": "samples", "FACE_EMBEDDING": "embedding"}
+NUMERIC_ADVICE = {
+    "IMAGE": "the node that made this image produced NaN or infinity (check its settings); an image holds values in "
+             "0..1",
+    "MASK": "the node that made this mask produced NaN or infinity (check its settings); a mask holds values in 0..1",
+    "LATENT": "the node that made this latent produced NaN or infinity (in fp16, try fp32), or the key file is damaged",
+    "FACE_EMBEDDING": "embed the face again with Face Embedding (the recognizer produced NaN or infinity)",
+}
+
+
+# torch's words for tensors whose sizes disagree: a node turns them into a message in the user's terms
+SHAPE_ERRORS = ("must match the size of tensor", "The expanded size of the tensor", "size mismatch",
+                "shapes cannot be multiplied", "is invalid for input of size", "Sizes of tensors must match",
+                "must match the existing size")
+
+
+def typed_input_names(cls, types=("FLOAT",)) -> list[tuple[str, str]]:
+    """(name, type) of the inputs of ``types`` a node class declares (required and optional)."""
+    spec_of = cls.INPUT_TYPES()
+    return [(name, spec[0]) for section in ("required", "optional") for name, spec in spec_of.get(section, {}).items()
+            if isinstance(spec, tuple) and spec and isinstance(spec[0], str) and spec[0] in types]
+
+
 def float_input_names(cls) -> list[str]:
     """The FLOAT inputs a node class declares (required and optional)."""
-    types = cls.INPUT_TYPES()
-    return [name for section in ("required", "optional") for name, spec in types.get(section, {}).items()
-            if isinstance(spec, tuple) and spec and spec[0] == "FLOAT"]
+    return [name for name, _ in typed_input_names(cls)]
+
+
+def _numbers_of(value, kind: str):
+    key = NUMERIC_INPUTS[kind]
+    if key is not None:
+        return value.get(key) if isinstance(value, dict) else None
+    return value
 
 
 def guard_float_inputs(cls) -> None:
-    """Make a node refuse NaN and infinity in its FLOAT inputs, naming the input.
+    """Make a node refuse NaN and infinity in its number-carrying inputs (FLOAT, IMAGE, MASK, a LATENT's samples,
+    a FACE_EMBEDDING's embedding), naming the input and saying what to do (:func:`guidance.weights.require_finite`,
+    the one finite check of the pack).
 
     ComfyUI checks min/max, which NaN passes (every comparison with NaN is false), and the API accepts
-    NaN in JSON: a NaN weight used to give a "successful" run with a black image and a saved key.
-    Applied to every node of the pack when it is registered (``nodes/__init__.py``).
+    NaN in JSON: a NaN weight used to give a "successful" run with a black image and a saved key; a NaN IMAGE
+    made by another node ran as "no face found, image unchanged". Applied to every node of the pack when it is
+    registered (``nodes/__init__.py``). Numbers typed into STRING widgets are checked where they are parsed.
+    torch's errors about tensor sizes that disagree are turned into a message that says what to check.
     """
     import functools
-    import math
+
+    from ..guidance.weights import require_finite
 
     try:
-        names = float_input_names(cls)
+        typed = typed_input_names(cls, tuple(NUMERIC_INPUTS))
     except Exception:  # an input list that cannot be built now (e.g. a folder problem): ComfyUI will say so
         return
     function = getattr(cls, cls.FUNCTION)
-    if not names or getattr(function, "_finite_floats", False):
+    if getattr(function, "_finite_floats", False):
         return
 
     @functools.wraps(function)
     def checked(self, *args, **kwargs):
-        for name in names:
+        for name, kind in typed:
             values = kwargs.get(name)
             for v in values if isinstance(values, list) else [values]:  # INPUT_IS_LIST nodes get lists
-                if isinstance(v, (int, float)) and not math.isfinite(v):
-                    raise ValueError(f"{cls.__name__}: {name} is {v}; it must be a finite number")
-        return function(self, *args, **kwargs)
+                if kind == "FLOAT":
+                    if isinstance(v, (int, float)) and not math.isfinite(v):
+                        raise ValueError(f"{cls.__name__}: {name} is {v}; it must be a finite number")
+                else:
+                    require_finite(_numbers_of(v, kind), f"{cls.__name__}: the {kind} input {name}",
+                                   NUMERIC_ADVICE[kind])
+        try:
+            return function(self, *args, **kwargs)
+        except RuntimeError as e:
+            if not any(marker in str(e) for marker in SHAPE_ERRORS):
+                raise
+            import logging
+            logging.getLogger("diffprivacy").warning("[Diff-Privacy] %s: %s", cls.__name__, e)
+            if "state_dict" in str(e):
+                raise ValueError(f"{cls.__name__}: a model file chosen here does not fit the network it is read "
+                                 "into (its tensors have other sizes): it is another model, or another version of "
+                                 "it, than this input expects. Choose the file the input's tooltip names. (torch's "
+                                 "message is in the server log.)") from None
+            raise ValueError(f"{cls.__name__}: the inputs connected here do not fit together (two of them have sizes "
+                             "that disagree). Check that they belong together: images and masks of the same size "
+                             "and batch, latents made with this model's VAE at the working resolution, an SD 1.5 "
+                             "model with SD 1.5 adapters. (torch's message is in the server log.)") from None
 
     checked._finite_floats = True
     setattr(cls, cls.FUNCTION, checked)
@@ -83,13 +138,14 @@ def whole_frame_gradient_options(gradient: str) -> tuple:
 
 RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
                   "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
-                  "image's own size, cropped to a multiple of 8. Protection and Make Key-I must use the same value "
-                  "for recovery to match.")
+                  "image's own size, cropped to a multiple of 8. At most {max_side} pixels a side, with 0 too "
+                  "(downscale larger photos first). Protection and Make Key-I must use the same value for recovery "
+                  "to match.")
 
 
 def resolution_input(what: str):
     """The shared working-resolution widget (see :mod:`guidance.working_image`)."""
-    return ("INT", tip(RESOLUTION_TIP.format(what=what), default=512, min=0, max=4096, step=8))
+    return ("INT", tip(RESOLUTION_TIP.format(what=what, max_side=MAX_SIDE), default=512, min=0, max=MAX_SIDE, step=8))
 
 
 class StepProgress:

@@ -49,7 +49,7 @@ class DiffPrivacyDiffusionDeID:
             "face_embedding": ("FACE_EMBEDDING", tip("The original's FaceID-space embedding (Face Embedding with "
                                                      "ArcFace r50): the condition x_T is inverted under.")),
             "gradient_options": whole_frame_gradient_options("the optimisation's gradient"),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("image", "report")
@@ -62,16 +62,19 @@ class DiffPrivacyDiffusionDeID:
 
     def deidentify(self, model, vae, clip, clip_vision, identity_adapter, face_model, image, pool_path, prompt,
                    objective, x_t, iterations, lambda_att, steps, resolution=512, face_embedding=None,
-                   gradient_options=None):
+                   gradient_options=None, unique_id=None):
+        # the differentiable render walks at most render_steps of the grid: fewer when steps is smaller
+        render_steps = min(deid.DeIDSettings.render_steps, int(steps))
         settings = deid.DeIDSettings(objective=objective, x_t=x_t, iterations=int(iterations),
-                                     lambda_att=float(lambda_att), steps=int(steps)).validated()
+                                     lambda_att=float(lambda_att), steps=int(steps),
+                                     render_steps=render_steps).validated()
         if not pool_path.strip():
             raise ValueError("pool_path is empty: build the pool with scripts/anonymize_dataset.py --method "
                              "diffusion-de-id (it lands in the keys folder), then give its path")
         pool = deid.Pool.load(resolve_key_path("", pool_path))
         work = working_image(image, vae, resolution)
         real = face_embedding["embedding"][:1] if face_embedding is not None else None
-        bar = StepProgress(max(settings.iterations, 1))
+        bar = StepProgress(max(settings.iterations, 1), unique_id)
         result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
                                 deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
                                 real_embedding=real, progress=lambda step, *_: bar(step), gradient=gradient_options)

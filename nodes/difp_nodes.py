@@ -13,6 +13,7 @@ import torch
 from ..guidance import difp
 from ..guidance.ilvr import MODES, SPACES, RealismControl
 from ..guidance.guided_ddim import guided_ddim_sampler
+from ..guidance.identity_streams import streams_on
 from ..guidance.working_image import working_image
 from ..inversion import difp_keys
 from ..inversion import difp_training
@@ -64,9 +65,24 @@ class DiffPrivacyDIFPGuider:
     CATEGORY = DIFP_CATEGORY
 
     def guider(self, model, conditioning, s_id, s_sty):
+        notes = []
         if s_id == 0.0 and s_sty == 0.0:
-            log.warning("[Diff-Privacy] DIFP guider with s_id = s_sty = 0: plain sampling of the unconditional entry")
-        return (difp.difp_guider(model, conditioning, s_id, s_sty),)
+            notes.append("s_id = s_sty = 0: plain sampling of the unconditional entry")
+        have = streams_on(model)
+        unused = [(stream, scale, value) for stream, scale, value in (("identity", "s_id", s_id),
+                                                                      ("style", "s_sty", s_sty))
+                  if value != 0.0 and stream not in have]
+        if unused and not have:
+            raise ValueError(f"this MODEL carries no identity or style streams, so DIFP guidance with "
+                             f"{' and '.join(f'{scale} = {value:g}' for _, scale, value in unused)} would be plain "
+                             "unconditional sampling: connect the MODEL output of Apply Identity Streams (with a "
+                             "FaceID adapter and a face embedding, and/or a style adapter and image) to this guider")
+        for stream, scale, value in unused:  # the other stream is there: leaving this scale at its default is likely
+            notes.append(f"the MODEL carries no {stream} stream, so {scale} = {value:g} has no effect: add a {stream} "
+                         f"adapter in Apply Identity Streams, or set {scale} to 0")
+        for note in notes:
+            log.warning("[Diff-Privacy] DIFP guider: %s", note)
+        return {"ui": {"text": notes}, "result": (difp.difp_guider(model, conditioning, s_id, s_sty),)}
 
 
 class DiffPrivacyRealismDDIMSampler:

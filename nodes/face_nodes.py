@@ -8,6 +8,8 @@ came from.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..guidance.face import loader
@@ -86,6 +88,8 @@ class DiffPrivacyFaceModelLoader:
         with torch.inference_mode(False):
             model = loader.load_face_model(detector, recognizer, insightface_pack, dev,
                                            threshold=threshold if threshold > 0 else None)
+        if "skipped" in model.choice_note:
+            logging.getLogger("diffprivacy").warning("[Diff-Privacy] Face Model Loader: %s", model.choice_note)
         return {"ui": {"text": [model.choice_note]}, "result": (model,)}
 
 

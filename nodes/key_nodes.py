@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
+from ..inversion.difp_keys import refuse_difp
 from ..inversion.key_check import check_key_file, check_keys
 from ..inversion.key_e import KeyE
 from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors
@@ -140,6 +141,7 @@ class DiffPrivacyLoadKey:
     def load(self, key_file, password, key_path="", model=None, clip=None):
         path = resolve_key_path(key_file, key_path or "")
         tensors, metadata = read_key_file(path, password or None)
+        refuse_difp(metadata)  # a DIFP key: name its kind and its node before asking what it records
         check_key_file(metadata, model=model, clip=clip)  # recovery checks the keys again: they carry their provenance
         latent, conditioning = bundle_from_tensors(tensors, metadata)
         return (latent, conditioning, metadata_number(metadata, META_STEPS, int),

@@ -252,24 +252,89 @@ def auto_choice(pack: str = "auto") -> tuple[str, str, str]:
     if not recognizers:
         raise FileNotFoundError(f"no differentiable face recognizer is available: add {WHAT_TO_ADD}")
     detector, recognizer = detectors[0], recognizers[0]
+    return detector, recognizer, _choice_note(detector, recognizer)
+
+
+def _choice_note(detector: str, recognizer: str) -> str:
     note = f"auto chose detector {detector} and recognizer {recognizer}"
     if detector != "scrfd" or not recognizer.startswith("arcface"):
         note += f" (best with {WHAT_TO_ADD.split(', or ')[0]})"
-    return detector, recognizer, note
+    return note
+
+
+def _pack_files(files: tuple[str, ...], pack: str) -> list[Path]:
+    """Every file of ``files`` in the chosen insightface pack(s), in the order :func:`_find_in_packs` prefers."""
+    dirs = [p for p in insightface_pack_dirs() if pack in ("auto", "", None) or p.name == pack]
+    return [d / name for name in files for d in dirs if (d / name).is_file()]
+
+
+def _candidates(kinds: list[str], pack: str, pack_files: dict) -> list[tuple[str, Path | None]]:
+    """(kind, file) to try in order: each file of a kind read from insightface packs, else the kind's own lookup."""
+    out = []
+    for kind in kinds:
+        files = _pack_files(pack_files[kind], pack) if kind in pack_files else []
+        out += [(kind, f) for f in files] or [(kind, None)]
+    return out
+
+
+def _first_that_loads(candidates, load, what: str, skipped: list[str]):
+    """The first candidate that loads, as (kind, loaded); a file that does not load is noted in ``skipped``."""
+    from ..host import interrupt_exceptions
+    errors = []
+    for kind, path in candidates:
+        try:
+            loaded = load(kind, path)
+        except interrupt_exceptions():
+            raise
+        except Exception as e:  # a damaged or foreign file: say which, and try the next one
+            where = path.name if path is not None else "its files"
+            errors.append(f"{what} {kind} ({where}: {type(e).__name__}: {str(e)[:160]})")
+            continue
+        skipped += errors
+        return kind, loaded
+    raise ValueError(f"auto found no {what} that loads: {'; '.join(errors)}. Replace the damaged file(s), or add "
+                     f"{WHAT_TO_ADD}")
+
+
+def _load_auto(detector: str, recognizer: str, pack: str, device, dtype):
+    """Detector and recognizer where either may be "auto": the best this machine has that loads; a file that does
+    not load is skipped and named in the note."""
+    skipped: list[str] = []
+    if detector == AUTO:
+        kinds = available_detectors(pack)
+        if not kinds:
+            auto_choice(pack)  # raises, saying what to add
+        detector, det = _first_that_loads(_candidates(kinds, pack, {"scrfd": _SCRFD_FILES}),
+                                          lambda k, p: load_detector(k, pack, device, path=p), "detector", skipped)
+    else:
+        det = load_detector(detector, pack, device)
+    if recognizer == AUTO:
+        kinds = available_recognizers(pack)
+        if not kinds:
+            auto_choice(pack)
+        candidates = _candidates(kinds, pack, _ARCFACE_FILES)
+        recognizer, rec = _first_that_loads(candidates, lambda k, p: load_recognizer(k, pack, device, dtype, path=p),
+                                            "recognizer", skipped)
+    else:
+        rec = load_recognizer(recognizer, pack, device, dtype)
+    note = _choice_note(detector, recognizer)
+    if skipped:
+        note += "; skipped, as they do not load: " + "; ".join(skipped)
+    return det, rec, note
 
 
 def load_face_model(detector: str = "mtcnn", recognizer: str = "facenet-casia", pack: str = "auto",
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     threshold: float | None = None) -> FaceModel:
     """Detector + recognizer as a FACE_MODEL; ``threshold`` overrides the recognizer's default. Either may be
-    "auto" (:func:`auto_choice`: the best this machine has); the model's ``choice_note`` says what ran."""
+    "auto" (the best this machine has that loads: a damaged file is skipped, the next model taken, and the
+    model's ``choice_note`` says what ran and what was skipped)."""
     note = ""
     if AUTO in (detector, recognizer):
-        auto_det, auto_rec, note = auto_choice(pack)
-        detector = auto_det if detector == AUTO else detector
-        recognizer = auto_rec if recognizer == AUTO else recognizer
-    det = load_detector(detector, pack, device)
-    rec = load_recognizer(recognizer, pack, device, dtype)
+        det, rec, note = _load_auto(detector, recognizer, pack, device, dtype)
+    else:
+        det = load_detector(detector, pack, device)
+        rec = load_recognizer(recognizer, pack, device, dtype)
     model = FaceModel(det, rec, name=f"{rec.name}+{det.name}", threshold=threshold)
     model.choice_note = note or f"detector {detector}, recognizer {recognizer}"
     return model

@@ -299,11 +299,9 @@ def load_mtcnn(weights_dir: str | Path) -> MTCNN:
     nets = []
     for stem, cls in (("pnet", PNet), ("rnet", RNet), ("onet", ONet)):
         st, pt = weights_dir / f"{stem}.safetensors", weights_dir / f"{stem}.pt"
-        if st.is_file():
-            from safetensors.torch import load_file
-            sd = load_file(str(st))
-        elif pt.is_file():
-            sd = torch.load(str(pt), map_location="cpu", weights_only=True)
+        if st.is_file() or pt.is_file():
+            from ..weights import read_tensor_file
+            sd = read_tensor_file(st if st.is_file() else pt, "MTCNN's weights ship in the facenet-pytorch wheel.")
         else:
             raise FileNotFoundError(f"MTCNN weights {stem}.pt are missing from {weights_dir}; they ship in the "
                                     f"facenet-pytorch wheel: pip install --no-deps facenet-pytorch")
