@@ -32,16 +32,23 @@ def pil_to_rgb_array(img) -> np.ndarray:
 def decode_image(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
     """An image file's bytes -> (H, W, 3) float tensor in [0, 1], EXIF rotation applied. ``ValueError`` naming
     ``name`` when the bytes are not an image, or when the header announces more than ``max_pixels`` pixels."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # Pillow warns above 89 megapixels: the bound below is the check
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ValueError(f"{name} is {width}x{height} = {width * height / 1e6:.0f} megapixels, over the bound "
                                  f"of {max_pixels / 1e6:.0f} (a decompression bomb, or a larger bound is needed: "
                                  "--max-megapixels); it was not decoded")
             arr = pil_to_rgb_array(ImageOps.exif_transpose(img))
-    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own bound (179 megapixels) met first
+        raise ValueError(f"{name} is a decompression bomb ({e}); it was not decoded") from e
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
     return torch.from_numpy(np.ascontiguousarray(arr))
 
