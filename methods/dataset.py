@@ -593,6 +593,8 @@ class Worker:
 
     def start(self, broadcasts: list = ()) -> None:
         os.environ.update(self.env)
+        if self.method.diffusion:  # before anything imports ComfyUI's model management
+            pick_device(lambda message: None)  # (the driver said it)
         use_models(self.settings)
         self.impl = self.method.factory(dict(self.settings))
         for stage, args in broadcasts:
