@@ -901,7 +901,8 @@ def run(method, input_dir, output_dir, keys_dir, settings: dict | None = None, s
         retry_errors: bool = False, progress: bool = True, log=_log_default, methods: dict | None = None,
         retries: int = RETRIES, max_megapixels: float = MAX_MEGAPIXELS, max_file_mb: float = MAX_FILE_MB,
         start_timeout: float = 600.0) -> dict:
-    """Check, lock, plan, run and summarise. ``method``: a :class:`Method`, or a name in ``methods``. ``use_ray`` None: Ray when it is installed (and says so when it is not)."""
+    """Check, lock, plan, run and summarise. ``method``: a :class:`Method`, or a name in ``methods``.
+    ``use_ray`` None: Ray when it is installed (and says so when it is not)."""
     m = resolve_method(method, methods)
     input_dir, output_dir, keys_dir = Path(input_dir), Path(output_dir), Path(keys_dir)
     typed = m.validate(settings or {})

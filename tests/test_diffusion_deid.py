@@ -3,7 +3,6 @@ Gaussian, and the method through the dataset command. The tiny model has random 
 and its numbers are not results (a real SD 1.5 with IP-Adapter-FaceID and CLIP-vision is needed for those)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -196,8 +195,8 @@ def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path,
                 "cfg": "1.0", "prompt": "a photo of a face"}
     summary = cli.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
                      progress=False, log=lambda m: None)
-    assert summary["status"] == {"ok": 3}, json.loads((tmp_path / "out" / dr.MANIFEST).read_text().splitlines()[0])
-    rows = [json.loads(line) for line in (tmp_path / "out" / dr.MANIFEST).read_text().splitlines()]
+    rows = list(dr.Manifest(tmp_path / "out").read().values())
+    assert summary["status"] == {"ok": 3}, rows
     assert all(0 <= r["pair"] < r["pool_size"] and r["pool_size"] > 3 for r in rows)
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == \
         sorted(str((src / "x").parent.joinpath(f.name).relative_to(src).with_suffix(".png").as_posix())
