@@ -683,7 +683,12 @@ class _RayWorker:
         return None
 
     def run(self, stage: str, *args):
-        return self.worker.process(*args) if stage == "process" else self.worker.call(stage, *args)
+        if stage != "process":
+            return self.worker.call(stage, *args)
+        import ray
+        result = self.worker.process(*args)
+        result["row"]["node"] = ray.get_runtime_context().get_node_id()  # which machine did it
+        return result
 
 
 class RayPool:
@@ -810,8 +815,8 @@ class RayPool:
                 if pin:
                     continue
                 if job.attempts > self.retries:
-                    done(job, Failed(f"its worker process died {job.attempts} times while working on it (a crash or "
-                                     f"a lost node; last: {type(e).__name__})"))
+                    done(job, Failed(f"its worker process died {job.attempts} time{'s' * (job.attempts > 1)} while "
+                                     f"working on it (a crash or a lost node; last: {type(e).__name__})"))
                 else:
                     self.log(f"a worker died ({type(e).__name__}); retrying that job ({job.attempts}/{self.retries})")
                     pending.appendleft(job)

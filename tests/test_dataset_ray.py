@@ -98,22 +98,29 @@ def test_a_run_that_loses_a_node_half_way_writes_every_image_once(cluster, tmp_p
     rels = fx.small_faces(shared_path("data", "faces-13id"), src, 40)
     out, keys = tmp_path / "out", tmp_path / "keys"
     writes: Counter = Counter()
-    write_file = dr.write_file
+    write_file, append = dr.write_file, dr.Manifest.append
 
     def counting(path, data, run_id, mode=0o644):
         write_file(path, data, run_id, mode)
         writes[path] += 1
-        if sum(writes.values()) == 10:  # a quarter through: the second node goes away
-            c.remove_node(worker_node)
+
+    def remove_mid_run(manifest, row):
+        append(manifest, row)
+        done_there = [r for r in manifest.lines() if r.get("node") == worker_node.node_id and "seconds" in r]
+        if row.get("node") == c.head_node.node_id and len(done_there) >= 2 and len(c.list_all_nodes()) == 2:
+            c.remove_node(worker_node)  # the other node works on its next image now: that image is lost with it
     monkeypatch.setattr(dr, "write_file", counting)
+    monkeypatch.setattr(dr.Manifest, "append", remove_mid_run)
+    said = []
     summary = cli.run("blur", src, out, keys, {"detect_size": "256"}, use_ray=True, address=c.address, actors=2,
-                      **_quiet())
+                      progress=False, log=said.append)
     assert len(c.list_all_nodes()) == 1, "the node was removed during the run"
     lines = [r for r in dr.Manifest(out).lines() if r.get("status") in dr.FINAL]
     assert sorted(r["file"] for r in lines) == rels  # each input exactly one line: none missing, none twice
     ok = summary["status"].get("ok", 0)  # dlib misses a few faces at 224 px: those are no_face lines
     assert ok + summary["status"].get("no_face", 0) == 40 and ok >= 30, Counter(r.get("error") for r in lines)
     assert len(writes) == ok and set(writes.values()) == {1}, "every output written once"
+    assert any("a worker died" in m for m in said), "an image in flight on the lost node was sent again"
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")] and not list(keys.rglob("*.tmp"))
     again = cli.run("blur", src, out, keys, {"detect_size": "256"}, use_ray=True, address=c.address, **_quiet())
     assert again["ran"] == 0 and again["writes"] == {"output": 0, "key": 0} and sum(writes.values()) == ok

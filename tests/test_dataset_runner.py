@@ -110,8 +110,10 @@ def test_files_the_command_did_not_write_are_never_deleted_or_replaced(tmp_path)
     row = _rows(out)["holiday.jpg"]
     assert row["output"] == "holiday~2.png" and "holiday.png exists and was not written" in row["renamed"]
     assert (out / "holiday~2.png").stat().st_size > 1000
-    again = _run("pixelate", src, out, keys)  # a rerun proves holiday~2.png its own and keeps the name
-    assert again["ran"] == 0 and (out / "holiday.png").read_bytes() == b"my own holiday photo"
+    again = _run("pixelate", src, out, keys)  # a rerun (whose clean-up knows a run id now) keeps them all
+    assert again["ran"] == 0 and _rows(out)["holiday.jpg"]["output"] == "holiday~2.png"
+    for path, data in planted.items():
+        assert path.read_bytes() == data, f"{path.name} was touched by the rerun"
 
 
 def test_two_inputs_with_the_same_output_name_get_one_output_each_recorded(tmp_path):
