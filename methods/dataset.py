@@ -647,9 +647,8 @@ class LocalPool:
     """The Worker in this process."""
 
     def __init__(self, worker: Worker):
-        self.worker, started = worker, time.monotonic()
+        self.worker = worker
         worker.start()
-        self.startup_s = time.monotonic() - started
 
     def broadcast(self, stage: str, *args) -> None:
         self.worker.call(stage, *args)
@@ -709,11 +708,9 @@ class RayPool:
         self.starting: dict[object, int] = {}  # start() ref -> actor id
         self.idle: deque = deque()
         self.next_id, self.deaths = 0, 0
-        started = time.monotonic()
         for _ in range(count):
             self._spawn()
         self._wait_one_ready()
-        self.startup_s = time.monotonic() - started
 
     def _spawn(self) -> None:
         aid, self.next_id = self.next_id, self.next_id + 1
@@ -1011,6 +1008,7 @@ def _run_locked(m: Method, settings, input_dir, output_dir, keys_dir, seed, use_
 
     startup = 0.0
     if images:
+        ray_started = time.monotonic()
         worker = Worker(m, settings, int(max_megapixels * 1e6),
                         env={k: os.environ[k] for k in ("DIFFPRIVACY_MODELS_DIR",) if k in os.environ})
         pool = None
@@ -1025,7 +1023,7 @@ def _run_locked(m: Method, settings, input_dir, output_dir, keys_dir, seed, use_
                         "image at 512x512")
             else:
                 pool = LocalPool(worker)
-            startup = getattr(pool, "startup_s", 0.0)
+            startup = time.monotonic() - ray_started  # Ray's start (or the local worker's) until a worker is ready
             if m.prepare is not None:
                 usable = [rel for rel in files if rel not in problems]  # the whole set, finished images included
                 m.prepare(settings, RunContext(usable, read, keys_dir, seed, run_id), pool, log)
