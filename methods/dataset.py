@@ -491,7 +491,7 @@ class Manifest:
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", encoding="ascii") as f:  # json escapes every non-ASCII character
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(json.dumps(row, sort_keys=True, default=str) + "\n")  # a method's odd fact never stops a run
             f.flush()
             os.fsync(f.fileno())
 

@@ -29,6 +29,7 @@ def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker_node = c.add_node(num_cpus=1)
     c.wait_for_nodes()
+    assert {n.node_ip_address for n in c.list_all_nodes()} == {"127.0.0.1"}, "Ray stays on loopback"
     yield c, worker_node
     c.shutdown()
 
