@@ -742,8 +742,15 @@ class RayPool:
             return
         if error:
             raise ValueError(f"the method could not load on a worker: {error}")
-        for stage, args in self.broadcasts[self.seen[aid]:]:  # broadcast while it was starting
-            self.ray.get(self.actors[aid].run.remote(stage, *args))
+        try:
+            for stage, args in self.broadcasts[self.seen[aid]:]:  # broadcast while it was starting
+                self.ray.get(self.actors[aid].run.remote(stage, *args))
+        except self.ray.exceptions.RayTaskError as e:
+            raise ValueError(f"{stage} failed on a worker: {e}") from None
+        except self.ray.exceptions.RayError:  # died meanwhile: a replacement starts with every broadcast
+            self._retire(aid)
+            self._spawn()
+            return
         self.idle.append(aid)
 
     def _wait_one_ready(self) -> None:
@@ -761,6 +768,7 @@ class RayPool:
         """Run ``stage(*args)`` on every actor, now and on each actor started later."""
         ref_args = tuple(self.ray.put(a) for a in args)
         self.broadcasts.append((stage, ref_args))
+
         def check(job, value) -> None:
             if isinstance(value, Failed):
                 raise ValueError(f"{stage} failed on a worker: {value.error}")
