@@ -53,7 +53,7 @@ def test_deid_through_two_ray_actors_equals_the_single_process_run(cluster, tmp_
     (models / "facenet").mkdir(parents=True)
     (models / "facenet" / "facenet-casia-webface.safetensors").symlink_to(casia_safetensors())
     src = tmp_path / "in"
-    fx.copy_faces(shared_path("data", "faces-13id"), src, 3)
+    fx.copy_faces(shared_path("data", "faces-13id"), src, 2)
     settings = {"checkpoint": str(tiny_checkpoint_path), "clip_vision": str(tiny_clip_vision_path),
                 "adapter": str(adapter), "models": str(models), "identity_model": "mtcnn/facenet-casia",
                 "resolution": "64", "steps": "2", "render_steps": "1", "iterations": "1", "pool_steps": "1",
@@ -63,14 +63,14 @@ def test_deid_through_two_ray_actors_equals_the_single_process_run(cluster, tmp_
     for name, kw in (("local", {"use_ray": False}), ("ray", {"use_ray": True, "address": c.address, "actors": 2})):
         out, keys = tmp_path / f"out-{name}", tmp_path / f"keys-{name}"
         runs[name] = dr.run(method, src, out, keys, settings, seed=7, **_quiet(**kw))
-        assert runs[name]["status"] == {"ok": 3}, dr.Manifest(out).read()
+        assert runs[name]["status"] == {"ok": 2}, dr.Manifest(out).read()
     assert runs["ray"]["ray"] and not runs["local"]["ray"]
     from diffprivacy.guidance.diffusion_deid import Pool
     local, ray_pool = (Pool.load(tmp_path / f"keys-{n}" / "diffusion-de-id.pool.safetensors") for n in ("local", "ray"))
     for name in ("identity", "appearance", "latents", "recognizer", "has_face"):  # the actors' pool is the process's
         assert torch.equal(getattr(local, name), getattr(ray_pool, name)), name
-    assert local.meta == ray_pool.meta and len(local) == 5
-    for rel in ("img1.png", "img10.png", "img11.png"):
+    assert local.meta == ray_pool.meta and len(local) == 3
+    for rel in ("img1.png", "img10.png"):
         a, b = ((tmp_path / f"out-{n}" / rel).read_bytes() for n in ("local", "ray"))
         assert a == b, rel
     rows = {n: dr.Manifest(tmp_path / f"out-{n}").read() for n in ("local", "ray")}
@@ -82,15 +82,15 @@ def test_an_image_that_kills_its_worker_is_retried_then_reported_and_the_run_fin
     from PIL import Image
     c, _ = cluster
     src = tmp_path / "in"
-    fx.small_faces(shared_path("data", "faces-13id"), src, 6, size=96)
+    fx.small_faces(shared_path("data", "faces-13id"), src, 3, size=96)
     Image.new("RGB", (64, 64), (255, 0, 0)).save(src / "poison.png")
     start = time.monotonic()
     summary = dr.run(fx.POISON, src, tmp_path / "out", tmp_path / "keys", use_ray=True, address=c.address,
-                     actors=2, retries=2, **_quiet())
+                     actors=2, retries=1, **_quiet())
     assert time.monotonic() - start < 240
-    assert summary["status"] == {"ok": 6, "error": 1}
+    assert summary["status"] == {"ok": 3, "error": 1}
     row = dr.Manifest(tmp_path / "out").read()["poison.png"]
-    assert "died 3 times" in row["error"], row
+    assert "died 2 times" in row["error"], row  # the first try and one retry
 
 
 def test_a_run_that_loses_a_node_half_way_writes_every_image_once(cluster, tmp_path, monkeypatch):

@@ -249,7 +249,7 @@ def test_the_diffusion_method_writes_sealed_keys_to_their_own_folder(tmp_path, t
 
 
 def test_one_run_per_folder_at_a_time(tmp_path):
-    src = _dataset(tmp_path, n=4)
+    src = _dataset(tmp_path, n=2)
     out, keys = tmp_path / "out", tmp_path / "keys"
     args = ["--method", "blur", "--input", str(src), "--output", str(out), "--keys", str(keys), "--no-ray",
             "--set", "detect_size=640"]
@@ -262,7 +262,7 @@ def test_one_run_per_folder_at_a_time(tmp_path):
     _, err1 = first.communicate(timeout=600)
     assert first.returncode == 0, err1
     assert second.returncode == 2 and "another run is working in" in err2 and dr.LOCK in err2, err2
-    assert sorted(r["file"] for r in _final_lines(out)) == dr.list_dataset(src)  # 4 lines, not 8
+    assert sorted(r["file"] for r in _final_lines(out)) == dr.list_dataset(src)  # 2 lines, not 4
     assert not (out / dr.LOCK).exists() and not (keys / dr.LOCK).exists()
     # a lock whose process is gone (same host) is taken over, with a message; a live one is refused
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
