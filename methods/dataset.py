@@ -407,8 +407,12 @@ class FolderLock:
         self.path, self.run_id, self.log, self.held = Path(folder) / LOCK, run_id, log, False
 
     def _holder(self) -> dict:
+        return self._holder_of(self.path)
+
+    @staticmethod
+    def _holder_of(path: Path) -> dict:
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            holder = json.loads(path.read_text(encoding="utf-8"))
             return holder if isinstance(holder, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -443,7 +447,7 @@ class FolderLock:
                     os.rename(self.path, aside)
                 except FileNotFoundError:
                     continue  # another run took it over first: try again, and meet its lock
-                if json.loads(aside.read_text(encoding="utf-8") or "{}") != holder:  # moved a newer lock: restore
+                if self._holder_of(aside) != holder:  # moved a newer lock: restore
                     os.rename(aside, self.path)
                     continue
                 aside.unlink()
