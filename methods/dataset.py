@@ -652,7 +652,12 @@ class LocalPool:
 
     def __init__(self, worker: Worker):
         self.worker = worker
-        worker.start()
+        try:
+            worker.start()
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001  a method that cannot load stops the run with a message, not a trace
+            raise ValueError(f"the method could not load: {type(e).__name__}: {e}") from e
 
     def broadcast(self, stage: str, *args) -> None:
         self.worker.call(stage, *args)

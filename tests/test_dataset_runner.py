@@ -215,13 +215,16 @@ def test_diffusion_methods_check_their_files_first_and_run_on_the_cpu_without_a_
     import safetensors.torch
     import torch
     safetensors.torch.save_file({"weight": torch.zeros(2)}, str(not_sd))
+    fake_sd = tmp_path / "fake-sd.safetensors"  # the right header, but no model ComfyUI can load
+    safetensors.torch.save_file({"model.diffusion_model.x": torch.zeros(2)}, str(fake_sd))
     (tmp_path / "notes.ckpt").write_text("hello")
     for settings, message in [({}, "needs an SD 1.5 checkpoint"),
                               ({"checkpoint": str(tmp_path / "missing.safetensors")}, "is not an existing file"),
                               ({"checkpoint": str(not_sd)}, "is not an SD checkpoint"),
                               ({"checkpoint": str(tmp_path / "notes.ckpt")}, "neither a .safetensors"),
                               ({"checkpoint": str(not_sd), "models": str(tmp_path / "nowhere")},
-                               "models=.* is not an existing folder")]:
+                               "models=.* is not an existing folder"),
+                              ({"checkpoint": str(fake_sd)}, "the method could not load: RuntimeError")]:
         with pytest.raises(ValueError, match=message):
             _run("diff-privacy-anonymize", src, tmp_path / "out", tmp_path / "keys", settings)
     import comfy.cli_args
