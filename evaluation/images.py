@@ -6,28 +6,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..guidance.image_files import pil_to_rgb_array, to_uint8
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def pil_to_rgb_array(img) -> np.ndarray:
-    """A Pillow image in any mode -> (H, W, 3) float32 in [0, 1].
-
-    16-bit and 32-bit integer modes (``I;16``, ``I``) are scaled by their real range, float
-    mode ``F`` is taken as [0, 1] when it fits, alpha is dropped (the pixels under it are kept,
-    as ComfyUI's LoadImage does), palettes and CMYK are converted.
-    """
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / peak, 0.0, 1.0)
-    elif mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / 255.0 if arr.max() > 1.0 else arr
-        arr = np.clip(arr, 0.0, 1.0)
-    else:
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return np.repeat(arr[..., None], 3, axis=2).astype(np.float32)
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -45,7 +26,7 @@ def load_image(path: str | Path) -> torch.Tensor:
 def save_image(image: torch.Tensor, path: str | Path) -> None:
     """(H, W, 3) float [0, 1] -> 8-bit file (format from the suffix; JPEG at quality 95)."""
     from PIL import Image
-    arr = (image.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+    arr = to_uint8(image)
     path = Path(path)
     kwargs = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
     Image.fromarray(arr).save(path, **kwargs)

@@ -368,16 +368,39 @@ def build_pool(model, vae, positive, negative, adapter, face_model, appearance: 
                progress: Callable | None = None) -> Pool:
     """Render ``count`` fakes with identities from the fixed prior (:func:`fake_identities`), each beyond the match
     threshold of every real embedding (N, D) in the identity model's space (``identity_metric``/``_threshold``)."""
+    identities, check = fake_identities(count, seed, real_embeddings, identity_metric, identity_threshold)
+    fakes = render_fakes(model, vae, positive, negative, adapter, face_model, appearance, identities, range(count),
+                         seed, resolution, steps, cfg, sampler, scheduler, identity_weight, progress)
+    return assemble_pool(identities, fakes, pool_meta(count, seed, resolution, steps, cfg, sampler, scheduler,
+                                                      real_embeddings.shape[0], check, appearance.name,
+                                                      getattr(face_model, "name", "?")))
+
+
+def pool_meta(count: int, seed: int, resolution: int, steps: int, cfg: float, sampler: str, scheduler: str,
+              real_count: int, check: dict, appearance: str, recognizer: str) -> dict:
+    """What a pool records of how it was made (the fakes' prior and :func:`fake_identities`' check among it)."""
+    return {"count": int(count), "seed": int(seed), "resolution": resolution, "steps": steps, "cfg": cfg,
+            "sampler": sampler, "scheduler": scheduler, "prior": "uniform on the unit sphere",
+            "real_count": int(real_count), **check, "appearance": appearance, "recognizer": recognizer}
+
+
+def render_fakes(model, vae, positive, negative, adapter, face_model, appearance: Appearance, identities, indices,
+                 seed: int, resolution: int = 512, steps: int = 30, cfg: float = 5.0, sampler: str = "ddim",
+                 scheduler: str = "ddim_uniform", identity_weight: float = 1.0,
+                 progress: Callable | None = None) -> list[tuple]:
+    """The fakes ``indices`` of a pool: (latent, appearance embedding, recognizer embedding or None) each. Fake i
+    depends only on ``identities[i]`` and its noise seed ``seed + 1 + i``, so fakes rendered apart (the dataset
+    command's workers) assemble into the pool one process renders."""
     import comfy.sample
 
     from . import identity_streams as ids
-    identities, check = fake_identities(count, seed, real_embeddings, identity_metric, identity_threshold)
     with torch.no_grad():
         on, off = ids.identity_tokens(adapter, identities[:1])
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, identity_weight)])
     channels = int(getattr(patched.get_model_object("latent_format"), "latent_channels", 4))
-    latents, apps, recs, found = [], [], [], []
-    for i in range(count):
+    fakes = []
+    indices = list(indices)
+    for n, i in enumerate(indices):
         check_interrupt()
         with torch.no_grad():
             ss.set_tokens("identity", on=ids.identity_tokens(adapter, identities[i:i + 1])[0])
@@ -387,23 +410,24 @@ def build_pool(model, vae, positive, negative, adapter, face_model, appearance: 
                                   disable_pbar=True, seed=int(seed) + 1 + i)
         image = vae.decode(lat)[..., :3].float().clamp(0, 1)
         with torch.no_grad():
-            apps.append(appearance(image.movedim(-1, 1))[0][0].cpu())
+            app = appearance(image.movedim(-1, 1))[0][0].cpu()
             face = _largest_face(face_model, image[0])
-            if face is not None:
-                recs.append(face_model.embed(image.movedim(-1, 1), face.landmarks.float()[None].to(image))[0].cpu())
-            found.append(face is not None)
-        latents.append(lat[0].float().cpu())
+            rec = (face_model.embed(image.movedim(-1, 1), face.landmarks.float()[None].to(image))[0].cpu()
+                   if face is not None else None)
+        fakes.append((lat[0].float().cpu(), app, rec))
         if progress is not None:
-            progress(i + 1, count)
+            progress(n + 1, len(indices))
+    return fakes
+
+
+def assemble_pool(identities: torch.Tensor, fakes: list[tuple], meta: dict) -> Pool:
+    """A Pool from its identities and their fakes (:func:`render_fakes`, in index order)."""
+    recs = [rec for _, _, rec in fakes if rec is not None]
     rec_dim = recs[0].shape[0] if recs else 1
-    it = iter(recs)
-    rec = torch.stack([next(it) if f else torch.zeros(rec_dim) for f in found])
-    meta = {"count": count, "seed": int(seed), "resolution": resolution, "steps": steps, "cfg": cfg,
-            "sampler": sampler, "scheduler": scheduler, "prior": "uniform on the unit sphere",
-            "real_count": int(real_embeddings.shape[0]), **check,
-            "appearance": appearance.name, "recognizer": getattr(face_model, "name", "?"),
-            "faces_found": int(sum(found))}
-    return Pool(identities, torch.stack(apps), torch.stack(latents), rec, torch.tensor(found), meta)
+    rec = torch.stack([r if r is not None else torch.zeros(rec_dim) for _, _, r in fakes])
+    found = torch.tensor([r is not None for _, _, r in fakes])
+    return Pool(identities, torch.stack([a for _, a, _ in fakes]), torch.stack([lat for lat, _, _ in fakes]), rec,
+                found, {**meta, "faces_found": int(found.sum())})
 
 
 # -- anonymisation ----------------------------------------------------------------------------------------------------

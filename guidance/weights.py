@@ -5,6 +5,7 @@ applies to numbers wherever they enter: files, IMAGE inputs, embeddings, pools, 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -91,3 +92,21 @@ def read_tensor_file(path: str | Path, hint: str = "", damaged: str = "") -> dic
         raise ValueError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors. {hint}")
     _check_tensors(data, path, damaged or f"{DAMAGED}. {hint}".strip())
     return data
+
+
+PACK_FOLDERS = ("facenet", "insightface", "lpips")
+
+
+def use_models_folder(models: str | Path) -> Path:
+    """Make the pack look for its model files in ``models`` (a ComfyUI-style models folder) only: through
+    ComfyUI's ``folder_paths`` when it is importable, and ``$DIFFPRIVACY_MODELS_DIR`` (what plain-torch use reads)."""
+    models = Path(models).resolve()
+    os.environ["DIFFPRIVACY_MODELS_DIR"] = str(models)
+    try:
+        import folder_paths
+    except ImportError:  # plain-torch use outside ComfyUI: the pack reads DIFFPRIVACY_MODELS_DIR
+        return models
+    folder_paths.models_dir = str(models)
+    for name in PACK_FOLDERS:
+        folder_paths.folder_names_and_paths[name] = ([str(models / name)], set())
+    return models

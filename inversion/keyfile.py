@@ -88,10 +88,15 @@ def write_key_file(path, tensors: dict, metadata: dict, password: str | None = N
     exists and ``overwrite`` is false.
     """
     path = Path(path)
-    plain = _serialize_unsealed(tensors, metadata)
-    data = _seal(plain, password, kdf_params) if password else plain
-    _atomic_write(path, data, overwrite)
+    _atomic_write(path, key_file_bytes(tensors, metadata, password, kdf_params=kdf_params), overwrite)
     return path
+
+
+def key_file_bytes(tensors: dict, metadata: dict, password: str | None = None, *,
+                   kdf_params: dict | None = None) -> bytes:
+    """The bytes :func:`write_key_file` writes, for a caller that names and writes its files itself."""
+    plain = _serialize_unsealed(tensors, metadata)
+    return _seal(plain, password, kdf_params) if password else plain
 
 
 def key_bundle_metadata(*, steps: int, tau: float, strength: float, image_width: int, image_height: int,

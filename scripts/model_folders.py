@@ -7,21 +7,6 @@ folder points both at it.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from diffprivacy.guidance.weights import PACK_FOLDERS, use_models_folder
 
-PACK_FOLDERS = ("facenet", "insightface", "lpips")
-
-
-def use_models_folder(models: str | Path) -> Path:
-    """Make the pack look for its model files in ``models`` (a ComfyUI-style models folder) only."""
-    models = Path(models).resolve()
-    os.environ["DIFFPRIVACY_MODELS_DIR"] = str(models)
-    try:
-        import folder_paths
-    except ImportError:  # plain-torch use outside ComfyUI: the pack reads DIFFPRIVACY_MODELS_DIR
-        return models
-    folder_paths.models_dir = str(models)
-    for name in PACK_FOLDERS:
-        folder_paths.folder_names_and_paths[name] = ([str(models / name)], set())
-    return models
+__all__ = ["PACK_FOLDERS", "use_models_folder"]

@@ -1,7 +1,8 @@
-"""The dataset command: every image of a folder protected once, resumable and idempotent, with Ray or without.
+"""The dataset command in one process: every input gets exactly one manifest line whatever it is, the command
+never deletes or replaces a file it did not write, settings are checked before anything starts, one run per folder.
 
 Real photos (faces-13id), the real dlib detector for the baselines, the tiny SD checkpoint for a diffusion
-method. Local Ray with two CPU actors; a run killed half-way and rerun loses nothing and writes nothing twice.
+method. Ray (a two-node cluster, a dying worker, De-ID through actors) is in test_dataset_ray.py.
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_package, shared_path
+from conftest import REPO, shared_path
 
-import dataset_runner as dr
+import anonymize_dataset as cli
+from diffprivacy.methods import dataset as dr
 
 SETTINGS = {"detect_size": "640"}
 
@@ -48,36 +51,17 @@ def _outputs(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
 
 
-def test_ray_with_two_cpu_actors_protects_every_image_and_a_second_run_does_nothing(tmp_path):
-    require_package("ray", "ray[data] from requirements-test.txt")
-    src = _dataset(tmp_path)
-    out, keys = tmp_path / "out", tmp_path / "keys"
-    first = dr.run("blur", src, out, keys, SETTINGS, use_ray=True, actors=2, progress=False, log=lambda m: None)
-    assert first == {"files": 8, "ran": 8, "status": {"ok": 8}, "ray": True}
-    rels = dr.list_dataset(src)
-    assert _outputs(out) == sorted(str(Path(r).with_suffix(".png").as_posix()) for r in rels)
-    rows = [json.loads(line) for line in (out / dr.MANIFEST).read_text().splitlines()]
-    assert sorted(r["file"] for r in rows) == rels and all(r["method"] == "blur" and "seed" in r for r in rows)
-    again = dr.run("blur", src, out, keys, SETTINGS, use_ray=True, progress=False, log=lambda m: None)
-    assert again["ran"] == 0 and again["status"] == {"ok": 8}
-    assert len((out / dr.MANIFEST).read_text().splitlines()) == 8
+def _rows(out: Path) -> dict[str, dict]:
+    return dr.Manifest(out).read()
 
 
-def test_without_ray_the_same_command_gives_the_same_outputs(tmp_path):
-    src = _dataset(tmp_path, n=4)
-    a = dr.run("mosaic", src, tmp_path / "a", tmp_path / "ka", SETTINGS, seed=3, use_ray=False, progress=False,
-               log=lambda m: None)
-    b = dr.run("mosaic", src, tmp_path / "b", tmp_path / "kb", SETTINGS, seed=3, use_ray=True, actors=2,
-               progress=False, log=lambda m: None) if _has_ray() else None
-    assert a["status"] == {"ok": 4}
-    if b is not None:
-        for rel in _outputs(tmp_path / "a"):
-            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+def _final_lines(out: Path) -> list[dict]:
+    return [r for r in dr.Manifest(out).lines() if r.get("status") in dr.FINAL]
 
 
-def _has_ray() -> bool:
-    require_package("ray", "ray[data] from requirements-test.txt")
-    return True
+def _run(method, src, out, keys, settings=SETTINGS, **kw):
+    kw.setdefault("use_ray", False)
+    return cli.run(method, src, out, keys, settings, progress=False, log=kw.pop("log", lambda m: None), **kw)
 
 
 def test_a_run_killed_half_way_and_rerun_loses_nothing_and_writes_nothing_twice(tmp_path):
@@ -89,61 +73,237 @@ def test_a_run_killed_half_way_and_rerun_loses_nothing_and_writes_nothing_twice(
     manifest = out / dr.MANIFEST
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
+        if manifest.exists() and len(_final_lines(out)) >= 3:
             break
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(manifest.read_text().splitlines())
+    done_before = len(_final_lines(out))
     assert 3 <= done_before < 8, "the run was killed half-way"
-    (out / ".img99.png.a1b2c3.part.png").write_bytes(b"half an image")  # what a kill during a write leaves
+    killed_run = [r["run"] for r in dr.Manifest(out).lines() if r.get("event") == "start"][0]
+    (out / f".img99.png.dp-{killed_run}.tmp").write_bytes(b"half an image")  # what a kill during a write leaves
     rerun = _cli(*args)
     stdout, stderr = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["status"] == {"ok": 8} and summary["ran"] == 8 - done_before
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert sorted(r["file"] for r in rows) == dr.list_dataset(src)  # each image once: none lost, none twice
-    assert len(_outputs(out)) == 8 and not list(out.rglob("*.part*"))
+    assert sorted(r["file"] for r in _final_lines(out)) == dr.list_dataset(src)  # each once: none lost, none twice
+    assert len(_outputs(out)) == 8 and not list(out.rglob("*.tmp")) and "removed 1 temporary file" in stderr
+    assert "took over the lock" in stderr  # the killed run's lock: its process is gone
 
 
-def test_bad_files_and_faceless_images_are_reported_per_image_and_never_abort(tmp_path):
+def test_files_the_command_did_not_write_are_never_deleted_or_replaced(tmp_path):
+    src = _dataset(tmp_path, n=1)
+    shutil.copy(next(src.rglob("*.jpg")), src / "holiday.jpg")
+    out, keys = tmp_path / "out", tmp_path / "keys"
+    (keys / "keys").mkdir(parents=True)
+    out.mkdir()
+    planted = {out / ".thesis.partial-draft.txt": b"my thesis", out / ".config.party": b"[party]",
+               keys / "keys" / ".vault.part": b"secret", out / "holiday.png": b"my own holiday photo",
+               out / ".holiday.png.dp-0123456789ab.tmp": b"a temp name of no run of this folder"}
+    for path, data in planted.items():
+        path.write_bytes(data)
+    summary = _run("pixelate", src, out, keys)
+    assert summary["status"] == {"ok": 2}
+    for path, data in planted.items():
+        assert path.read_bytes() == data, f"{path.name} was touched"
+    row = _rows(out)["holiday.jpg"]
+    assert row["output"] == "holiday~2.png" and "holiday.png exists and was not written" in row["renamed"]
+    assert (out / "holiday~2.png").stat().st_size > 1000
+    again = _run("pixelate", src, out, keys)  # a rerun (whose clean-up knows a run id now) keeps them all
+    assert again["ran"] == 0 and _rows(out)["holiday.jpg"]["output"] == "holiday~2.png"
+    for path, data in planted.items():
+        assert path.read_bytes() == data, f"{path.name} was touched by the rerun"
+
+
+def test_two_inputs_with_the_same_output_name_get_one_output_each_recorded(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    face = next(shared_path("data", "faces-13id").glob("img1*.jpg"))
+    shutil.copy(face, src / "same.jpg")
+    from PIL import Image
+    Image.open(face).save(src / "same.png")
+    out = tmp_path / "out"
+    summary = _run("blur", src, out, tmp_path / "keys")
+    assert summary["status"] == {"ok": 2} and summary["writes"]["output"] == 2
+    rows = _rows(out)
+    assert rows["same.png"]["output"] == "same.png" and rows["same.jpg"]["output"] == "same.jpg.png"
+    assert "also the output name of another input" in rows["same.jpg"]["renamed"]
+    assert _outputs(out) == ["same.jpg.png", "same.png"]
+    assert _run("blur", src, out, tmp_path / "keys")["ran"] == 0
+
+
+def _bomb_png(path: Path, side: int) -> None:
+    """A valid tiny PNG whose header says side x side: Pillow would try to expand it."""
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = side.to_bytes(4, "big") * 2
+    data[ihdr + 17:ihdr + 21] = zlib.crc32(bytes(data[ihdr:ihdr + 17])).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+
+
+def _explode_on_img10(settings):
+    from diffprivacy.methods.dataset import Protected, image_seed
+
+    def protect(image, seed):
+        if seed == image_seed(0, "img10.jpg"):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return Protected(1 - image)
+    return protect
+
+
+def test_any_per_file_failure_becomes_that_files_line_and_the_run_goes_on(tmp_path):
     src = _dataset(tmp_path, n=2)
     (src / "notes.txt").write_text("not an image")
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     from PIL import Image
     Image.new("RGB", (200, 200), (128, 128, 128)).save(src / "wall.png")
-    summary = dr.run("pixelate", src, tmp_path / "out", tmp_path / "keys", SETTINGS, use_ray=False, progress=False,
-                     log=lambda m: None)
-    assert summary["status"] == {"ok": 2, "error": 2, "no_face": 1}
-    rows = {r["file"]: r for r in map(json.loads, (tmp_path / "out" / dr.MANIFEST).read_text().splitlines())}
+    shutil.copy(next(src.rglob("img1.jpg")), src / os.fsdecode(b"caf\xe9-latin1.jpg"))  # a name that is not UTF-8
+    _bomb_png(src / "bomb.png", 12000)  # 144 megapixels: over the command's bound (100), under Pillow's (179)
+    _bomb_png(src / "big-bomb.png", 40000)
+    os.mkfifo(src / "b-pipe.jpg")
+    signal.alarm(300)  # a hang (the pipe) fails the test instead of the suite
+    try:
+        summary = _run("pixelate", src, tmp_path / "out", tmp_path / "keys")
+    finally:
+        signal.alarm(0)
+    assert summary["status"] == {"ok": 3, "error": 5, "no_face": 1}
+    rows = _rows(tmp_path / "out")
     assert "cannot read image" in rows["notes.txt"]["error"] and "cannot read image" in rows["broken.jpg"]["error"]
     assert "No face" in rows["wall.png"]["error"]
+    assert "12000x12000 = 144 megapixels, over the bound of 100" in rows["bomb.png"]["error"]
+    assert "decompression bomb" in rows["big-bomb.png"]["error"] and "not decoded" in rows["big-bomb.png"]["error"]
+    assert "named pipe" in rows["b-pipe.jpg"]["error"]
+    latin = os.fsdecode(b"caf\xe9-latin1.jpg")
+    assert rows[latin]["status"] == "ok" and (tmp_path / "out" / os.fsdecode(b"caf\xe9-latin1.png")).is_file()
+    # any exception of the method on one image (here a RuntimeError) is that image's line
+    method = dr.Method("explode", _explode_on_img10, {})
+    summary = dr.run(method, _dataset(tmp_path / "b", n=3), tmp_path / "out2", tmp_path / "k2", use_ray=False,
+                     progress=False, log=lambda m: None)
+    assert summary["status"] == {"ok": 2, "error": 1}
+    assert _rows(tmp_path / "out2")["img10.jpg"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+
+
+def test_settings_are_checked_before_anything_starts_naming_the_setting(tmp_path, tiny_checkpoint_path):
+    src = _dataset(tmp_path, n=1)
+    ckpt = {"checkpoint": str(tiny_checkpoint_path)}
+    cases = [("mosaic", {"margin": "-5"}, "margin='-5' must be >= 0"),
+             ("blur", {"detect_size": "0"}, "detect_size='0' must be >= 64"),
+             ("pixelate", {"strength": "nan"}, "strength='nan' must be a finite number"),
+             ("blur", {"strength": "inf"}, "strength='inf' must be a finite number"),
+             ("mosaic", {"strength": "0.5"}, "strength='0.5' must be >= 2"),
+             ("blur", {"strenght": "5"}, "has no setting 'strenght'"),
+             ("blur", {"face_model": "mtcnn/nobody"}, "face_model='mtcnn/nobody' is not a face model"),
+             ("diff-privacy-anonymize", {**ckpt, "steps": "nan"}, "steps='nan' must be a finite number"),
+             ("diff-privacy-anonymize", {**ckpt, "steps": "2.5"}, "steps='2.5' must be a whole number"),
+             ("diff-privacy-anonymize", {**ckpt, "strength": "0"}, "strength='0' must be > 0"),
+             ("diffusion-de-id", {**ckpt, "lr": "nan"}, "lr='nan' must be a finite number"),
+             ("diffusion-de-id", {**ckpt, "steps": "4", "render_steps": "9"}, "render_steps \\(9\\) cannot exceed")]
+    for method, settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _run(method, src, tmp_path / "out", tmp_path / "keys", settings)
+    assert not (tmp_path / "out").exists(), "a refused run wrote nothing"
+
+
+def test_diffusion_methods_check_their_files_first_and_run_on_the_cpu_without_a_gpu(tmp_path, monkeypatch):
+    src = _dataset(tmp_path, n=1)
+    not_sd = tmp_path / "not-sd.safetensors"
+    import safetensors.torch
+    import torch
+    safetensors.torch.save_file({"weight": torch.zeros(2)}, str(not_sd))
+    fake_sd = tmp_path / "fake-sd.safetensors"  # the right header, but no model ComfyUI can load
+    safetensors.torch.save_file({"model.diffusion_model.x": torch.zeros(2)}, str(fake_sd))
+    (tmp_path / "notes.ckpt").write_text("hello")
+    for settings, message in [({}, "needs an SD 1.5 checkpoint"),
+                              ({"checkpoint": str(tmp_path / "missing.safetensors")}, "is not an existing file"),
+                              ({"checkpoint": str(not_sd)}, "is not an SD checkpoint"),
+                              ({"checkpoint": str(tmp_path / "notes.ckpt")}, "neither a .safetensors"),
+                              ({"checkpoint": str(not_sd), "models": str(tmp_path / "nowhere")},
+                               "models=.* is not an existing folder"),
+                              ({"checkpoint": str(fake_sd)}, "the method could not load: RuntimeError")]:
+        with pytest.raises(ValueError, match=message):
+            _run("diff-privacy-anonymize", src, tmp_path / "out", tmp_path / "keys", settings)
+    import comfy.cli_args
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(comfy.cli_args.args, "cpu", False)
+    said = []
+    assert dr.pick_device(said.append) == "cpu" and comfy.cli_args.args.cpu is True
+    assert "no GPU found" in said[0] and "minutes per image" in said[0]
 
 
 def test_the_diffusion_method_writes_sealed_keys_to_their_own_folder(tmp_path, tiny_checkpoint_path, monkeypatch):
     src = _dataset(tmp_path, n=2)
     monkeypatch.setenv("TEST_KEY_PASSWORD", "correct horse")
     settings = {"checkpoint": str(tiny_checkpoint_path), "steps": "4", "resolution": "64"}
-    summary = dr.run("diff-privacy-anonymize", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
-                     password_env="TEST_KEY_PASSWORD", progress=False, log=lambda m: None)
-    assert summary["status"] == {"ok": 2}
+    summary = _run("diff-privacy-anonymize", src, tmp_path / "out", tmp_path / "keys", settings,
+                   password_env="TEST_KEY_PASSWORD")
+    assert summary["status"] == {"ok": 2} and summary["writes"] == {"output": 2, "key": 2}
     from diffprivacy.inversion.keyfile import is_sealed, read_key_file
     key_files = sorted((tmp_path / "keys").rglob("*" + dr.KEY_SUFFIX))
     assert len(key_files) == 2 and all(is_sealed(k) for k in key_files)
+    assert all(k.stat().st_mode & 0o077 == 0 for k in key_files), "keys are readable by their owner only"
     tensors, meta = read_key_file(key_files[0], "correct horse")
     assert tensors["key_i"].shape[-1] == 8 and meta["steps"] == "4"
     assert not list((tmp_path / "out").rglob("*" + dr.KEY_SUFFIX)), "no key next to the published images"
 
 
+def test_one_run_per_folder_at_a_time(tmp_path):
+    src = _dataset(tmp_path, n=2)
+    out, keys = tmp_path / "out", tmp_path / "keys"
+    args = ["--method", "blur", "--input", str(src), "--output", str(out), "--keys", str(keys), "--no-ray",
+            "--set", "detect_size=640"]
+    first = _cli(*args)
+    deadline = time.monotonic() + 120
+    while not (out / dr.LOCK).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = _cli(*args)
+    _, err2 = second.communicate(timeout=120)
+    _, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2 and "another run is working in" in err2 and dr.LOCK in err2, err2
+    assert sorted(r["file"] for r in _final_lines(out)) == dr.list_dataset(src)  # 2 lines, not 4
+    assert not (out / dr.LOCK).exists() and not (keys / dr.LOCK).exists()
+    # a lock whose process is gone (same host) is taken over, with a message; a live one is refused
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+    (out / dr.LOCK).write_text(json.dumps({"run": "aaaaaaaaaaaa", "host": socket.gethostname(), "pid": dead.pid}))
+    said = []
+    assert _run("blur", src, out, keys, log=said.append)["ran"] == 0
+    assert any("took over the lock of run aaaaaaaaaaaa" in m for m in said)
+    (out / dr.LOCK).write_text(json.dumps({"run": "bbbbbbbbbbbb", "host": "other-host", "pid": 1}))
+    with pytest.raises(ValueError, match="run bbbbbbbbbbbb on other-host.*delete .*lock"):
+        _run("blur", src, out, keys)
+
+
+def test_symlinked_folders_are_followed_and_loops_reported(tmp_path):
+    src = _dataset(tmp_path, n=3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(next(src.rglob("img1.jpg")), elsewhere / "linked-face.jpg")
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (src / "sub" / "loop").symlink_to(src, target_is_directory=True)
+    (src / "twice").symlink_to(src / "sub", target_is_directory=True)
+    summary = _run("blur", src, tmp_path / "out", tmp_path / "keys")
+    rows = _rows(tmp_path / "out")
+    assert rows["linked/linked-face.jpg"]["status"] == "ok"
+    assert "a loop" in rows["sub/loop"]["error"]
+    assert "listed already" in rows["twice"]["error"]
+    assert summary["status"] == {"ok": 4, "error": 2} and summary["files"] == 6
+
+
 def test_layouts_that_would_eat_their_input_or_leak_keys_are_refused(tmp_path):
     src = _dataset(tmp_path, n=1)
     with pytest.raises(ValueError, match="inside the input folder"):
-        dr.run("blur", src, src / "out", tmp_path / "keys", use_ray=False, log=lambda m: None)
+        _run("blur", src, src / "out", tmp_path / "keys")
     with pytest.raises(ValueError, match="inside the output folder"):
-        dr.run("blur", src, tmp_path / "out", tmp_path / "out" / "keys", use_ray=False, log=lambda m: None)
+        _run("blur", src, tmp_path / "out", tmp_path / "out" / "keys")
     with pytest.raises(ValueError, match="unknown method 'sharpen'"):
-        dr.run("sharpen", src, tmp_path / "out", tmp_path / "keys", use_ray=False, log=lambda m: None)
+        _run("sharpen", src, tmp_path / "out", tmp_path / "keys")
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o500)
@@ -151,7 +311,7 @@ def test_layouts_that_would_eat_their_input_or_leak_keys_are_refused(tmp_path):
         read_only = tmp_path / "a-file" / "out"
         (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="cannot write|File exists|Not a directory"):
-        dr.run("blur", src, read_only, tmp_path / "keys", use_ray=False, log=lambda m: None)
+        _run("blur", src, read_only, tmp_path / "keys")
 
 
 def test_a_cluster_address_that_does_not_answer_fails_clearly_and_fast(tmp_path):

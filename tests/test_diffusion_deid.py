@@ -4,7 +4,6 @@ command. The tiny model has random weights: its renders are not faces
 and its numbers are not results (a real SD 1.5 with IP-Adapter-FaceID and CLIP-vision is needed for those)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -240,7 +239,8 @@ def test_bad_settings_are_refused_with_the_name_of_the_setting():
 
 def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path, tiny_checkpoint_path,
                                                                 tiny_clip_vision_path):
-    import dataset_runner as dr
+    import anonymize_dataset as cli
+    from diffprivacy.methods import dataset as dr
     from face_fixtures import casia_safetensors
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
@@ -254,10 +254,10 @@ def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path,
                 "adapter": str(setup["adapter_file"]), "models": str(models), "identity_model": "mtcnn/facenet-casia",
                 "resolution": "64", "steps": "2", "render_steps": "1", "iterations": "1", "pool_steps": "1",
                 "cfg": "1.0", "prompt": "a photo of a face"}
-    summary = dr.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
+    summary = cli.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
                      progress=False, log=lambda m: None)
-    assert summary["status"] == {"ok": 3}, json.loads((tmp_path / "out" / dr.MANIFEST).read_text().splitlines()[0])
-    rows = [json.loads(line) for line in (tmp_path / "out" / dr.MANIFEST).read_text().splitlines()]
+    rows = list(dr.Manifest(tmp_path / "out").read().values())
+    assert summary["status"] == {"ok": 3}, rows
     assert all(0 <= r["pair"] < r["pool_size"] and r["pool_size"] > 3 for r in rows)
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == \
         sorted(str((src / "x").parent.joinpath(f.name).relative_to(src).with_suffix(".png").as_posix())
@@ -268,7 +268,7 @@ def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path,
         assert Image.open(out).size == Image.open(f).size
     pools = list((tmp_path / "keys").glob("*.pool.safetensors"))
     assert len(pools) == 1 and not list((tmp_path / "out").rglob("*.safetensors"))  # the pool stays private
-    again = dr.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
+    again = cli.run("diffusion-de-id", src, tmp_path / "out", tmp_path / "keys", settings, use_ray=False,
                    progress=False, log=lambda m: None)
     assert again["ran"] == 0
 
