@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from ..guidance.detector_hiding import HIDDEN_IOU, KEPT_IOU, match_faces
+from ..guidance.face.anchors import HIDDEN_IOU, KEPT_IOU, match_faces
 from ..guidance.face.base import Face
 from .pixel_metrics import ssim
 
@@ -66,7 +66,7 @@ def after_reupload(detect: DetectFn, scale: float = 1.0, quality: int | None = N
     """``detect`` run on the image as a site might re-publish it: rescaled by ``scale`` (bilinear,
     anti-aliased when shrinking), then JPEG at ``quality``; boxes mapped back to the original's pixels.
     Measures whether a hidden face stays hidden (the ``robust`` option's claim)."""
-    from ..guidance.detector_hiding import transform
+    from ..guidance.reupload import transform
 
     def run(image: torch.Tensor) -> list[Face]:
         x = (image.detach().float().clamp(0, 1) * 255.0).round().permute(2, 0, 1).unsqueeze(0)

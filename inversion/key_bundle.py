@@ -56,7 +56,7 @@ def check_key_sizes(tensors: dict, metadata: dict) -> None:
 def bundle_from_tensors(tensors: dict, metadata: dict):
     """(LATENT, CONDITIONING with one entry of batch ten) from a key file's tensors, each carrying the provenance
     the file records (step count, image size, fingerprints: :mod:`.key_check`)."""
-    from .difp_keys import refuse_difp
+    from .keyfile import refuse_difp
     refuse_difp(metadata)  # a DIFP key file: say which node reads it
     if KEY_I not in tensors or KEY_E not in tensors:
         missing = [n for n in (KEY_I, KEY_E) if n not in tensors]

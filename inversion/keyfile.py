@@ -344,3 +344,20 @@ def metadata_number(metadata: dict, field: str, kind=float):
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"the key file records a non-finite '{field}'")
     return value
+
+
+# -- kinds of key file: the tag sits inside the (sealed) metadata -----------------------------------------------------
+KIND_FIELD = "key_kind"
+KIND_DIFP = "difp"
+KIND_DIFF_PRIVACY = "diff-privacy"  # what a file without the field is
+
+
+def key_kind(metadata: dict) -> str:
+    return metadata.get(KIND_FIELD, KIND_DIFF_PRIVACY)
+
+
+def refuse_difp(metadata: dict) -> None:
+    """For Diff-Privacy's key loader: a DIFP key file is refused with the node that reads it."""
+    if key_kind(metadata) == KIND_DIFP:
+        raise ValueError("this is a DIFP key file (F_i + F_e), not a Diff-Privacy key bundle: load it with Load DIFP "
+                         "Key and recover with DIFP Recover")

@@ -7,7 +7,7 @@ in the dataset command's keys folder) needs the whole dataset, so it is made by
 """
 from __future__ import annotations
 
-from ..guidance import diffusion_deid as deid
+from ..methods import diffusion_deid as deid
 from ..guidance.working_image import working_image
 from ..inversion.ddim import ddim_invert
 from ..inversion.key_e import encode_text

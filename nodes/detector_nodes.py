@@ -1,6 +1,6 @@
 """Hide faces from face detectors with an invisible perturbation (Xue thesis ch. 3) as a node.
 
-The node only adapts: it validates the inputs, calls ``guidance.detector_hiding.hide_from_detectors``
+The node only adapts: it validates the inputs, calls ``methods.detector_hiding.hide_from_detectors``
 once per image and shapes the outputs (the protected images, the perturbation made visible, a JSON
 report).
 """
@@ -11,8 +11,8 @@ import json
 import torch
 
 from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
-from ..guidance.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
-                                        load_attack_targets)
+from ..methods.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
+                                       load_attack_targets)
 from .common import CATEGORY, StepProgress, rgb_batch, tip
 
 TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd")

@@ -1,7 +1,7 @@
-"""DIFP (You et al., Entropy 2024) as ComfyUI nodes: thin adapters of ``guidance.difp``, ``guidance.ilvr``,
-``inversion.difp_keys`` and ``inversion.difp_training``.
+"""DIFP (You et al., Entropy 2024) as ComfyUI nodes: thin adapters of ``methods.difp``, ``guidance.ilvr``,
+``methods.difp_keys`` and ``methods.difp_training``.
 
-DIFP_KEY: an ``inversion.difp_keys.DIFPKey`` (F_i as a Key-I LATENT with provenance, F_e = text condition, the
+DIFP_KEY: an ``methods.difp_keys.DIFPKey`` (F_i as a Key-I LATENT with provenance, F_e = text condition, the
 original's identity embedding and landmarks).
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ import logging
 
 import torch
 
-from ..guidance import difp
+from ..methods import difp
 from ..guidance.ilvr import MODES, SPACES, RealismControl
 from ..guidance.guided_ddim import guided_ddim_sampler
 from ..guidance.identity_streams import streams_on
 from ..guidance.working_image import working_image
-from ..inversion import difp_keys
-from ..inversion import difp_training
+from ..methods import difp_keys
+from ..methods import difp_training
 from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, list_key_files,
                      resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip, write_new_output_file)
 

@@ -1,5 +1,5 @@
 """DP-Image (thesis ch. 4) on the identity embedding: thin adapters of ``guidance.dp_identity`` (the mechanism and
-its ε) and ``guidance.dp_render`` (the strict and in-the-photo renderings, labelled).
+its ε) and ``methods.dp_render`` (the strict and in-the-photo renderings, labelled).
 
 A DP release is a FACE_EMBEDDING whose ``embedding`` is the noised one, with the original's aligned crops and
 landmarks dropped (they are not protected by the noise), and a ``dp`` entry: {"report": the ε report dict,
@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from ..guidance import dp_identity as dpi
-from ..guidance import dp_render
+from ..methods import dp_render
 from .common import CATEGORY, StepProgress, rgb_batch, tip, write_new_output_file
 
 log = logging.getLogger("diffprivacy")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..guidance import diff_privacy
+from ..methods import diff_privacy
 from ..guidance.ddim import ddim_sigmas
-from ..guidance.diff_privacy import FaceChoice, model_sampling
+from ..methods.diff_privacy import FaceChoice, model_sampling
 from ..guidance.face.base import SELECT_MODES
 from ..guidance.gradient_path import DECODER_CHOICES, PRECISION_CHOICES, GradientOptions
 from ..guidance.working_image import working_image, working_mask

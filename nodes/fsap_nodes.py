@@ -1,4 +1,4 @@
-"""FSAP (thesis ch. 5): thin adapters of ``guidance.fsap`` (the search) and ``evaluation.fsap_eval`` (the thesis's
+"""FSAP (thesis ch. 5): thin adapters of ``methods.fsap`` (the search) and ``evaluation.fsap_eval`` (the thesis's
 comparison row)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 from ..evaluation import fsap_eval
 from ..evaluation.lpips import LPIPSUnavailable, load_lpips
-from ..guidance import fsap
+from ..methods import fsap
 from ..guidance.working_image import working_image
 from ..inversion.ddim import ddim_invert
 from .common import (CATEGORY, StepProgress, paired_batches, resolution_input,

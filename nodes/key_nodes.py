@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
-from ..inversion.difp_keys import refuse_difp
+from ..inversion.keyfile import refuse_difp
 from ..inversion.key_check import check_key_file, check_keys
 from ..inversion.key_e import KeyE
 from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors

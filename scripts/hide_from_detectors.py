@@ -26,7 +26,7 @@ from diffprivacy.evaluation.baselines import apply_baseline
 from diffprivacy.evaluation.detection import (REUPLOADS, after_reupload, detection_outcome, distortion, summarize,
                                              transfer_detectors)
 from diffprivacy.evaluation.images import list_images, load_image, save_image
-from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
+from diffprivacy.methods.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
 
 BLUR_STEPS = (2.0, 4.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0)      # sigma, % of face width
 MOSAIC_STEPS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 50.0)              # tile spacing, % of face width

@@ -360,7 +360,7 @@ def pools(comfy_server, tiny_clip_vision, adapters):
     NaN identities, an empty one."""
     import torch
 
-    from diffprivacy.guidance import diffusion_deid as deid
+    from diffprivacy.methods import diffusion_deid as deid
     with torch.no_grad():
         width = deid.Appearance(tiny_clip_vision)(torch.rand(1, 3, 64, 64))[0].shape[-1]
     g = torch.Generator().manual_seed(0)
@@ -426,7 +426,7 @@ def test_an_oversized_or_inconsistent_key_and_a_difp_key_are_refused_by_load_key
 
     import torch
 
-    from diffprivacy.inversion.difp_keys import DIFPKey, write_difp_key
+    from diffprivacy.methods.difp_keys import DIFPKey, write_difp_key
     from diffprivacy.inversion.key_check import key_i_latent
     from diffprivacy.inversion.keyfile import KEY_I, read_key_file
     folder = comfy_server.base / "output" / "diffprivacy"

@@ -15,7 +15,7 @@ import torch
 
 import ip_adapter_fixtures as fx
 from conftest import shared_path
-from diffprivacy.guidance import diffusion_deid as deid
+from diffprivacy.methods import diffusion_deid as deid
 
 SIZE = 64
 STEPS = 4

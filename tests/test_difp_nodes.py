@@ -127,7 +127,7 @@ def test_every_difp_node_has_tooltips_a_description_and_is_registered():
 # -- where the style and the realism reference come from (issue 24) ---------------------------------------------------
 def _spy_protect(monkeypatch):
     """Record the MODEL (its streams), the reference and the settings DIFP's sampling gets."""
-    from diffprivacy.guidance import difp
+    from diffprivacy.methods import difp
     seen = {}
     real = difp.protect
 
@@ -190,7 +190,7 @@ def test_style_source_and_realism_reference_are_the_explicit_choices_and_nothing
 
 
 def test_the_node_defaults_do_not_feed_the_original_back_as_style():
-    from diffprivacy.guidance import difp
+    from diffprivacy.methods import difp
     from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPProtect
     required = DiffPrivacyDIFPProtect.INPUT_TYPES()["required"]
     assert required["style_source"][0] == difp.SOURCES and required["style_source"][1]["default"] == "none"

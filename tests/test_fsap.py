@@ -13,7 +13,7 @@ import torch
 
 import ip_adapter_fixtures as fx
 from conftest import shared_path
-from diffprivacy.guidance import fsap
+from diffprivacy.methods import fsap
 from diffprivacy.guidance.face.base import NoFaceError
 
 SIZE = 64            # the tiny model renders at pixel cost: a 64x64 portrait (MTCNN finds the 18x26 face)

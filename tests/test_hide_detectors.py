@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffprivacy.guidance import detector_hiding as dh
+from diffprivacy.methods import detector_hiding as dh
 from diffprivacy.guidance.face.anchors import AnchorScores, AttackTarget
 from diffprivacy.guidance.face.base import Face
 from diffprivacy.guidance.face.mtcnn import nms

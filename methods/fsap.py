@@ -53,11 +53,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .autograd import gradients_enabled, thaw, thaw_inference_tensors
-from .ddim import check_finite, ddim_sigmas
-from .face.base import NoFaceError
-from .gradient_path import GradientOptions, whole_frame_gradient_decoder
-from .host import check_interrupt, interrupt_exceptions
+from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
+from ..guidance.ddim import check_finite, ddim_sigmas
+from ..guidance.face.base import NoFaceError
+from ..guidance.gradient_path import GradientOptions, whole_frame_gradient_decoder
+from ..guidance.host import check_interrupt, interrupt_exceptions
 
 EMBEDDING_DIM = 512
 UNIT_COMPONENT = 1.0 / math.sqrt(EMBEDDING_DIM)   # 0.0442: a unit 512-d vector's typical component
@@ -400,7 +400,7 @@ def _search_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
 
         def deliver(w, z):
             """The image the user would get for (W, z_t): the full DDIM render down the grid, full VAE."""
-            from .guided_ddim import sample_guided_ddim
+            from ..guidance.guided_ddim import sample_guided_ddim
             with torch.no_grad():
                 job["stream_set"].set_tokens("identity", on=job["tokens"](w.float()))
                 x0 = sample_guided_ddim(model, z.to(x), job["sigmas"], extra_args, guidance=None)
@@ -459,9 +459,9 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
     """
     import comfy.samplers
 
-    from . import identity_streams as ids
-    from .guided_ddim import guided_ddim_sampler
-    from .sampling import sample_with_comfy
+    from ..guidance import identity_streams as ids
+    from ..guidance.guided_ddim import guided_ddim_sampler
+    from ..guidance.sampling import sample_with_comfy
 
     settings = settings.validated()
     check_face_model(face_model)

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from . import dp_identity as dpi
-from . import identity_streams as streams
+from ..guidance import dp_identity as dpi
+from ..guidance import identity_streams as streams
 
 FACE_MARGIN = 0.25  # the inpainted region: the detected face box grown by this fraction of its size on every side
 
 
 def face_box_mask(face_model, images: torch.Tensor, margin: float = FACE_MARGIN) -> torch.Tensor:
     """(B, H, W) masks, 1 over the largest detected face's box grown by ``margin`` (NoFaceError when none)."""
-    from .face.base import choose_faces
+    from ..guidance.face.base import choose_faces
     masks = torch.zeros(images.shape[:3])
     h, w = images.shape[1:3]
     for b, img in enumerate(images):
@@ -244,7 +244,7 @@ def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt:
         return out
 
     def embed(images, t):
-        from .face.base import NoFaceError
+        from ..guidance.face.base import NoFaceError
         try:
             return streams.face_identity(face_model, images, "largest", 0)["embedding"]
         except NoFaceError as e:

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ddim import ddim_sigmas
-from .guided_ddim import guided_ddim_sampler
-from .identity_streams import COND_KEY, with_stream_switches
-from .ilvr import RealismControl
+from ..guidance.ddim import ddim_sigmas
+from ..guidance.guided_ddim import guided_ddim_sampler
+from ..guidance.identity_streams import COND_KEY, with_stream_switches
+from ..guidance.ilvr import RealismControl
 
 log = logging.getLogger("diffprivacy")
 
@@ -315,8 +315,8 @@ def _resize_to(image: torch.Tensor, size: tuple[int, int], what: str, warnings: 
 
 def _donor(face_model, original: dict, c: DIFPConditions, seed: int, warnings: list):
     """(donor embedding (1, D), aligned crops or None)."""
-    from .face.base import NoFaceError
-    from .identity_streams import face_identity
+    from ..guidance.face.base import NoFaceError
+    from ..guidance.identity_streams import face_identity
     if c.donor not in DONORS:
         raise ValueError(f"donor must be one of {DONORS}, got {c.donor!r}")
     if c.donor == "synthetic":
@@ -340,12 +340,12 @@ def _donor(face_model, original: dict, c: DIFPConditions, seed: int, warnings: l
 def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, settings: DIFPSettings,
                   conditions: DIFPConditions) -> DIFPProtection:
     """DIFP on one working image: find the face, choose the donor, add the streams, protect, composite."""
-    from .face.base import NoFaceError
-    from .identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
-                                   recognizer_space_warning, style_tokens)
+    from ..guidance.face.base import NoFaceError
+    from ..guidance.identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
+                                             recognizer_space_warning, style_tokens)
     import dataclasses
 
-    from .identity_streams import carried_streams
+    from ..guidance.identity_streams import carried_streams
     c, warnings = conditions, []
     check_strength(settings.strength)
     carried = carried_streams(model)

@@ -64,12 +64,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .autograd import gradients_enabled, thaw, thaw_inference_tensors
-from .ddim import check_finite, ddim_sigmas, ddim_step
-from .face.base import NoFaceError
-from .gradient_path import whole_frame_gradient_decoder
-from .gradient_path import GradientOptions
-from .host import check_interrupt, resident_clone
+from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
+from ..guidance.ddim import check_finite, ddim_sigmas, ddim_step
+from ..guidance.face.base import NoFaceError
+from ..guidance.gradient_path import whole_frame_gradient_decoder
+from ..guidance.gradient_path import GradientOptions
+from ..guidance.host import check_interrupt, resident_clone
 
 OBJECTIVES = ("iis", "irs")
 X_T_SOURCES = ("real", "fake")
@@ -260,7 +260,7 @@ def load_farl(path: str | Path):
     import tempfile
 
     import comfy.clip_vision
-    from .weights import read_tensor_file
+    from ..guidance.weights import read_tensor_file
     path = Path(path)
     sd = read_tensor_file(path, "Expected a FaRL ViT-B/16 checkpoint (FaRL-Base-Patch16-LAIONFace20M-ep64.pth).")
     sd = sd.get("state_dict", sd)
@@ -313,7 +313,7 @@ class Pool:
     def load(cls, path: str | Path) -> "Pool":
         import safetensors
 
-        from .weights import read_tensor_file
+        from ..guidance.weights import read_tensor_file
         name = Path(path).name
         try:
             with safetensors.safe_open(str(path), "pt") as f:
@@ -393,7 +393,7 @@ def render_fakes(model, vae, positive, negative, adapter, face_model, appearance
     command's workers) assemble into the pool one process renders."""
     import comfy.sample
 
-    from . import identity_streams as ids
+    from ..guidance import identity_streams as ids
     with torch.no_grad():
         on, off = ids.identity_tokens(adapter, identities[:1])
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, identity_weight)])
@@ -596,9 +596,9 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     """
     import comfy.samplers
 
-    from . import identity_streams as ids
-    from .guided_ddim import guided_ddim_sampler
-    from .sampling import sample_with_comfy
+    from ..guidance import identity_streams as ids
+    from ..guidance.guided_ddim import guided_ddim_sampler
+    from ..guidance.sampling import sample_with_comfy
 
     s = settings.validated()
     check_face_model(face_model)
