@@ -42,6 +42,7 @@ from ..guidance.ddim import ddim_sigmas
 from ..guidance.guided_ddim import guided_ddim_sampler
 from ..guidance.identity_streams import COND_KEY, with_stream_switches
 from ..guidance.ilvr import RealismControl
+from ..guidance.sampling import sample
 
 log = logging.getLogger("diffprivacy")
 
@@ -214,10 +215,7 @@ def protect(model, vae, image: torch.Tensor, conditioning, settings: DIFPSetting
     batch = z0.repeat(settings.num_outputs, 1, 1, 1)
     noise = comfy.sample.prepare_noise(batch, settings.seed)
     guider = difp_guider(model, conditioning, settings.s_id, settings.s_sty)
-    sampler = guided_ddim_sampler(None, realism=realism)
-    import comfy.utils
-    samples = guider.sample(noise, batch, sampler, sigmas, seed=settings.seed,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+    samples = sample(guider, guided_ddim_sampler(None, realism=realism), sigmas, batch, noise, settings.seed)
     generated = vae.decode(samples)[..., :3].float()
     if generated.shape[1:3] != image.shape[1:3]:  # VAEs crop to their grid; the working image is on it already
         generated = F.interpolate(generated.movedim(-1, 1), size=image.shape[1:3], mode="bilinear").movedim(1, -1)

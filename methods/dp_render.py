@@ -143,9 +143,7 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
     ignored and never touched. ``in the photo``: ``image`` (N or 1 images) encoded, the ``mask`` region (N, H, W)
     re-noised to ``denoise`` and sampled with the identity stream.
     """
-    import comfy.sample
-    import comfy.utils
-    import latent_preview
+    from ..guidance.sampling import sample_text_guided
 
     if mode not in dpi.RENDER_MODES:
         raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {mode!r}")
@@ -178,12 +176,8 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
         m = mask.float()
         m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
         noise_mask = m[:, :hh, :ww].reshape(n, 1, hh, ww)
-    latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-    noise = comfy.sample.prepare_noise(latent, int(seed))
-    callback = latent_preview.prepare_callback(patched, steps)
-    samples = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                  denoise=denoise, noise_mask=noise_mask, callback=callback,
-                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))
+    samples = sample_text_guided(patched, positive, negative, cfg, sampler_name, scheduler, steps, latent, seed,
+                                 denoise=denoise, noise_mask=noise_mask)
     return vae.decode(samples)[..., :3].float().cpu()
 
 

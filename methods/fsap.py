@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
+from ..guidance.autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
 from ..guidance.ddim import check_finite, ddim_sigmas
 from ..guidance.face.base import NoFaceError
 from ..guidance.gradient_path import GradientOptions, whole_frame_gradient_decoder
@@ -247,13 +247,6 @@ class Renderer:
         return self.decode(den)
 
 
-def _thaw_unet(model) -> None:
-    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
-    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
-    if target is not None:
-        thaw_inference_tensors(target)
-
-
 class Search:
     """The losses on a render, and Alg. 7's loop (see module doc)."""
 
@@ -394,7 +387,7 @@ def _search_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
     """k-diffusion signature: runs the search at sigmas[0] on the inverted latent x (sampling space)."""
     extra_args = {} if extra_args is None else extra_args
     with gradients_enabled():
-        _thaw_unet(model)
+        thaw_diffusion_model(model)
         job["stream_set"].thaw()
         render = Renderer(model, extra_args, sigmas[0], job["stream_set"], job["tokens"], job["decode"])
 
