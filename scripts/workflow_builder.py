@@ -164,6 +164,11 @@ IMAGE_NODE_WIDTH = 300  # wide enough to see a face in the preview
 # Widgets a node's front-end extension adds: (label, height).
 FRONT_END_WIDGETS = {"PreviewAny": [("preview", DOM_WIDGET_H)]}
 MAX_READABLE_WIDTH = 460  # widen a node until its widget values are readable, up to this
+# Nodes whose text after a run the pack's front-end extension draws under their widgets (web/js/node_text.js,
+# 16 px lines): room for that many lines is kept so that the text does not grow the node over a neighbour.
+REPORTED_TEXT_LINES = {"DiffPrivacyFaceModelLoader": 4, "DiffPrivacySaveKey": 3, "DiffPrivacySaveDIFPKey": 3,
+                       "DiffPrivacyLearnKeyE": 3, "DiffPrivacyHideFromDetectors": 3}
+REPORTED_LINE_H, REPORTED_PAD = 16, 8
 
 
 def text_width(text: str, px: float) -> float:
@@ -181,7 +186,8 @@ def _shown(value) -> str:
 def node_size(n: "Node", info: dict) -> list[int]:
     """[width, height] of a node's body (the title bar is above it) as the front end computes it when the
     workflow loads, widened so widget values can be read and heightened for the images it will show.
-    The front end keeps a stored size that is at least its own, so this is what the user sees."""
+    The front end keeps a stored size that is at least its own, so this is what the user sees (until a
+    node's reported text needs more lines than ``REPORTED_TEXT_LINES`` keeps)."""
     title = n.title or info.get("display_name") or n.type
     slot_labels, widgets = [], []  # widgets: (label, shown value, height, arrows)
     for name, type_, opts in input_specs(info):
@@ -210,6 +216,8 @@ def node_size(n: "Node", info: dict) -> list[int]:
     width = max(width, min(readable, MAX_READABLE_WIDTH),
                 text_width(title, 14) + 2 * TITLE_H + 4)  # the title is cut to the width less 2 title heights
     height = 6 + rows * SLOT_H + (sum(w[2] for w in widgets) + 8 if widgets else 0)
+    if n.type in REPORTED_TEXT_LINES:
+        height += REPORTED_TEXT_LINES[n.type] * REPORTED_LINE_H + REPORTED_PAD
     if n.type in IMAGE_NODES:
         height += IMAGE_PREVIEW_H
         width = max(width, IMAGE_NODE_WIDTH)

@@ -132,6 +132,16 @@ class FrontEnd:
             raise RuntimeError(f"page exception: {json.dumps(results[1]['exceptionDetails'])[:2000]}")
         return json.loads(results[1]["result"]["value"])
 
+    def client_id(self) -> str:
+        """The id the page's websocket has with the server: a prompt posted with it reports to this page."""
+        return self.evaluate("window.comfyAPI.api.api.clientId")
+
+    def drawn_node_text(self, node_ids: list[int], timeout: float = 30) -> dict[str, dict]:
+        """Per node: the text this pack's front-end extension holds for it after a run (``held``) and the
+        strings the canvas drew while drawing it centred on screen (``drawn``)."""
+        return json.loads(self.evaluate(_DRAWN_TEXT % {"ids": json.dumps(node_ids), "ms": int(timeout * 1000)},
+                                        timeout=timeout + 30))
+
     def close(self):
         self.proc.terminate()
         try:
@@ -271,5 +281,24 @@ _OPENING = """(async () => {
                   note: box, note_covered: bar.filter(([x, y]) => document.elementFromPoint(x, y) !== app.canvas.canvas),
                   groups: app.graph._groups.map(g => ({title: g.title, box: screen(Array.from(g._bounding))}))};
   }
+  return JSON.stringify(seen);
+})()"""
+
+# Wait for the nodes' reported text to arrive, then draw each node on screen and record every fillText.
+_DRAWN_TEXT = """(async () => {
+  const ids = %(ids)s, deadline = Date.now() + %(ms)d;
+  const nodes = ids.map(id => app.graph.getNodeById(id));
+  while (nodes.some(n => !n.diffPrivacyText) && Date.now() < deadline) await new Promise(r => setTimeout(r, 200));
+  const seen = {}, fillText = CanvasRenderingContext2D.prototype.fillText;
+  try {
+    for (const node of nodes) {
+      const drawn = [];
+      CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+        drawn.push(String(text)); return fillText.call(this, text, ...rest); };
+      app.canvas.centerOnNode(node); app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
+      CanvasRenderingContext2D.prototype.fillText = fillText;
+      seen[node.id] = {held: node.diffPrivacyText || null, drawn};
+    }
+  } finally { CanvasRenderingContext2D.prototype.fillText = fillText; }
   return JSON.stringify(seen);
 })()"""

@@ -9,7 +9,9 @@ drag-and-drop does, and checked for everything a user would meet:
 - no widget names a file a fresh install lacks, except the models the README tells the user to place
   and the photos the workflow's own Note says where to put;
 - it opens readable: on a 1600 x 1000 window, at a zoom the front end draws widgets at, with the Read me
-  and the first group on screen.
+  and the first group on screen;
+- what the pack's nodes report after a run (Face Model Loader's choice, Save Key's file and sealed state) is
+  drawn on the nodes by the pack's extension (web/js/node_text.js).
 """
 import json
 import os
@@ -98,6 +100,28 @@ def test_every_workflow_opens_at_a_readable_zoom_with_its_read_me_and_first_grou
         if not _on_screen(title, view["window"]):
             problems.append(f"{name}: the first group's title is off screen: {view['groups'][0]}")
     assert not problems, "\n".join(problems)
+
+
+def test_face_model_loader_and_save_key_draw_their_text_on_the_node_after_a_run(front_end, comfy_server):
+    from workflow_builder import ui_to_api
+    from workflow_helpers import only, shown_key_name, shrink
+    ui = json.loads((REPO / "example_workflows" / "anonymize-text-key.json").read_text())
+    front_end.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+    api = shrink(ui_to_api(ui, comfy_server.object_info), 64, 2)
+    api[only(api, "DiffPrivacySaveKey")]["inputs"]["password"] = "front end"
+    own_id, comfy_server.client_id = comfy_server.client_id, front_end.client_id()  # the page hears the run
+    try:
+        entry = comfy_server.run(api, timeout=300)
+    finally:
+        comfy_server.client_id = own_id
+    loader, saver = only(api, "DiffPrivacyFaceModelLoader"), only(api, "DiffPrivacySaveKey")
+    seen = front_end.drawn_node_text([int(loader), int(saver)])
+    for nid in (loader, saver):
+        (reported,) = entry["outputs"][nid]["text"]
+        held, drawn = seen[nid]["held"], " ".join(seen[nid]["drawn"])
+        assert held == reported, f"node {nid}: the page holds {held!r}, the run reported {reported!r}"
+        assert " ".join(reported.split()) in " ".join(drawn.split()), f"node {nid}: {reported!r} not drawn: {drawn!r}"
+    assert seen[saver]["held"] == f"{shown_key_name(entry, api)} (sealed with the password)"
 
 
 def test_layout_check_fails_on_overlapping_nodes_and_covered_group_titles(front_end):
