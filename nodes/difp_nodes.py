@@ -17,7 +17,8 @@ from ..guidance.working_image import working_image
 from ..inversion import difp_keys
 from ..inversion import difp_training
 from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, key_file_name,
-                     list_key_files, resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip, write_new_output_file)
+                     list_key_files, resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip,
+                     write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 DIFP_CATEGORY = f"{CATEGORY}/DIFP"

@@ -38,7 +38,8 @@ def roots(models: Path, more: list[str]) -> list[Path]:
     for item in more:
         if item.endswith((".yaml", ".yml")):
             import yaml
-            bases = [Path(conf.get("base_path", ".")) for conf in (yaml.safe_load(Path(item).read_text()) or {}).values()]
+            confs = (yaml.safe_load(Path(item).read_text()) or {}).values()
+            bases = [Path(conf.get("base_path", ".")) for conf in confs]
         else:
             bases = [Path(item)]
         found += [b.resolve() for b in bases if b.resolve() not in found]

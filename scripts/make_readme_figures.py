@@ -129,8 +129,8 @@ def hiding_figure(photo: Path, out: Path, max_side: int = 768) -> str:
     faces = mtcnn.detect(image)
     if not faces:
         raise SystemExit(f"{photo}: MTCNN finds no face in it; choose another --photo")
-    defaults = {name: spec[1]["default"] for name, spec in DiffPrivacyHideFromDetectors.INPUT_TYPES()["required"].items()
-                if name != "image"}
+    inputs = DiffPrivacyHideFromDetectors.INPUT_TYPES()["required"]
+    defaults = {name: spec[1]["default"] for name, spec in inputs.items() if name != "image"}
     with torch.inference_mode():
         out_ = DiffPrivacyHideFromDetectors().hide(image[None], **defaults)
     receipt = out_["ui"]["text"][0]

@@ -255,8 +255,8 @@ def stage_order(declared: list, flows: set[tuple]) -> list:
 def layout(graph: "Graph", ui_nodes: list[dict], links: list[list]) -> list[dict]:
     """Place every node (sets ``pos``) and return the groups, one per stage.
 
-    Stages go left to right in the order data flows between them, in rows (``_wrap_rows``); inside a stage, a node's column is
-    the length of the longest chain of links from the stage's own inputs to it (loaders first, results
+    Stages go left to right in the order data flows between them, in rows (``_wrap_rows``); inside a stage, a
+    node's column is the length of the longest chain of links from the stage's own inputs to it (loaders first, results
     last); a column is filled from the top in the order the definition created its nodes (so a
     definition lists parallel branches in the order they should be read), each node level with the
     node that feeds it from the column before, if any. Nodes of no stage form one ungrouped stage."""

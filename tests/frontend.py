@@ -278,7 +278,8 @@ _OPENING = """(async () => {
     const box = note ? screen(Array.from(note.getBounding())) : null;  // its title bar: drawn on the canvas
     const bar = box ? [0.02, 0.5, 0.98].map(f => [box[0] + f * box[2], box[1] + 15 * ds.scale]) : [];
     seen[name] = {scale: ds.scale, low_quality: !!app.canvas.low_quality, window: [innerWidth, innerHeight],
-                  note: box, note_covered: bar.filter(([x, y]) => document.elementFromPoint(x, y) !== app.canvas.canvas),
+                  note: box,
+                  note_covered: bar.filter(([x, y]) => document.elementFromPoint(x, y) !== app.canvas.canvas),
                   groups: app.graph._groups.map(g => ({title: g.title, box: screen(Array.from(g._bounding))}))};
   }
   return JSON.stringify(seen);
