@@ -12,8 +12,8 @@ written with Pillow and kept under 150 KB.
 
 A thumbnail is a card: the workflow's name and what it does in one line (``CARDS``), in type that reads at the
 template browser's card size, above the graph. The front end the host ships (comfyui-frontend-package 1.32.9)
-describes a pack's template only by its file name and lists them in the order the server finds the files: the
-card is the one place a one-line description shows.
+describes a pack's template only by its file name (web/js/template_order.js sets their order): the card is the
+one place a one-line description shows.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ drag-and-drop does, and checked for everything a user would meet:
 - it opens readable: on a 1600 x 1000 window, at a zoom the front end draws widgets at, with the Read me
   and the first group on screen;
 - what the pack's nodes report after a run (Face Model Loader's choice, Save Key's file and sealed state) is
-  drawn on the nodes by the pack's extension (web/js/node_text.js).
+  drawn on the nodes by the pack's extension (web/js/node_text.js);
+- the template browser gets the pack's templates with the recommended first one on top (web/js/template_order.js).
 """
 import json
 import os
@@ -122,6 +123,13 @@ def test_face_model_loader_and_save_key_draw_their_text_on_the_node_after_a_run(
         assert held == reported, f"node {nid}: the page holds {held!r}, the run reported {reported!r}"
         assert " ".join(reported.split()) in " ".join(drawn.split()), f"node {nid}: {reported!r} not drawn: {drawn!r}"
     assert seen[saver]["held"] == f"{shown_key_name(entry, api)} (sealed with the password)"
+
+
+def test_the_template_browser_lists_the_recommended_workflow_first_then_the_rest_in_order(front_end):
+    lists = front_end.evaluate("window.comfyAPI.api.api.getWorkflowTemplates()")  # what the browser is given
+    (ours,) = [names for names in lists.values() if "anonymize-text-key" in names]
+    first = ["anonymize-text-key", "anonymize-fast", "anonymize-learn-key-e", "recover"]
+    assert ours == first + sorted(set(WORKFLOWS) - set(first)), ours
 
 
 def test_layout_check_fails_on_overlapping_nodes_and_covered_group_titles(front_end):
