@@ -99,7 +99,12 @@ def main(argv=None) -> int:
             fe.wait_for_app()
             for path in workflows:
                 ui = json.loads(path.read_text())
-                shot = Image.open(io.BytesIO(fe.screenshot(ui, 1600, 1200)))
+                for _ in range(3):  # the page's first drawing can come back blank: take it again
+                    shot = Image.open(io.BytesIO(fe.screenshot(ui, 1600, 1200)))
+                    if max(shot.convert("L").getextrema()) - min(shot.convert("L").getextrema()) > 40:
+                        break
+                else:
+                    raise SystemExit(f"{path.stem}: the front end drew nothing three times")
                 save_jpeg(card(path.stem, shot), path.with_suffix(".jpg"), CARD_W)
                 if path.stem == MAIN_WORKFLOW:
                     shot = Image.open(io.BytesIO(fe.screenshot(ui, 2800, 1150, margin=20)))
