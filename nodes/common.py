@@ -2,8 +2,9 @@
 
 - :func:`tip`: an input's options with its tooltip (every input has one);
 - :class:`StepProgress`: ComfyUI's progress bar plus a line of text, checking for Cancel;
-- :func:`list_key_files` / :func:`resolve_key_path`: key files under output/diffprivacy/, and nowhere
-  outside ComfyUI's output and input folders;
+- :func:`list_key_files` / :func:`resolve_key_path` / :func:`key_file_name`: key files under
+  output/diffprivacy/ (the name a saver shows is the one the loaders list), and nowhere outside
+  ComfyUI's output and input folders;
 - :func:`write_new_output_file`: output files under new names, never replacing an existing file;
 - :func:`rgb_batch` / :func:`paired_batches` / :func:`parse_labels`: IMAGE batches and per-image labels;
 - :data:`PASSWORD_WARNING`: what every password widget says about where its value travels.
@@ -172,6 +173,13 @@ class StepProgress:
                 send_progress_text(text, self.node_id)
         check_interrupt()
 
+    def finish(self, text: str) -> None:
+        """The bar full and ``text`` (what the run ended with) as the node's last progress line: a run that
+        stops early must not leave "iteration 13/200" on the node."""
+        if self.bar is not None:
+            self.bar.update_absolute(self.total, self.total)
+        send_progress_text(text, self.node_id)
+
 
 def write_new_output_file(filename_prefix: str, suffix: str, write, image_size: tuple[int, int] | None = None
                           ) -> tuple[Path, str]:
@@ -257,6 +265,20 @@ def list_key_files() -> list[str]:
     return sorted(found)
 
 
+def key_file_name(path: Path) -> str:
+    """How a saver names a key file it wrote: the name the key loaders list and load (relative to
+    output/diffprivacy/); a file saved elsewhere is named by its path relative to the output folder, with
+    how to load it (key_path)."""
+    import folder_paths
+    path = Path(path).resolve()
+    root = key_folder().resolve()
+    if _inside(path, root):
+        return path.relative_to(root).as_posix()
+    output = Path(folder_paths.get_output_directory()).resolve()
+    shown = path.relative_to(output).as_posix() if _inside(path, output) else str(path)
+    return f"{shown} (outside output/{KEY_SUBFOLDER}/: not listed by the loaders; give it as key_path)"
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.relative_to(root)
@@ -281,11 +303,16 @@ def resolve_key_path(key_file: str, key_path: str = "") -> Path:
         return p
     if not key_file:
         raise ValueError(f"no key file chosen: save one with Save Key (it lands in output/{KEY_SUBFOLDER}/), "
-                         "refresh, and pick it, or give key_path")
+                         "press R in the canvas to list it, and pick it; or give key_path")
     root = key_folder().resolve()
     p = (root / key_file).resolve()
     if not _inside(p, root):
         raise ValueError(f"key_file must lie inside output/{KEY_SUBFOLDER}/; got {key_file!r}")
+    if not p.is_file():
+        listed = list_key_files()
+        raise ValueError(f"key file {key_file!r} not found in {root}: key_file is a name in that folder, as the saver "
+                         f"shows it and the list offers it (press R in the canvas to refresh the list); there now: "
+                         f"{', '.join(listed[:8]) + (' ...' if len(listed) > 8 else '') if listed else 'none'}")
     return p
 
 

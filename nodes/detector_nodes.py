@@ -127,7 +127,23 @@ class DiffPrivacyHideFromDetectors:
                                "private_hidden": r.hidden, "kept_detected": r.kept_found,
                                "iterations": r.iterations, "iterations_to_hide": r.iterations_to_hide,
                                "max_change": float(r.delta.abs().max()), "note": r.note})
-        return torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1)
+        summary = _summary(report)
+        progress.finish(summary)
+        return {"ui": {"text": [summary]},
+                "result": (torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1))}
+
+
+def _summary(report: list[dict]) -> str:
+    """One line per run: finished, how many private faces are hidden, the largest change (the report has the rest)."""
+    private = sum(len(r["private"]) for r in report)
+    hidden = sum(sum(all(per_face) for per_face in zip(*r["private_hidden"].values())) for r in report
+                 if r["private_hidden"])
+    change = max((r["max_change"] for r in report), default=0.0)  # 0-255 scale
+    iterations = max((r["iterations"] for r in report), default=0)
+    text = (f"finished: {hidden} of {private} private face(s) hidden from every detector after {iterations} "
+            f"iteration(s), largest change {change:.1f}/255")
+    notes = [r["note"] for r in report if r.get("note")]
+    return text + (f"; {'; '.join(notes)}" if notes else "")
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyHideFromDetectors": DiffPrivacyHideFromDetectors}

@@ -17,8 +17,9 @@ from ..guidance.identity_streams import streams_on
 from ..guidance.working_image import working_image
 from ..methods import difp_keys
 from ..methods import difp_training
-from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, list_key_files,
-                     resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip, write_new_output_file)
+from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, key_file_name,
+                     list_key_files, resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip,
+                     write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 DIFP_CATEGORY = f"{CATEGORY}/DIFP"
@@ -250,10 +251,10 @@ class DiffPrivacySaveDIFPKey:
     CATEGORY = DIFP_CATEGORY
 
     def save(self, key, filename_prefix, password, protected=None):
-        path, name = write_new_output_file(filename_prefix, KEY_SUFFIX,
-                                           lambda p: difp_keys.write_difp_key(p, key, password or None))
+        path, _ = write_new_output_file(filename_prefix, KEY_SUFFIX,
+                                        lambda p: difp_keys.write_difp_key(p, key, password or None))
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use the key"
-        return {"ui": {"text": [f"{name} ({note})"]}, "result": (str(path),)}
+        return {"ui": {"text": [f"{key_file_name(path)} ({note})"]}, "result": (str(path),)}  # as Load DIFP Key lists
 
 
 class DiffPrivacyLoadDIFPKey:
@@ -263,8 +264,9 @@ class DiffPrivacyLoadDIFPKey:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "key_file": (list_key_files(), tip(f"A key file under output/{KEY_SUBFOLDER}/ (refresh after saving). "
-                                               "Ignored when key_path is given.")),
+            "key_file": (list_key_files(), tip(f"A key file under output/{KEY_SUBFOLDER}/, named as Save DIFP Key "
+                                               "shows it (press R in the canvas to list one saved since the page "
+                                               "loaded). Ignored when key_path is given.")),
             "password": ("STRING", tip("Password of a sealed key file; empty for an unsealed one. " + PASSWORD_WARNING,
                                        default="")),
         }, "optional": {

@@ -76,6 +76,31 @@ class DiffPrivacyFaceModelLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, detector, recognizer, insightface_pack):
+        """At queue time: a choice this machine cannot load is refused, naming the file and folder it needs
+        (every choice stays in the lists, so a shared workflow keeps its values)."""
+        problems = []
+        for value, choices, what in ((detector, (loader.AUTO, *loader.DETECTORS), "detector"),
+                                     (recognizer, (loader.AUTO, *loader.RECOGNIZERS), "recognizer")):
+            if value not in choices:
+                problems.append(f"{what} {value!r} is not one of {list(choices)}")
+        packs = {p.name for p in loader.insightface_pack_dirs()}
+        if insightface_pack != "auto" and insightface_pack not in packs:
+            problems.append(f"insightface_pack {insightface_pack!r} is not a folder of models/insightface/models/ "
+                            f"({[str(d) for d in loader.insightface_models_dirs()]}; there: "
+                            f"{sorted(packs) or 'none'})")
+        if not problems:
+            pack = insightface_pack
+            problems += [p for p in (loader.choice_problem(detector, pack), loader.choice_problem(recognizer, pack))
+                         if p]
+            if not problems and loader.AUTO in (detector, recognizer):
+                try:
+                    loader.auto_choice(pack)
+                except FileNotFoundError as e:
+                    problems.append(str(e))
+        return True if not problems else "; ".join(problems)
+
     def load(self, detector, recognizer, insightface_pack, threshold, device):
         _check_module(detector)
         _check_module(recognizer)

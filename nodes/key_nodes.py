@@ -25,8 +25,8 @@ from ..inversion.key_e import KeyE
 from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors
 from ..inversion.keyfile import (KEY_I, META_STEPS, META_STRENGTH, META_TAU, key_bundle_metadata, metadata_number,
                                  read_key_file, write_key_file)
-from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, key_file_digest, resolve_key_path,
-                     write_new_output_file)
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, key_file_digest, key_file_name,
+                     resolve_key_path, write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 
@@ -90,10 +90,10 @@ class DiffPrivacySaveKey:
             metadata = key_bundle_metadata(steps=steps, tau=tau, strength=strength, image_width=w * LATENT_SCALE,
                                            image_height=h * LATENT_SCALE, **fingerprints)
             # write_key_file refuses an existing file (KeyFileExistsError is a FileExistsError): the name counts up.
-            path, name = write_new_output_file(
+            path, _ = write_new_output_file(
                 filename_prefix, KEY_SUFFIX, lambda p, t=tensors, m=metadata: write_key_file(p, t, m, password or None))
             paths.append(str(path))
-            shown.append(name)
+            shown.append(key_file_name(path))  # what Load Key lists
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use the key"
         log.info("[Diff-Privacy] %d key file(s) saved: %s (%s)", len(paths), ", ".join(paths), note)
         return {"ui": {"text": [f"{', '.join(shown)} ({note})"]}, "result": ("\n".join(paths),)}
@@ -115,8 +115,9 @@ class DiffPrivacyLoadKey:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "key_file": (list_key_files(), {"tooltip": f"A key file under output/{KEY_SUBFOLDER}/ (refresh the page "
-                                                       "after saving a new one). Ignored when key_path is given."}),
+            "key_file": (list_key_files(), {"tooltip": f"A key file under output/{KEY_SUBFOLDER}/, named as Save Key "
+                                                       "shows it (press R in the canvas to list one saved since the "
+                                                       "page loaded). Ignored when key_path is given."}),
             "password": ("STRING", {"default": "", "tooltip": "Password of a sealed key file; empty for an unsealed "
                                                               "one. " + PASSWORD_WARNING}),
         }, "optional": {

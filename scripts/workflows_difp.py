@@ -29,8 +29,8 @@ PROTECT_NOTE = (
 RECOVER_NOTE = (
     "What: DIFP recovery. DDIM from the key's F_i under its condition, each step pulled towards the original's "
     "identity stored in the key (Eq. 17, adapted). The protected image is never read.\n"
-    "Where: pick the key file in Load DIFP Key (saved by difp-protect under output/diffprivacy/; refresh the page "
-    "after saving) and type its password; the same SD 1.5 checkpoint and face model as for protection.\n"
+    "Where: pick the key file in Load DIFP Key (saved by difp-protect under output/diffprivacy/; press R "
+    "to list a new one) and type its password; the same SD 1.5 checkpoint and face model as for protection.\n"
     "Settings that matter: steps come from the key; guidance_scale 0 gives plain DDIM (no face model needed).")
 
 

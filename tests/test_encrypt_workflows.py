@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import nodes_of
-from workflow_helpers import add_preview, mse, only, pixels, png_chunks, saved_key, shrink
+from workflow_helpers import add_preview, mse, only, pixels, png_chunks, saved_key, shown_key_name, shrink
 
 SIZE, STEPS = 128, 10
 
@@ -49,10 +49,15 @@ def test_anonymize_text_key_saves_four_clean_images_and_a_sealed_key(comfy_serve
 
 
 def test_recover_needs_the_password_and_undoes_the_protection(comfy_server, workflow_api, text_key_run):
+    """Recover picks the key by the name Save Key showed, from Load Key's list as the server offers it now
+    (what pressing R in the canvas fetches): one name for the key file everywhere."""
     protect_api, protect_entry = text_key_run
+    shown = shown_key_name(protect_entry, protect_api)
+    listed = comfy_server.get_json("/object_info/DiffPrivacyLoadKey")["DiffPrivacyLoadKey"]["input"]["required"]
+    assert shown in listed["key_file"][0], f"Save Key showed {shown!r}; Load Key lists {listed['key_file'][0]}"
     api = workflow_api("recover")
     load = nodes_of(api, "DiffPrivacyLoadKey")[0]["inputs"]
-    load.update(key_path=saved_key(protect_entry, protect_api), password="wrong horse")
+    load.update(key_file=shown, key_path="", password="wrong horse")
     entry = comfy_server.run(api, timeout=120, expect_error=True)
     error = next(d for kind, d in entry["status"]["messages"] if kind == "execution_error")
     assert error["node_type"] == "DiffPrivacyLoadKey" and "password" in error["exception_message"].lower()

