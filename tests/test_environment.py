@@ -35,8 +35,11 @@ def pins(path: Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    """Every distribution this interpreter sees, as pip would list it (local version labels dropped)."""
-    return {canonical(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions()
+    """Every distribution installed in this environment's site-packages, as pip lists them (local version labels
+    dropped). Not sys.path: packages put folders of their own on it (Ray adds its vendored ``thirdparty_files``)."""
+    import sysconfig
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {canonical(d.metadata["Name"]): d.version.split("+")[0] for d in metadata.distributions(path=site)
             if d.metadata["Name"]}
 
 
