@@ -40,6 +40,7 @@ DEFAULT_FEATHER = 5         # pixels, FaceDetailer's default
 DEFAULT_MASK_GROW = 1.3     # the pasted mask: the face box grown by this factor (forehead, chin, ears)
 PLAN_VERSION = 1            # of the Plan's dict, as keys record it
 MIN_CROP_SIDE = 16
+SELECT_GROW = 1.5           # in a crop, the method steers the faces whose box this grown face box mostly covers
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,9 @@ class Crop:
             return torch.ones(size, size)
         scale = size / self.side
         x1, y1, x2, y2 = self.face_box
-        box = ((x1 - self.x) * scale, (y1 - self.y) * scale, (x2 - self.x) * scale, (y2 - self.y) * scale)
-        return feathered_box(size, size, box, 0)
+        cx, cy = ((x1 + x2) / 2 - self.x) * scale, ((y1 + y2) / 2 - self.y) * scale
+        half = SELECT_GROW * max(x2 - x1, y2 - y1) * scale / 2  # grown: the crop's detector boxes it a little apart
+        return feathered_box(size, size, (cx - half, cy - half, cx + half, cy + half), 0)
 
     def work_size(self, resolution: int) -> int:
         """The working resolution of this crop: ``resolution``, or its own side (a multiple of 8) for 0."""

@@ -23,8 +23,8 @@ from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
 from ..inversion.key_check import check_key_file, check_keys
 from ..inversion.key_e import KeyE
 from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors, crop_plans
-from ..inversion.keyfile import (KEY_E as KEY_E_TENSOR, KEY_I, META_FACE_CROPS, META_STEPS, META_STRENGTH, META_TAU, key_bundle_metadata,
-                                 metadata_number, read_key_file, write_key_file)
+from ..inversion.keyfile import (KEY_E as KEY_E_TENSOR, KEY_I, META_FACE_CROPS, META_STEPS, META_STRENGTH, META_TAU,
+                                 key_bundle_metadata, metadata_number, read_key_file, write_key_file)
 from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, key_file_digest, resolve_key_path,
                      write_new_output_file)
 
@@ -39,7 +39,9 @@ class DiffPrivacySaveKey:
     CATEGORY = "Diff-Privacy/keys"
     DESCRIPTION = ("Saves Key-I and Key-E with the step count, schedule, image size and model fingerprints in one "
                    "key file under the output folder (sealed with the password, if one is given). Never overwrites "
-                   "a file. Whoever has the key file (and its password) can undo the protection.")
+                   "a file. Whoever has the key file (and its password) can undo the protection. A Key-I made of "
+                   "face crops gives one file per photo: each crop's Key-I, the photo's Key-E and where the crops "
+                   "were cut (squares and masks), no pixel of the photo.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("key_path",)
     OUTPUT_TOOLTIPS = ("Absolute path of the key file written (one per line for a batch).",)
