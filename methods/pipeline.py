@@ -35,6 +35,7 @@ from ..guidance.working_image import (MIN_SIDE, cut_square, photo_mask, resize_s
                                       uncut_square)
 
 MODES = ("face crops", "whole frame")
+FULL_SIZE = "full size"     # the plan of a method that works on the photo itself (hiding from detectors)
 DEFAULT_CROP_FACTOR = 3.0   # Impact Pack FaceDetailer's default
 DEFAULT_FEATHER = 5         # pixels, FaceDetailer's default
 DEFAULT_MASK_GROW = 1.3     # the pasted mask: the face box grown by this factor (forehead, chin, ears)
@@ -273,3 +274,26 @@ def protect_photo(photo: torch.Tensor, plan: Plan, protect_crop) -> tuple[torch.
     cut = plan.cut(photo)
     protected = [protect_crop(image, crop, i) for i, (image, crop) in enumerate(zip(cut, plan.crops))]
     return plan.paste(photo, protected), cut, protected
+
+
+def full_size_plan(faces: list, indices, height: int, width: int) -> Plan:
+    """The plan of a method that changes the photo at its own size (no crop, no resize): one entry per chosen face
+    (``indices`` into ``faces``), so that its receipt measures the same faces as the other methods'."""
+    options = PipelineOptions().validated()
+    return Plan(height, width, 0, FULL_SIZE, tuple(face_crop(faces[i], i, height, width, options) for i in indices))
+
+
+def one_photo_plan(image: torch.Tensor, face_model, options: PipelineOptions | None, resolution: int, method: str,
+                   max_faces: int | None = None) -> tuple[torch.Tensor, Plan]:
+    """(the photo (H, W, 3), its plan) for a method that protects one photo; ``max_faces``: how many faces the method
+    can protect at once (one for a method moving one face's embedding), refused beyond with what to choose.
+    Unconnected options choose the largest face for such a method, all faces otherwise."""
+    from ..guidance.working_image import check_resolution, single_image
+    if options is None:
+        options = PipelineOptions(faces="largest" if max_faces == 1 else "all")
+    photo = single_image(image)[0].float()
+    plan = plan_photo(photo, face_model, options, check_resolution(resolution))
+    if max_faces is not None and len(plan.crops) > max_faces:
+        raise ValueError(f"{method} protects {max_faces} face(s) at a time and {len(plan.crops)} are chosen: set the "
+                         "pipeline's faces to largest, or to indices with one index (0 is the largest face)")
+    return photo, plan

@@ -21,7 +21,7 @@ import json
 import torch
 
 from ..guidance.face.base import Face
-from .pipeline import Plan
+from .pipeline import FULL_SIZE, Plan
 
 RECEIPT_VERSION = 1
 MATCH_IOU = 0.3
@@ -87,7 +87,9 @@ def measure_receipt(original: torch.Tensor, delivered: torch.Tensor, plan: Plan,
         in_delivered = recognizer.detect(image)
         faces = []
         for crop, box, index in _targets(plan, in_original):
-            entry = {"face": index, "crop_size": crop.side, "working_resolution": crop.work_size(plan.resolution),
+            full = plan.mode == FULL_SIZE
+            entry = {"face": index, "crop_size": None if full else crop.side,
+                     "working_resolution": FULL_SIZE if full else crop.work_size(plan.resolution),
                      "box": [round(float(v), 1) for v in box]}
             ref = _match(in_original, box)
             landmarks = ref.landmarks if ref is not None else (torch.tensor(crop.landmarks) if crop.landmarks
@@ -137,9 +139,10 @@ def receipt_text(receipt: dict) -> str:
     for out in receipt["outputs"]:
         for f in out["faces"]:
             d = "-" if f["distance"] is None else f"{f['distance']:.3f}"
+            crop = (f"crop {f['crop_size']} px -> {f['working_resolution']} px" if f["crop_size"] else
+                    f"worked on at {f['working_resolution']}")
             lines.append(f"output {out['output']} face {f['face']}: {f['verdict']} (distance {d}; "
-                         f"{'found' if f['found'] else 'NOT found'} by the detector; crop {f['crop_size']} px -> "
-                         f"{f['working_resolution']} px)")
+                         f"{'found' if f['found'] else 'NOT found'} by the detector; {crop})")
     return "\n".join(lines)
 
 
@@ -151,7 +154,7 @@ def manifest_fields(receipt: dict) -> dict:
             "receipt_faces": len(faces), "receipt_found": sum(bool(f["found"]) for f in faces),
             "receipt_still_recognised": sum(bool(f["recognised"]) for f in measured),
             "receipt_min_distance": min((f["distance"] for f in measured), default=None),
-            "receipt_crop_sizes": sorted({f["crop_size"] for f in faces}),
+            "receipt_crop_sizes": sorted({f["crop_size"] for f in faces if f["crop_size"]}),
             "receipt_error": receipt.get("error")}
 
 

@@ -171,7 +171,7 @@ def _run(node, image, **kw):
                 iterations=4, robust=False, max_megapixels=12.0)
     args.update(kw)
     with torch.inference_mode():   # as ComfyUI runs nodes
-        return node.hide(image, **args)
+        return node.hide(image, **args)["result"][:3]
 
 
 @pytest.mark.parametrize("channels", [1, 4])

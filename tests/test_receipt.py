@@ -67,3 +67,16 @@ def test_without_a_recognizer_the_receipt_says_why_and_gives_no_verdict(monkeypa
     r = receipt_for(photo, photo[None], plan)
     assert r["error"] == "dlib is not installed" and r["outputs"] == []
     assert "not measured" in receipt_text(r) and manifest_fields(r)["receipt_error"]
+
+
+def test_hiding_from_detectors_at_the_smallest_range_is_still_found_and_recognised_on_its_receipt(shared):
+    from diffprivacy.nodes.detector_nodes import DiffPrivacyHideFromDetectors
+    photo = _photo(shared, "obama.jpg", 400)[None]
+    with torch.inference_mode():
+        out = DiffPrivacyHideFromDetectors().hide(photo, detectors="mtcnn", private_faces="largest", face_indices="0",
+                                                  range_rp=0.5, epsilon=0.5, iterations=1, robust=False,
+                                                  max_megapixels=12.0)
+    receipt = json.loads(out["result"][3])
+    (face,) = receipt["outputs"][0]["faces"]
+    assert face["found"] and face["verdict"] == STILL and face["working_resolution"] == "full size", face
+    assert any("still recognised" in line for line in out["ui"]["text"])
