@@ -7,10 +7,12 @@ in the dataset command's keys folder) needs the whole dataset, so it is made by
 from __future__ import annotations
 
 from ..guidance import diffusion_deid as deid
-from ..guidance.working_image import working_image
 from ..inversion.ddim import ddim_invert
 from ..inversion.key_e import encode_text
-from .common import CATEGORY, StepProgress, resolution_input, resolve_key_path, tip, whole_frame_gradient_options
+from ..methods.pipeline import one_photo_plan, protect_photo
+from ..methods.receipt import receipt_for, receipt_text
+from .common import (CATEGORY, StepProgress, pipeline_input, receipt_outputs, resolution_input, resolve_key_path,
+                     rgb_batch, tip, whole_frame_gradient_options)
 
 
 class DiffPrivacyDiffusionDeID:
@@ -43,40 +45,57 @@ class DiffPrivacyDiffusionDeID:
             "lambda_att": ("FLOAT", tip("Weight of the appearance loss (L1 of patch tokens, scale-free).",
                                         default=1.0, min=0.0, max=100.0, step=0.05)),
             "steps": ("INT", tip("DDIM steps of the inversion and the final render.", default=50, min=2, max=1000)),
-            "resolution": resolution_input("The result comes out at this size."),
+            "resolution": resolution_input("Each face crop is de-identified at this size; the result keeps the "
+                                           "photo's size."),
         }, "optional": {
             "face_embedding": ("FACE_EMBEDDING", tip("The original's FaceID-space embedding (Face Embedding with "
                                                      "ArcFace r50): the condition x_T is inverted under.")),
             "gradient_options": whole_frame_gradient_options("the optimisation's gradient"),
+            "pipeline": pipeline_input(" With face_embedding connected (one face's identity), one face at a time; "
+                                       "without, every chosen face, each against its own."),
         }}
 
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("image", "report")
-    OUTPUT_TOOLTIPS = ("The de-identified image at the working resolution.",
-                       "The paired fake, the distance, and |cos| to the original before and after.")
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("image", "report", "receipt")
+    OUTPUT_TOOLTIPS = ("The de-identified photo at its own size (each chosen face's crop pasted back).",
+                       "Per face: the paired fake, the distance, and |cos| to the original before and after.",
+                       "The receipt (JSON): per face, found or not, identity distance to the original under a "
+                       "recognizer the method was not guided by (dlib by default), the verdict and the crop size, on "
+                       "the delivered photo after 8-bit rounding.")
     FUNCTION = "deidentify"
     CATEGORY = CATEGORY
 
     def deidentify(self, model, vae, clip, clip_vision, identity_adapter, face_model, image, pool_path, prompt,
                    objective, x_t, iterations, lambda_att, steps, resolution=512, face_embedding=None,
-                   gradient_options=None):
+                   gradient_options=None, pipeline=None):
         settings = deid.DeIDSettings(objective=objective, x_t=x_t, iterations=int(iterations),
                                      lambda_att=float(lambda_att), steps=int(steps)).validated()
         if not pool_path.strip():
             raise ValueError("pool_path is empty: build the pool with scripts/anonymize_dataset.py --method "
                              "diffusion-de-id (it lands in the keys folder), then give its path")
         pool = deid.Pool.load(resolve_key_path("", pool_path))
-        work = working_image(image, vae, resolution)
+        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "Diffusion De-ID with a "
+                                     "face_embedding", max_faces=1 if face_embedding is not None else None)
         real = face_embedding["embedding"][:1] if face_embedding is not None else None
-        bar = StepProgress(max(settings.iterations, 1))
-        result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
-                                deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
-                                real_embedding=real, progress=lambda step, *_: bar(step), gradient=gradient_options)
-        info = result.info()
-        report = (f"paired with fake {info['pair']} (appearance distance {info['pair_distance']:.4g}); |cos| to the "
-                  f"original {info['cos_start']:.4f} -> {info['cos']:.4f} ({objective}, best at iteration "
-                  f"{info['best_iteration']})")
-        return result.image, report
+        bar = StepProgress(max(settings.iterations, 1) * len(plan.crops))
+        reports = []
+
+        def one(work, crop, i):
+            result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
+                                    deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
+                                    real_embedding=real, gradient=gradient_options,
+                                    progress=lambda step, *_: bar(i * max(settings.iterations, 1) + step))
+            info = result.info()
+            reports.append(f"face {crop.face_index}: paired with fake {info['pair']} (appearance distance "
+                           f"{info['pair_distance']:.4g}); |cos| to the original {info['cos_start']:.4f} -> "
+                           f"{info['cos']:.4f} ({objective}, best at iteration {info['best_iteration']})")
+            return result.image
+
+        delivered, _, _ = protect_photo(photo, plan, one)
+        report = "\n".join(reports)
+        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
+                                                     method="Diffusion De-ID")], [report], receipt_text)
+        return {"ui": {"text": text}, "result": (delivered, report, receipt)}
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyDiffusionDeID": DiffPrivacyDiffusionDeID}

@@ -4,6 +4,7 @@ evaluation row with dlib. The tiny model has random weights: its renders are not
 results (a real SD 1.5 with IP-Adapter-FaceID is needed for those)."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -139,8 +140,11 @@ def test_node_renders_reports_lpips_absence_and_returns_the_curve_and_the_found_
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
     with torch.inference_mode():
         out = DiffPrivacyFSAP().run(**_node_args(setup))
-    image, curve, found, report, l_i = out["result"]
-    assert image.shape == setup["image"].shape and curve.shape[-1] == 3
+    image, curve, found, report, l_i, receipt = out["result"]
+    assert image.shape == setup["image"].shape and curve.shape[-1] == 3  # the photo at its size (a face crop inside)
+    receipt = json.loads(receipt)  # measured under dlib, not the CASIA FaceNet FSAP steered against
+    assert receipt["recognizer"] == "dlib-resnet128" and receipt["guided_by"] == setup["face"].name
+    assert receipt["outputs"][0]["faces"][0]["crop_size"] > 0 and any("receipt" in t for t in out["ui"]["text"])
     assert torch.equal(found["embedding"], setup["w0"])  # N = 0: W_0 is rendered as it is
     assert "LPIPS absent" in report and "alex.pth" in report
     assert l_i == pytest.approx(float(report.split("L_I = ")[1].split()[0]), abs=1e-4)
