@@ -297,3 +297,22 @@ def one_photo_plan(image: torch.Tensor, face_model, options: PipelineOptions | N
         raise ValueError(f"{method} protects {max_faces} face(s) at a time and {len(plan.crops)} are chosen: set the "
                          "pipeline's faces to largest, or to indices with one index (0 is the largest face)")
     return photo, plan
+
+
+def mask_plan(photo: torch.Tensor, mask: torch.Tensor, options: PipelineOptions | None, resolution: int) -> Plan:
+    """The plan of one crop around a MASK's white region (a method told where to work instead of finding a face)."""
+    from ..guidance.face.base import Face
+    from ..guidance.working_image import check_resolution
+    options = (options or PipelineOptions()).validated()
+    m = photo_mask(mask, 0)
+    h, w = photo.shape[:2]
+    if tuple(m.shape) != (h, w):
+        raise ValueError(f"the mask is {m.shape[1]}x{m.shape[0]} but the photo is {w}x{h}: use a mask of the photo's "
+                         "size")
+    ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
+    if ys.numel() == 0:
+        raise ValueError("the mask is empty: paint the region to work on white")
+    box = torch.tensor([float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1])
+    crop = face_crop(Face(box, torch.zeros(5, 2), 1.0), 0, h, w, options)
+    crop = Crop(crop.x, crop.y, crop.side, crop.mask_box, crop.feather, crop.face_index, crop.face_box)
+    return Plan(h, w, _resolution(check_resolution(resolution), crop.side), options.mode, (crop,))

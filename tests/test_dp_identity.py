@@ -173,9 +173,12 @@ def _release(rounds=1, noise_seed=123, sigma=1.0, original=None):
 def _render(tiny_sd, faceid, prompt, noised, mode="strict", image=None, mask=None, face_model=None, seed=4):
     from diffprivacy.nodes.dp_nodes import DiffPrivacyDPRender
     with torch.inference_mode():
-        images, label = DiffPrivacyDPRender().render(
+        images, label, receipt = DiffPrivacyDPRender().render(
             tiny_sd[0], tiny_sd[2], prompt[0], prompt[1], faceid["adapter"], noised, mode, seed, 2, 3.0, "euler",
-            "normal", 64, 64, 1.0, 0.9, image=image, face_model=face_model, mask=mask)
+            "normal", 64, 64, 1.0, 0.9, image=image, face_model=face_model, mask=mask, resolution=64)["result"]
+    if image is not None:  # in the photo: the photo at its own size; strict: width x height
+        assert images.shape[1:3] == (image.shape[1:3] if mode == "in the photo" else (64, 64))
+    assert json.loads(receipt)["outputs"] or mode == "strict" or json.loads(receipt).get("error")
     return images, json.loads(label)
 
 
