@@ -29,12 +29,13 @@ def _settings(g, steps, strength, tau):
             g.node("PrimitiveInt", title="working resolution (0: the photo's size)", value=512))
 
 
-def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, settings=None, **task_settings):
+def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, settings=None, face=None,
+             **task_settings):
     """The task node, its clean saver, Key-I and the key file, all on the shared S / S_ns / tau
-    (``settings``: those primitives, when the caller made them already)."""
+    (``settings``: those primitives, when the caller made them already; ``face``: the face model loader, likewise)."""
     s, ns, t, res = settings or _settings(g, steps, strength, tau)
     g.stage(PROTECT)
-    face = g.node("DiffPrivacyFaceModelLoader", **FACE)
+    face = face or g.node("DiffPrivacyFaceModelLoader", **FACE)
     node = g.node(task, model=ckpt.out(0), vae=ckpt.out(2), face_model=face.out(0), image=image.out(0),
                   key_e=key_e, uncond=uncond, seed=0, steps=s.out(0), strength=ns.out(0), tau=t.out(0),
                   resolution=res.out(0), **task_settings)
@@ -64,15 +65,19 @@ def _with_key_e_file(name, task, prefix, steps, strength, tau, description, note
 
 
 def _learning_key_e(name, task, prefix, steps, strength, tau, description, note, **task_settings):
-    """Learn Key-E of the photo (paper defaults, at the shared working resolution), then protect with it."""
+    """Learn Key-E of the photo's largest face crop (paper defaults, at the shared working resolution: what protection
+    and Key-I see), then protect every face with it."""
     g = Graph(name, description, note)
     g.stage(LOAD)
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     image = g.node("LoadImage", image="face.png")
+    face = g.node("DiffPrivacyFaceModelLoader", **FACE)
     settings = _settings(g, steps, strength, tau)  # the resolution is also Key-E learning's
-    learn = add_learn_key_e(g, ckpt, image, resolution=settings[3].out(0), filename_prefix="diffprivacy/key_e")
+    g.stage(KEY_E)
+    crops = g.node("DiffPrivacyFaceCrops", face_model=face.out(0), image=image.out(0), resolution=settings[3].out(0))
+    learn = add_learn_key_e(g, ckpt, crops, resolution=settings[3].out(0), filename_prefix="diffprivacy/key_e")
     _protect(g, ckpt, image, learn.out(0), learn.out(1), task, prefix, steps, strength, tau, settings=settings,
-             **task_settings)
+             face=face, **task_settings)
     return g
 
 

@@ -134,3 +134,38 @@ def test_every_difp_node_has_tooltips_a_description_and_is_registered():
         for section in ("required", "optional"):
             for name, spec in cls.INPUT_TYPES().get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name}"
+
+
+class _GroupFace(SmallFace):
+    """SmallFace's recognizer with dlib's detector on photos larger than 256 pixels (a real group photo)."""
+
+    def detect(self, image):
+        if max(image.shape[:2]) > 256:
+            from face_fixtures import dlib_model
+            return dlib_model().detect(image)
+        return super().detect(image)
+
+
+def test_a_group_photo_keeps_its_size_and_its_pixels_outside_the_mask_and_the_key_recovers_the_photo(
+        tiny_sd, tiny_clip_vision, parts, tmp_path, monkeypatch):
+    import folder_paths
+    from conftest import shared_path
+    from face_fixtures import load_photo
+    from diffprivacy.methods.pipeline import Plan
+    from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPRecover, DiffPrivacyLoadDIFPKey, DiffPrivacySaveDIFPKey
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    out = _protect(tiny_sd, tiny_clip_vision, parts, image=group, face_model=_GroupFace(), steps=5, num_outputs=1)
+    protected, key, original, mask, receipt = out["result"]
+    outside = mask[0] == 0
+    assert protected.shape == (1, 886, 1280, 3) and torch.equal(protected[0][outside], group[0][outside])
+    (face,) = json.loads(receipt)["outputs"][0]["faces"]                   # the largest face, by default
+    assert face["crop_size"] == key.face_crops["crops"][0]["side"] and face["working_resolution"] == 128
+    path = DiffPrivacySaveDIFPKey().save(key, "diffprivacy/difp", "")["result"][0]
+    loaded, steps = DiffPrivacyLoadDIFPKey().load("", "", key_path=path)
+    model, _, vae = tiny_sd
+    with torch.inference_mode():
+        recovered, _ = DiffPrivacyDIFPRecover().recover(model, vae, loaded, steps, 0.0, protected=protected)
+    assert recovered.shape == (1, 886, 1280, 3)
+    assert torch.equal(recovered[0][outside], group[0][outside])            # the rest: the photo's own pixels
+    assert Plan.from_dict(loaded.face_crops).mask().equal(mask[0])

@@ -322,3 +322,19 @@ def test_fsap_workflow_runs_live_and_a_dlib_recognizer_is_refused_while_the_serv
     assert "| SPR dlib |" in table and "FSAP (thesis)" in table
     (report,) = entry["outputs"][only(api, "DiffPrivacyFSAP")]["text"]
     assert "LPIPS" in report and "L_I =" in report
+
+
+def test_the_node_on_a_group_photo_keeps_its_size_and_every_pixel_outside_the_face_mask(setup):
+    from face_fixtures import load_photo
+    from diffprivacy.methods.pipeline import PipelineOptions, plan_photo
+    from diffprivacy.nodes.fsap_nodes import DiffPrivacyFSAP
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    with torch.inference_mode():
+        out = DiffPrivacyFSAP().run(**_node_args(setup, image=group, resolution=128))
+    image, receipt = out["result"][0], json.loads(out["result"][5])
+    plan = plan_photo(group[0], setup["face"], PipelineOptions(faces="largest"), 128)
+    outside = plan.mask() == 0
+    assert image.shape == (1, 886, 1280, 3) and torch.equal(image[0][outside], group[0][outside])
+    assert [f["crop_size"] for f in receipt["outputs"][0]["faces"]] == [plan.crops[0].side]
+    with torch.inference_mode(), pytest.raises(ValueError, match="one face.*at a time|1 face"):
+        DiffPrivacyFSAP().run(**_node_args(setup, image=group, resolution=128, pipeline=PipelineOptions()))

@@ -155,19 +155,23 @@ def test_anonymize_protects_each_face_of_a_group_photo_at_its_size_with_a_receip
     assert any("crop" in line for line in out["ui"]["text"])
 
 
-def test_hide_keeps_the_photo_size_and_the_pixels_outside_the_masks(tiny, group):
+def test_hide_keeps_the_photo_size_and_the_pixels_outside_the_masks_and_its_key_recovers_the_photo(tiny, group):
     import json
     from diffprivacy.nodes.encrypt_nodes import DiffPrivacyHide
+    from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
     from toy_models import PhotoToyFaceModel
     model, clip, vae, key_e, uc = tiny
     face_model = PhotoToyFaceModel()  # outside inference mode, as a loader node's model is thawed for autograd
     with torch.inference_mode():
         out = DiffPrivacyHide().hide(model, vae, face_model, group, key_e, uc, 1, 4, 0.5, 0.6, 1, 1.0, 1.0,
                                      redetect_every=0, resolution=64, faces="indices", face_indices="0, 1")
-    images, plans = out["result"][0], out["result"][8]
+        images, originals, key_es, plans = (out["result"][i] for i in (0, 5, 6, 8))
+        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_es, vae, originals, 4, resolution=64, crops=plans)
+        _, photo = DiffPrivacyRecover().recover(model, key_es[:1], key_i, 4, vae=vae, protected=images)  # one Key-E
     assert images.shape == (1, 886, 1280, 3) and len(plans[0].crops) == 2
     assert _outside_identical(images, group, plans)
     assert len(json.loads(out["result"][9])["outputs"][0]["faces"]) == 2
+    assert photo.shape == (1, 886, 1280, 3) and _outside_identical(photo, group, plans)
 
 
 def test_a_face_crop_key_recovers_the_whole_photo_outside_the_masks_bit_identical(tiny, group, anonymized,
@@ -232,3 +236,21 @@ def test_keys_written_before_face_crops_still_load_as_whole_frame_keys(tiny, tmp
         assert f.metadata()["format_version"] == "1"               # what every key before face crops holds
     latent, _ = bundle_from_tensors(got, metadata)
     assert crop_plans(latent) is None and latent["samples"].shape == (1, 4, 8, 8)
+
+
+def test_hide_from_detectors_keeps_the_group_photo_and_its_pixels_outside_the_faces_with_a_receipt(group):
+    import json
+    from diffprivacy.methods.pipeline import full_size_plan
+    from diffprivacy.nodes.detector_nodes import DiffPrivacyHideFromDetectors
+    with torch.inference_mode():
+        out = DiffPrivacyHideFromDetectors().hide(group, detectors="mtcnn", private_faces="indices",
+                                                  face_indices="0, 1", range_rp=2.0, epsilon=1.0, iterations=1,
+                                                  robust=False, max_megapixels=12.0)
+    image, report = out["result"][0], json.loads(out["result"][2])[0]
+    receipt = json.loads(out["result"][3])
+    faces = [Face(torch.tensor(b), torch.zeros(5, 2), 1.0) for b in report["boxes"]]  # the attack's faces
+    plan = full_size_plan(faces, report["private"], 886, 1280)
+    outside = plan.mask() == 0
+    assert image.shape == (1, 886, 1280, 3) and torch.equal(image[0][outside], group[0][outside])
+    assert [f["face"] for f in receipt["outputs"][0]["faces"]] == report["private"] == [0, 1]
+    assert all(f["working_resolution"] == "full size" for f in receipt["outputs"][0]["faces"])
