@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..guidance import difp
 from ..guidance.ilvr import MODES, SPACES, RealismControl
 from ..guidance.guided_ddim import guided_ddim_sampler
@@ -314,8 +312,8 @@ class DiffPrivacyDIFPRecover:
             return (decoded, {"samples": z})
         plan = Plan.from_dict(key.face_crops)
         if protected is None:
-            raise ValueError(f"this DIFP key holds a face crop of a {plan.width}x{plan.height} photo and nothing of the "
-                             "photo outside the face: connect the protected photo ('protected') to paste it into")
+            raise ValueError(f"this DIFP key holds a face crop of a {plan.width}x{plan.height} photo and nothing of "
+                             "the photo outside the face: connect the protected photo ('protected') to paste it into")
         photo = rgb_batch(protected, "protected")
         if photo.shape[0] != 1:
             raise ValueError(f"protected holds {photo.shape[0]} images: connect the one protected photo of this key")

@@ -56,8 +56,8 @@ def difp_protect():
 
 def difp_recover():
     g = Graph("difp-recover",
-              "DIFP recovery from a DIFP key file (+ password) and the protected photo: DDIM from F_i with the identity "
-              "correction of Eq. 17, the recovered face pasted back into the photo, saved without metadata.",
+              "DIFP recovery from a DIFP key file (+ password) and the protected photo: DDIM from F_i with the "
+              "identity correction of Eq. 17, the recovered face pasted back into the photo, saved without metadata.",
               note=RECOVER_NOTE)
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
