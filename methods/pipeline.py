@@ -316,3 +316,20 @@ def mask_plan(photo: torch.Tensor, mask: torch.Tensor, options: PipelineOptions 
     crop = face_crop(Face(box, torch.zeros(5, 2), 1.0), 0, h, w, options)
     crop = Crop(crop.x, crop.y, crop.side, crop.mask_box, crop.feather, crop.face_index, crop.face_box)
     return Plan(h, w, _resolution(check_resolution(resolution), crop.side), options.mode, (crop,))
+
+
+def paste_recovered(plan: dict, protected, recovered: torch.Tensor, key: str = "key") -> torch.Tensor:
+    """A recovered face-crop key's result: ``recovered`` (one image (R, R, 3) per crop, as (N, R, R, 3)) pasted into
+    the ``protected`` photo (an IMAGE of one) where the key's ``plan`` (a Plan's dict) says the crops were cut.
+    The key holds nothing of the photo outside the faces, so the protected photo is required."""
+    plan = Plan.from_dict(plan)
+    if protected is None:
+        raise ValueError(f"this {key} was made of face crops of a {plan.width}x{plan.height} photo and holds nothing "
+                         "of the photo outside the faces: connect the protected photo ('protected') to paste the "
+                         "recovered faces into")
+    if not isinstance(protected, torch.Tensor) or protected.dim() != 4 or protected.shape[0] != 1:
+        got = tuple(protected.shape) if isinstance(protected, torch.Tensor) else type(protected).__name__
+        raise ValueError(f"protected must be the one protected photo this {key} belongs to (an IMAGE of one), got "
+                         f"{got}")
+    recovered = recovered.reshape(-1, *recovered.shape[-3:])
+    return plan.paste(protected[0], [recovered[i:i + 1] for i in range(len(plan.crops))])

@@ -13,7 +13,7 @@ from ..guidance.ilvr import MODES, SPACES, RealismControl
 from ..guidance.guided_ddim import guided_ddim_sampler
 from ..inversion import difp_keys
 from ..inversion import difp_training
-from ..methods.pipeline import Plan, one_photo_plan
+from ..methods.pipeline import one_photo_plan, paste_recovered
 from ..methods.receipt import receipt_for, receipt_text
 from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, list_key_files,
                      pipeline_input, receipt_outputs, resolution_input, key_file_digest, resolve_key_path, rgb_batch,
@@ -310,14 +310,8 @@ class DiffPrivacyDIFPRecover:
         decoded = vae.decode(z)[..., :3]
         if key.face_crops is None:
             return (decoded, {"samples": z})
-        plan = Plan.from_dict(key.face_crops)
-        if protected is None:
-            raise ValueError(f"this DIFP key holds a face crop of a {plan.width}x{plan.height} photo and nothing of "
-                             "the photo outside the face: connect the protected photo ('protected') to paste it into")
-        photo = rgb_batch(protected, "protected")
-        if photo.shape[0] != 1:
-            raise ValueError(f"protected holds {photo.shape[0]} images: connect the one protected photo of this key")
-        return (plan.paste(photo[0], [decoded.reshape(-1, *decoded.shape[-3:])]), {"samples": z})
+        photo = None if protected is None else rgb_batch(protected, "protected")
+        return (paste_recovered(key.face_crops, photo, decoded, "DIFP key"), {"samples": z})
 
 
 class DiffPrivacyTrainDIFPAdapters:

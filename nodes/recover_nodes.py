@@ -21,7 +21,7 @@ from ..guidance.working_image import working_image
 from ..inversion.ddim import make_key_i, recover
 from ..inversion.key_bundle import KEY_I_CROPS, crop_plans
 from ..inversion.key_e import KeyE
-from ..methods.pipeline import Plan
+from ..methods.pipeline import Plan, paste_recovered
 from .common import resolution_input, rgb_batch
 
 CATEGORY = "Diff-Privacy/keys"
@@ -140,22 +140,12 @@ def recovered_photo(latent: dict, plans, vae, protected):
                              "recovered photo, or use the 'recovered' LATENT (the crops)")
         return torch.zeros(1, 64, 64, 3)
     decoded = vae.decode(latent["samples"])
-    decoded = decoded.reshape(-1, *decoded.shape[-3:])
     if not plans:
-        return decoded
+        return decoded.reshape(-1, *decoded.shape[-3:])
     if len(plans) != 1:
         raise ValueError(f"this Key-I holds the crops of {len(plans)} photos: recover one key file (one photo) at a "
                          "time")
-    plan = Plan.from_dict(plans[0])
-    if protected is None:
-        raise ValueError(f"this key was made of face crops of a {plan.width}x{plan.height} photo and holds nothing of "
-                         "the photo outside the faces: connect the protected photo ('protected') to paste the "
-                         "recovered faces into")
-    photo = rgb_batch(protected, "protected")
-    if photo.shape[0] != 1:
-        raise ValueError(f"protected holds {photo.shape[0]} images: connect the one protected photo this key belongs "
-                         "to")
-    return plan.paste(photo[0], [decoded[i:i + 1] for i in range(len(plan.crops))])
+    return paste_recovered(plans[0], None if protected is None else rgb_batch(protected, "protected"), decoded)
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyMakeKeyI": DiffPrivacyMakeKeyI, "DiffPrivacyRecover": DiffPrivacyRecover}

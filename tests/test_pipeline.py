@@ -194,6 +194,9 @@ def test_a_face_crop_key_recovers_the_whole_photo_outside_the_masks_bit_identica
             saved = DiffPrivacySaveKey().save(key_i, key_es, model, clip, steps, 0.4, 0.5, "diffprivacy/k", "")
             path = saved["result"][0]
             assert "\n" not in path                                # one key file for the photo's six crops
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:                       # readers of version 1 refuse it by version
+                assert f.metadata()["format_version"] == "2"
             ki, ke, *_ = DiffPrivacyLoadKey().load("", "", key_path=path)
             assert ki["samples"].shape[0] == 6
             with pytest.raises(ValueError, match="protected photo"):
