@@ -5,8 +5,9 @@ What ComfyUI users know from Impact Pack's FaceDetailer, for every method of the
 1. **detect** the faces with the method's face model and **choose** them with the one face choice
    (:func:`guidance.face.base.select_faces`: all / largest / indices / the faces a MASK covers);
 2. **crop** each chosen face: the square of side ``crop_factor`` x the longer side of its box, centred on the
-   box (FaceDetailer's default factor 3.0). Where the square runs past the photo's border the missing part is
-   padded by repeating the edge pixels: the face is never stretched;
+   box (FaceDetailer's default factor 3.0), at most the photo's letterbox square (a face filling a portrait gets
+   the whole portrait, not a square of padding) and moved inside that square. Where the square runs past the
+   photo's border the missing part is padded by repeating the edge pixels: the face is never stretched;
 3. **resize** the crop to the working resolution (bicubic, antialiased): the aligned square face image the
    papers work on (CelebA-HQ / FFHQ at 512²);
 4. the **method** protects the crops; in each crop it steers the face the crop was built around
@@ -227,8 +228,10 @@ def face_crop(face, index: int, height: int, width: int, options: PipelineOption
     """The square around one detected face, and its mask (the grown box, inside the photo)."""
     x1, y1, x2, y2 = (float(v) for v in face.box)
     cx, cy, longer = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1, 1.0)
-    side = max(MIN_CROP_SIDE, int(round(longer * options.crop_factor)))
-    x, y = int(round(cx - side / 2)), int(round(cy - side / 2))
+    sx, sy, square = square_region(height, width)  # never more than the photo's own letterbox square holds
+    side = min(max(MIN_CROP_SIDE, int(round(longer * options.crop_factor))), square)
+    x = min(max(int(round(cx - side / 2)), sx), sx + square - side)
+    y = min(max(int(round(cy - side / 2)), sy), sy + square - side)
     half = longer * options.mask_grow / 2
     mx0, my0 = max(int(math.floor(cx - half)), x, 0), max(int(math.floor(cy - half)), y, 0)
     mx1, my1 = min(int(math.ceil(cx + half)), x + side, width), min(int(math.ceil(cy + half)), y + side, height)

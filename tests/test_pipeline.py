@@ -25,17 +25,19 @@ def _photo(h=120, w=200, seed=0):
 
 
 def test_a_crop_is_the_square_of_crop_factor_times_the_box_and_the_border_is_padded_never_stretched():
-    photo = _photo()
-    plan = plan_photo(photo, _Faces((90, 40, 110, 60), (0, 0, 20, 30)), PipelineOptions(crop_factor=3.0), 64)
-    middle, corner = plan.crops
+    photo = _photo()                                               # 200 x 120: its letterbox is y -40..160
+    plan = plan_photo(photo, _Faces((90, 40, 110, 60), (60, 0, 80, 30), (0, 0, 20, 30), (40, 20, 140, 100)),
+                      PipelineOptions(crop_factor=3.0), 64)
+    middle, top, corner, large = plan.crops
     assert (middle.x, middle.y, middle.side) == (70, 20, 60)       # 3 x 20 around the box's centre (100, 50)
-    assert (corner.x, corner.y, corner.side) == (-35, -30, 90)     # 3 x 30, running past the top-left corner
+    assert (top.x, top.y, top.side) == (25, -30, 90)               # 3 x 30, running past the top border
+    assert (corner.x, corner.y, corner.side) == (0, -30, 90)       # moved right into the letterbox square
+    assert (large.x, large.y, large.side) == (0, -40, 200)         # at most the letterbox square, never more
     cut = plan.cut(photo)
     assert all(c.shape == (1, 64, 64, 3) for c in cut)
-    at_size = Plan(plan.height, plan.width, 90, plan.mode, (corner,)).cut(photo)[0][0]
-    assert torch.equal(at_size[30:, 35:], photo[:60, :55])         # the photo's pixels, unscaled
-    assert torch.equal(at_size[:30, 35:], photo[:1, :55].expand(30, -1, -1))  # padding repeats the edge row
-    assert torch.equal(at_size[30:, :35], photo[:60, :1].expand(-1, 35, -1))
+    at_size = Plan(plan.height, plan.width, 90, plan.mode, (top,)).cut(photo)[0][0]
+    assert torch.equal(at_size[30:], photo[:60, 25:115])           # the photo's pixels, unscaled
+    assert torch.equal(at_size[:30], photo[:1, 25:115].expand(30, -1, -1))  # padding repeats the edge row
 
 
 def test_the_face_choice_is_the_one_select_faces_all_largest_indices_mask():
