@@ -277,8 +277,9 @@ class DiffPrivacyLoadDIFPKey:
 class DiffPrivacyDIFPRecover:
     DESCRIPTION = ("DIFP recovery (Sec. 3.3.3): DDIM from F_i under the key's condition, each step corrected against "
                    "the gradient of D = cosine distance between the predicted face and the original's identity "
-                   "stored in the key (Eq. 17 adapted: as printed it needs the original). Never reads the protected "
-                   "image; refuses keys of another model, image size or step count.")
+                   "stored in the key (Eq. 17 adapted: as printed it needs the original); the recovered face crop is "
+                   "pasted back into the protected photo where it was cut (read only outside the face). Refuses keys "
+                   "of another model, image size or step count.")
 
     @classmethod
     def INPUT_TYPES(cls):

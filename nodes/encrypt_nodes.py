@@ -174,7 +174,8 @@ def _task_inputs(steps, strength, tau, outputs):
                               default=tau, min=0.0, max=1.0, step=0.01)),
         "num_outputs": ("INT", tip("Independent noisings of the original, denoised together "
                                     f"(paper: {outputs}).", default=outputs, min=1, max=16)),
-        "resolution": resolution_input("The output images and latents come out at this size."),
+        "resolution": resolution_input("Each face crop is protected at this size; the output photos keep their "
+                                       "own size."),
     }
 
 

@@ -95,7 +95,8 @@ def crop_images(images, plans) -> "torch.Tensor":
 
 class DiffPrivacyRecover:
     DESCRIPTION = ("Identity recovery (paper Sec. 2.4): deterministic DDIM from Key-I with Key-E's stage "
-                   "conditionings. Needs only the keys, never the protected image. Refuses keys made with another "
+                   "conditionings, one per face crop, pasted back into the protected photo where the key says they "
+                   "were cut (the key holds nothing of the photo outside the faces). Refuses keys made with another "
                    "step count, model, text encoder or image size, and says what to set.")
 
     @classmethod
