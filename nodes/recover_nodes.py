@@ -15,6 +15,8 @@ The reference's z_T (``<name>_zt.pt``) is ``inversion.ddim.key_i_to_vp`` of the 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..guidance.working_image import working_image
@@ -25,6 +27,7 @@ from ..methods.pipeline import Plan, paste_recovered
 from .common import resolution_input, rgb_batch
 
 CATEGORY = "Diff-Privacy/keys"
+log = logging.getLogger("diffprivacy")
 
 
 def _steps_tip(what):
@@ -123,7 +126,8 @@ class DiffPrivacyRecover:
     RETURN_NAMES = ("recovered", "photo")
     OUTPUT_TOOLTIPS = ("The recovered latent(s): one per face crop for a face-crop key (VAE Decode gives the crops).",
                        "The recovered photo at its own size: the faces recovered and pasted into the protected photo "
-                       "(needs vae and protected); for a whole-frame key, the recovered image decoded (needs vae).")
+                       "(needs vae and protected); for a whole-frame key, the recovered image decoded (needs vae). "
+                       "Without vae: an empty 64x64 image (the LATENT is the result).")
     FUNCTION = "recover"
     CATEGORY = CATEGORY
 
@@ -135,10 +139,9 @@ class DiffPrivacyRecover:
 def recovered_photo(latent: dict, plans, vae, protected):
     """The recovered crops pasted into the protected photo (a face-crop key), or the decoded image (whole frame);
     an empty 1x64x64 image when vae is not connected (the LATENT output is then the result)."""
-    if vae is None:
-        if plans:
-            raise ValueError("this key was made of face crops: connect vae and the protected photo to get the "
-                             "recovered photo, or use the 'recovered' LATENT (the crops)")
+    if vae is None:  # the LATENT is the result (e.g. compared by Key Security); the photo output says nothing
+        log.info("[Diff-Privacy] Recover: vae not connected, so no recovered photo (the 'recovered' LATENT holds %s)",
+                 "the face crops" if plans else "the recovered image")
         return torch.zeros(1, 64, 64, 3)
     decoded = vae.decode(latent["samples"])
     if not plans:

@@ -202,7 +202,7 @@ def test_a_face_crop_key_recovers_the_whole_photo_outside_the_masks_bit_identica
             ki, ke, *_ = DiffPrivacyLoadKey().load("", "", key_path=path)
             assert ki["samples"].shape[0] == 6
             with pytest.raises(ValueError, match="protected photo"):
-                DiffPrivacyRecover().recover(model, ke, ki, steps, vae=vae)
+                DiffPrivacyRecover().recover(model, ke, ki, steps, vae=vae)  # vae without the protected photo
             latent, photo = DiffPrivacyRecover().recover(model, ke, ki, steps, vae=vae, protected=protected)
     finally:
         folder_paths.set_output_directory(old)
