@@ -17,6 +17,7 @@ refuses the other kind, saying which node reads it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ from ..guidance.working_image import check_working_size
 from ..inversion.ddim import ddim_invert
 from ..inversion.fingerprint import model_fingerprint
 from ..inversion.key_check import LATENT_SCALE, check_keys, key_i_latent
-from ..inversion.keyfile import (KIND_DIFF_PRIVACY, KIND_DIFP, KIND_FIELD, key_kind, META_IMAGE_HEIGHT,
+from ..inversion.keyfile import (KIND_DIFF_PRIVACY, KIND_DIFP, KIND_FIELD, key_kind, META_FACE_CROPS,
+                                 META_IMAGE_HEIGHT,
                                  META_IMAGE_WIDTH, META_MODEL_FINGERPRINT, META_STEPS, META_STRENGTH, metadata_number,
                                  read_key_file, write_key_file)
 
@@ -61,6 +63,7 @@ class DIFPKey:
     face_model: str
     steps: int
     strength: float
+    face_crops: dict | None = None  # where the face crop was cut from the photo (methods.pipeline.Plan.as_dict)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -101,6 +104,8 @@ def key_to_file(key: DIFPKey) -> tuple[dict, dict]:
     metadata = {KIND_FIELD: KIND_DIFP, META_STEPS: str(key.steps), META_STRENGTH: repr(key.strength),
                 META_IMAGE_WIDTH: str(w), META_IMAGE_HEIGHT: str(h), META_FACE_MODEL: key.face_model,
                 META_MODEL_FINGERPRINT: key.f_i["diffprivacy_key_i"].get(META_MODEL_FINGERPRINT) or ""}
+    if key.face_crops is not None:
+        metadata[META_FACE_CROPS] = json.dumps(key.face_crops, sort_keys=True)
     return tensors, metadata
 
 
@@ -128,8 +133,12 @@ def key_from_file(tensors: dict, metadata: dict) -> DIFPKey:
     latent = key_i_latent(f_i, steps=steps, sigma=None, model_fingerprint=metadata.get(META_MODEL_FINGERPRINT) or None,
                           clip_fingerprint=None)
     extra = {"pooled_output": tensors[TEXT_POOLED]} if TEXT_POOLED in tensors else {}
+    try:
+        crops = json.loads(metadata[META_FACE_CROPS]) if META_FACE_CROPS in metadata else None
+    except ValueError:
+        raise ValueError("this DIFP key file is malformed: its face-crop record is not valid JSON") from None
     return DIFPKey(latent, [[tensors[TEXT], extra]], tensors[IDENTITY].float(), tensors[LANDMARKS].float(),
-                   metadata.get(META_FACE_MODEL, ""), steps, strength)
+                   metadata.get(META_FACE_MODEL, ""), steps, strength, crops)
 
 
 def read_difp_key(path, password: str | None = None) -> DIFPKey:

@@ -137,11 +137,28 @@ def whole_frame_gradient_options(gradient: str) -> tuple:
         "decoded with the full VAE."))
 
 
-RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
-                  "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
-                  "image's own size, cropped to a multiple of 8. At most {max_side} pixels a side, with 0 too "
-                  "(downscale larger photos first). Protection and Make Key-I must use the same value for recovery "
-                  "to match.")
+RESOLUTION_TIP = ("Working resolution: each face crop (or, in whole-frame mode, the photo letterboxed to a square, "
+                  "never squashed) is resized to resolution x resolution exactly as Learn Key-E prepares it (bicubic, "
+                  "antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the crop's own size (a "
+                  "multiple of 8). At most {max_side} pixels a side, with 0 too (downscale larger photos first). "
+                  "Protection and Make Key-I must use the same value for recovery to match.")
+
+
+def pipeline_input(faces_note: str = "") -> tuple:
+    """The optional ``pipeline`` input of every protect node (Diff-Privacy Face Pipeline, :mod:`methods.pipeline`)."""
+    return ("FACE_PIPELINE", tip(
+        "How the photo is protected (Diff-Privacy Face Pipeline): each chosen face cropped square with a crop "
+        "factor, resized to the working resolution, protected, and pasted back through a feathered mask into the "
+        "photo at its own size (every other pixel untouched), or the whole frame letterboxed; also the receipt's "
+        "recognizer. Unconnected: face crops, crop factor 3.0, feather 5 px, all faces, receipt under dlib."
+        + faces_note))
+
+
+def receipt_outputs(receipts: list[dict], text_lines: list[str], receipt_text) -> tuple[str, list[str]]:
+    """(the receipt STRING output: one photo's receipt as JSON, a batch's as a JSON list; the ``ui`` text lines)."""
+    import json
+    value = receipts[0] if len(receipts) == 1 else receipts
+    return json.dumps(value, sort_keys=True), text_lines + [receipt_text(r) for r in receipts]
 
 
 def resolution_input(what: str):

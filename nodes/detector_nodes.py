@@ -13,7 +13,9 @@ import torch
 from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
 from ..methods.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
                                        load_attack_targets)
-from .common import CATEGORY, StepProgress, rgb_batch, tip
+from ..methods.pipeline import full_size_plan
+from ..methods.receipt import receipt_for, receipt_text
+from .common import CATEGORY, StepProgress, pipeline_input, receipt_outputs, rgb_batch, tip
 
 TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd")
 CAVEAT = ("It only survives lossless saving: JPEG re-compression, resizing or a screenshot can undo it (the robust "
@@ -33,12 +35,15 @@ class DiffPrivacyHideFromDetectors:
                    "face scores), while the other faces stay detectable and the photo looks unchanged. The result "
                    "is on the 8-bit grid and checked as saved: save it as PNG (DiffPrivacySaveImageClean). " + CAVEAT +
                    " Large faces resist small ranges: raise range_rp if the report says faces are still found.")
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("image", "perturbation", "report")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("image", "perturbation", "report", "receipt")
     OUTPUT_TOOLTIPS = ("The protected images (8-bit values: save as PNG, never JPEG).",
                        "The perturbation made visible: grey is 0, full black/white is -range_rp/+range_rp.",
                        "JSON per image: faces found, which were private, whether each is still detected by each "
-                       "detector, iterations used, and notes (no face, mask covering no face...).")
+                       "detector, iterations used, and notes (no face, mask covering no face...).",
+                       "The receipt (JSON): per private face, found or not by the receipt's detector, identity "
+                       "distance to the original under its recognizer (dlib by default) and the verdict, measured on "
+                       "the saved image.")
     FUNCTION = "hide"
     CATEGORY = CATEGORY
 
@@ -84,10 +89,12 @@ class DiffPrivacyHideFromDetectors:
                                  "of its box is covered).")),
             "insightface_pack": ("STRING", tip("For scrfd: which models/insightface/models/<pack>/ (auto: the first "
                                                "with a detector).", default="auto")),
+            "pipeline": pipeline_input(" Here it gives only the receipt's recognizer: this method works on the photo "
+                                       "at its own size and chooses faces with private_faces."),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def hide(self, image, detectors, private_faces, face_indices, range_rp, epsilon, iterations, robust,
-             max_megapixels, region=1.2, mask=None, insightface_pack="auto", unique_id=None):
+             max_megapixels, region=1.2, mask=None, insightface_pack="auto", pipeline=None, unique_id=None):
         import comfy.model_management as mm
         images = rgb_batch(image)
         b, h, w, _ = images.shape
@@ -104,7 +111,7 @@ class DiffPrivacyHideFromDetectors:
         settings.validate()
         device = mm.get_torch_device()
         progress = StepProgress(b * iterations, unique_id)
-        outs, deltas, report = [], [], []
+        outs, deltas, report, receipts = [], [], [], []
         with gradients_enabled():
             targets = load_attack_targets(detectors.split(" + "), insightface_pack, device)
             for t in targets:
@@ -127,10 +134,13 @@ class DiffPrivacyHideFromDetectors:
                                "private_hidden": r.hidden, "kept_detected": r.kept_found,
                                "iterations": r.iterations, "iterations_to_hide": r.iterations_to_hide,
                                "max_change": float(r.delta.abs().max()), "note": r.note})
+                receipts.append(receipt_for(images[i], r.image, full_size_plan(r.faces, r.private, h, w), pipeline,
+                                            method="hide from detectors"))
         summary = _summary(report)
         progress.finish(summary)
-        return {"ui": {"text": [summary]},
-                "result": (torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1))}
+        receipt, text = receipt_outputs(receipts, [summary], receipt_text)
+        return {"ui": {"text": text}, "result": (torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1),
+                                                 receipt)}
 
 
 def _summary(report: list[dict]) -> str:

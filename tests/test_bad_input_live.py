@@ -104,9 +104,9 @@ def _rgba() -> Image.Image:
 
 
 @pytest.mark.parametrize("make, mode, resolution, size", [
-    (_rgba, "RGBA", 64, (64, 64)),
-    (lambda: _face().convert("L"), "L", 64, (64, 64)),
-    (lambda: _face((97, 131)), "RGB", 0, (96, 128)),  # 0: its own size, cropped to the latent grid
+    (_rgba, "RGBA", 64, (96, 96)),                    # the photo keeps its size: its face crop works at 64
+    (lambda: _face().convert("L"), "L", 64, (96, 96)),
+    (lambda: _face((97, 131)), "RGB", 0, (97, 131)),  # 0: the crop at its own size (a multiple of 8)
 ], ids=["rgba", "grayscale", "odd-size"])
 def test_rgba_grayscale_and_odd_sized_images_are_protected(comfy_server, workflow_api, make, mode, resolution, size):
     image = make()
@@ -124,7 +124,10 @@ def real_key(comfy_server, workflow_api):
     """A key file written by a normal anonymize-text-key run (relative to the output folder)."""
     _put(comfy_server, "face-64.png", _face((64, 64)))
     api = _anonymize(workflow_api, "face-64.png")
-    return saved_key(comfy_server.run(api, timeout=120), api)
+    entry = comfy_server.run(api, timeout=120)
+    (png,) = comfy_server.output_images(entry, only(api, "DiffPrivacySaveImageClean"))
+    (comfy_server.base / "input" / "protected.png").write_bytes(png)  # the recover workflow pastes into it
+    return saved_key(entry, api)
 
 
 def _recover(workflow_api, **load):

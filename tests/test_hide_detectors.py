@@ -173,7 +173,7 @@ def _run(node, image, **kw):
     with torch.inference_mode():   # as ComfyUI runs nodes
         out = node.hide(image, **args)
     assert out["ui"]["text"][0].startswith("finished: ")  # what the node shows after the run
-    return out["result"]
+    return out["result"][:3]
 
 
 @pytest.mark.parametrize("channels", [1, 4])
