@@ -115,7 +115,7 @@ def hiding_figure(photo: Path, out: Path, max_side: int = 768) -> str:
     from diffprivacy.evaluation.detection import detection_outcome, distortion
     from diffprivacy.evaluation.images import load_image, match_size, save_image
     from diffprivacy.evaluation.plots import figure_to_image
-    from diffprivacy.guidance.detector_hiding import load_attack_targets
+    from diffprivacy.methods.detector_hiding import load_attack_targets
     from diffprivacy.nodes.detector_nodes import DiffPrivacyHideFromDetectors
     from hide_from_detectors import BLUR_STEPS, MOSAIC_STEPS, tuned_baseline  # scripts/, beside this file
     from PIL import Image
