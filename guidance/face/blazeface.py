@@ -30,6 +30,7 @@ small faces it finds few of them: that is the detector as phones and browsers ru
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ VARIANTS = {
 }
 NMS_IOU = 0.3
 SCORE_CLIP = 100.0
+ACTIVE_LOGITS = 2.0    # the attack reads anchors whose logit is at most this far below the threshold's
 MOUTH_CORNER = 0.415   # ArcFace template: mouth width / eye distance = 29.2 / 35.2, halved
 
 
@@ -167,8 +169,14 @@ class BlazeFace(Detector, AttackTarget):
         return faces
 
     def anchor_scores(self, x255: torch.Tensor, focus=None) -> list[AnchorScores]:
+        """The anchors whose logit is within ``ACTIVE_LOGITS`` of the threshold's: of the ~170 anchors that overlap
+        a portrait's face, the many far below it otherwise outvote, in the sign of the summed gradient, the few
+        that fire (measured: the top anchor's logit did not fall in 30 steps at R_p 8; with the cut, the face hid
+        in 25). Anchors left out are far from firing; if one climbs back it is in the next step's loss again."""
         boxes, _, logits = self._run(x255)
-        return [AnchorScores(self.name, boxes.cpu(), logits, self.min_score)]
+        zt = math.log(self.min_score / (1 - self.min_score))
+        keep = logits.detach() > zt - ACTIVE_LOGITS
+        return [AnchorScores(self.name, boxes[keep].cpu(), logits[keep], self.min_score)]
 
 
 def load_blazeface(path: str | Path, variant: str, device="cpu") -> BlazeFace:

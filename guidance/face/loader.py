@@ -243,6 +243,13 @@ def load_detector(kind: str, pack: str = "auto", device: str | torch.device = "c
     raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
 
 
+def load_facemesh_model(device: str | torch.device = "cpu", path: str | Path | None = None):
+    """MediaPipe's FaceMesh (``face_landmark.tflite``), cached; for evaluation (``evaluation/mesh.py``)."""
+    from .facemesh import FILENAME, load_facemesh
+    path = Path(path) if path is not None else mediapipe_path(FILENAME)
+    return _cached(("facemesh", *_file_key(path), str(device)), lambda: load_facemesh(path, device))
+
+
 def _available(find) -> bool:
     try:
         find()
