@@ -142,31 +142,38 @@ class BlazeFace(Detector, AttackTarget):
         device = next(iter(self.net.buffers())).device
         x, sq, px, py = self._letterbox(x255.to(device=device, dtype=torch.float32))
         raw, logits = self.net(x)
-        raw, logits = raw[0], logits[0, :, 0]
-        a = self.anchors.to(device)
-        r = raw.detach().view(-1, 8, 2) / self.side
+        boxes, pts = self.decode(raw[0].detach(), sq, px, py)
+        return boxes, pts, logits[0, :, 0]
+
+    def decode(self, raw: torch.Tensor, sq: float, px: float, py: float):
+        """(N, 16) raw regressors -> boxes (N, 4), keypoints (N, 6, 2) in pixels of a photo letterboxed into a
+        square of side ``sq`` with ``px``, ``py`` pixels of border left and top."""
+        a = self.anchors.to(raw.device)
+        r = raw.float().view(-1, 8, 2) / self.side
         centre = a + r[:, 0]
         half = r[:, 1] / 2
         boxes = torch.cat([centre - half, centre + half], 1)
         pts = a[:, None, :] + r[:, 2:]
-        off = torch.tensor([px, py], device=device, dtype=torch.float32)
-        boxes = (boxes.view(-1, 2, 2) * sq - off).view(-1, 4)
-        pts = pts * sq - off
-        return boxes, pts, logits
+        off = torch.tensor([px, py], device=raw.device, dtype=torch.float32)
+        return (boxes.view(-1, 2, 2) * sq - off).view(-1, 4), pts * sq - off
+
+    def faces(self, boxes: torch.Tensor, pts: torch.Tensor, logits: torch.Tensor) -> list[Face]:
+        """Decoded anchors -> MediaPipe's detections (score threshold, valid boxes, weighted NMS), largest first."""
+        scores = torch.sigmoid(logits.float().clamp(-SCORE_CLIP, SCORE_CLIP))
+        keep = (scores >= self.min_score) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        b, p, s = weighted_nms(boxes[keep].cpu(), pts[keep].cpu(), scores[keep].cpu())
+        faces = [Face(box=b[i], landmarks=five_points(p[i]), score=float(s[i])) for i in range(len(s))]
+        for f, kp in zip(faces, p):
+            f.keypoints = kp          # MediaPipe's six keypoints (eyes, nose, mouth, ears)
+        faces.sort(key=lambda f: f.area, reverse=True)
+        return faces
 
     @torch.no_grad()
     def detect(self, image: torch.Tensor) -> list[Face]:
         if image.dim() != 3 or image.shape[-1] != 3:
             raise ValueError(f"BlazeFace expects one (H, W, 3) RGB image, got shape {tuple(image.shape)}")
         boxes, pts, logits = self._run(image.float().permute(2, 0, 1).unsqueeze(0) * 255.0)
-        scores = torch.sigmoid(logits.clamp(-SCORE_CLIP, SCORE_CLIP))
-        keep = (scores >= self.min_score) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        b, p, s = weighted_nms(boxes[keep].cpu(), pts[keep].cpu(), scores[keep].cpu())
-        faces = [Face(box=b[i], landmarks=five_points(p[i]), score=float(s[i])) for i in range(len(s))]
-        for f, kp in zip(faces, p):
-            f.keypoints = kp          # MediaPipe's six keypoints (eyes, nose, mouth, ears), for FaceMesh's ROI
-        faces.sort(key=lambda f: f.area, reverse=True)
-        return faces
+        return self.faces(boxes, pts, logits)
 
     def anchor_scores(self, x255: torch.Tensor, focus=None) -> list[AnchorScores]:
         """The anchors whose logit is within ``ACTIVE_LOGITS`` of the threshold's: of the ~170 anchors that overlap
