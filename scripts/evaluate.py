@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder for report.json, report.html and plots")
     ap.add_argument("--recognizers", default="dlib",
                     help="comma-separated: dlib, facenet-casia, facenet-vggface2, arcface-r50, arcface-r100, "
-                         "arcface-ir-se50; optional @detector (mtcnn|scrfd|retinaface|blazeface-short|blazeface-full|dlib) and =threshold, e.g. arcface-r50@scrfd=0.8")
+                         "arcface-ir-se50; optional @detector (mtcnn|scrfd|retinaface|blazeface-short|blazeface-full|"
+                         "dlib) and =threshold, e.g. arcface-r50@scrfd=0.8")
     ap.add_argument("--comfy", help="ComfyUI folder: find model files through its folder_paths")
     ap.add_argument("--models-dir", help="models folder to search without ComfyUI (facenet/, insightface/, lpips/)")
     ap.add_argument("--no-lpips", action="store_true", help="skip LPIPS even when its weights are present")
