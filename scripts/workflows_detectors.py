@@ -12,9 +12,9 @@ def hide_from_detectors():
               "Hides the faces of face.png from two face detector families at once (Xue thesis ch. 3): MTCNN and "
               "MediaPipe's BlazeFace (full range; the detector of phones and browsers), with a perturbation of at "
               "most 12 levels out of 255, and saves it as PNG without metadata. The report says, per face, whether "
-              "each detector still finds it. Only lossless saving keeps the protection: JPEG re-compression, resizing or "
-              "a screenshot can undo it (turn on 'robust' and raise the range for that). Choose which faces to "
-              "hide with private_faces (all, largest, indices, or a mask).",
+              "each detector still finds it. Only lossless saving keeps the protection: JPEG re-compression, "
+              "resizing or a screenshot can undo it (turn on 'robust' and raise the range for that). Choose which "
+              "faces to hide with private_faces (all, largest, indices, or a mask).",
               "What: hides the faces of your photo from face detectors (MTCNN and MediaPipe's BlazeFace full range) "
               "with a perturbation of at most 12 levels out of 255 that is hard to see (thesis ch. 3 uses 3, which "
               "hides few real faces from MTCNN), and saves it as PNG without metadata.\n"
