@@ -117,7 +117,7 @@ class HideResult:
         return all(all(v) for v in self.hidden.values()) and all(all(v) for v in self.kept_found.values())
 
 
-TARGETS = ("mtcnn", "retinaface", "scrfd")
+TARGETS = ("mtcnn", "retinaface", "scrfd", "blazeface-short", "blazeface-full")
 
 
 def load_attack_targets(names: Sequence[str], pack: str = "auto", device="cpu") -> list[AttackTarget]:
@@ -140,6 +140,9 @@ def estimate_memory(names: Sequence[str], h: int, w: int) -> int:
     total = 0
     for n in names:
         n = n.strip()
+        if n.startswith("blazeface"):   # the photo's copies plus a 128 or 192 px input: a few MB of activations
+            total += 8 * 3 * 4 * h * w + 64 * 2 ** 20
+            continue
         # detectors analyse big photos at <= 1024 (MTCNN, RetinaFace) or 640 (SCRFD) px: cap their share
         analysed = min(h * w, 1024 * 1024)
         total += 8 * 3 * 4 * h * w + (per_pixel.get(n, 1000) - 96) * analysed
@@ -247,7 +250,8 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
 
     if not faces:
         return result(x0, [], [], {}, {}, 0, None,
-                      f"no face found by {ref.name} (it finds faces from about {ref.min_face} px): nothing to hide, "
+                      f"no face found by {ref.name} (it finds faces from "
+                      f"{getattr(ref, 'min_face_text', f'about {ref.min_face} px')}): nothing to hide, "
                       f"image returned unchanged")
     priv_idx, kept_idx = choose_private(faces, private, indices, mask)
     if not priv_idx:

