@@ -435,16 +435,16 @@ def test_embedding_rows_follow_the_expected_cosine_and_are_recognised_only_at_ti
     assert small["epsilon"] > 100 * large["epsilon"]
 
 
-def test_in_the_photo_a_group_photo_keeps_its_size_and_its_pixels_outside_the_face_mask(tiny_sd, faceid, prompt):
+def test_in_the_photo_a_group_photo_keeps_its_size_and_its_pixels_outside_the_face_mask(tiny_sd, faceid):
     from conftest import shared_path
     from face_fixtures import dlib_model, load_photo
     from diffprivacy.methods.pipeline import PipelineOptions, plan_photo
     from diffprivacy.nodes.dp_nodes import DiffPrivacyDPRender
     group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
     with torch.inference_mode():
-        out = DiffPrivacyDPRender().render(tiny_sd[0], tiny_sd[2], prompt[0], prompt[1], faceid["adapter"],
-                                           _release(), "in the photo", 4, 2, 3.0, "euler", "normal", 64, 64, 1.0, 0.9,
-                                           image=group, face_model=dlib_model(), resolution=64)
+        out = DiffPrivacyDPRender().render(tiny_sd[0], tiny_sd[2], tiny_sd[1], "a portrait photo", "blurry",
+                                           faceid["adapter"], _release(), "in the photo", 4, 2, 3.0, "euler", "normal",
+                                           64, 64, 1.0, 0.9, image=group, face_model=dlib_model(), resolution=64)
     image, label, receipt = out["result"]
     plan = plan_photo(group[0], dlib_model(), PipelineOptions(faces="largest"), 64)
     outside = plan.mask() == 0
