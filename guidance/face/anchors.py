@@ -55,6 +55,12 @@ class AttackTarget(abc.ABC):
         """The torch modules holding the weights (to move or thaw them)."""
         return []
 
+    def to(self, device) -> "AttackTarget":
+        """Move the weights (:meth:`modules`) to ``device``."""
+        for module in self.modules():
+            module.to(device)
+        return self
+
     def memory_bytes(self, h: int, w: int) -> int:
         """A rough upper bound of the memory one attack iteration needs on an (h, w) image."""
         return 64 * h * w * 4

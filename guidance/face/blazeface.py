@@ -117,10 +117,6 @@ class BlazeFace(Detector, AttackTarget):
         self.min_face = 0
         self.min_face_text = f"about 1/10 of the photo's long side ({variant} range looks at it at {side} px)"
 
-    def to(self, device):
-        self.net.to(device)
-        return self
-
     def modules(self):
         return [self.net]
 
