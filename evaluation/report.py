@@ -89,7 +89,8 @@ def folder_items(originals: str | Path, protected: str | Path | None = None, rec
 
 
 def evaluate_folders(originals, protected=None, recovered=None, identities_path=None, models=None, *,
-                     progress=None, lpips="auto", undetected: str = UNDETECTED_SEPARATE, distractors=None) -> dict:
+                     progress=None, lpips="auto", undetected: str = UNDETECTED_SEPARATE, distractors=None,
+                     facemesh: str = "auto") -> dict:
     """The report over folders. ``undetected``: headline convention for protected images without a detected
     face (:data:`.identity.UNDETECTED_CONVENTIONS`); ``distractors``: a folder of other people's photos added
     to the identification protocol's different-identity set (it must not show anyone in the originals)."""
@@ -103,7 +104,7 @@ def evaluate_folders(originals, protected=None, recovered=None, identities_path=
             raise ValueError(f"no images in the distractor folder {distractors}")
         gallery = [(f"{Path(distractors).name}/{name}", partial(load_image, path)) for name, path in files.items()]
     report = evaluate(items, models or {}, problems=problems, progress=progress, lpips=lpips, undetected=undetected,
-                      distractors=gallery)
+                      distractors=gallery, facemesh=facemesh)
     report["inputs"] = {"originals": str(originals), "protected": str(protected) if protected else None,
                         "recovered": str(recovered) if recovered else None,
                         "identities": str(identities_path) if identities_path else None,
@@ -157,6 +158,14 @@ def summary_tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
                     header += [f"Cos-IE {n}", f"re-identified {n}"]
                     row += [s["recovery"]["cos_ie"], s["recovery"]["identification_rate"]]
             tables.append((title, header, [row]))
+    mesh = report.get("facemesh", {})
+    if mesh.get("n"):
+        tables.append(("Landmark preservation (MediaPipe FaceMesh, 468 points, the original's region; NME = mean "
+                       "point move / inter-ocular distance)",
+                       ["faces", "without face", "NME", "largest point move", "yaw change (deg)",
+                        "pitch change (deg)", "roll change (deg)", "mesh still a face"],
+                       [[mesh["n"], mesh["without_face"], mesh["nme"], mesh["max_point"], mesh["yaw_change"],
+                         mesh["pitch_change"], mesh["roll_change"], mesh["mesh_found_protected"]]]))
     div = [(n, s["diversity"]) for n, s in recs.items() if "diversity" in s]
     if div:
         tables.append(("Diversity of protected identities (paper Fig. 9)",

@@ -18,6 +18,7 @@ from .identity import (UNDETECTED_CONVENTIONS, UNDETECTED_SEPARATE, cos_ie, dive
                        leave_one_out_identification, protection_outcome, rate_thresholds)
 from .images import match_size
 from .lpips import LPIPSUnavailable, load_lpips
+from .mesh import FaceMeshUnavailable, load_mesh_evaluator, summarize_mesh
 from .pixel_metrics import all_pixel_metrics
 from .recognizers import detector_name
 from .utility import utility_pair
@@ -61,7 +62,7 @@ def _load(loader: Loader | None, what: str, name: str, problems: list) -> torch.
 def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
              progress: Callable[[int, int, str], None] | None = None, lpips: str = "auto",
              keep_embeddings: bool = True, undetected: str = UNDETECTED_SEPARATE,
-             distractors: list[tuple[str, Loader]] | None = None) -> dict:
+             distractors: list[tuple[str, Loader]] | None = None, facemesh: str = "auto") -> dict:
     """Every metric over ``items`` for every FACE_MODEL in ``models`` (name -> model).
 
     ``problems`` may hold entries from pairing folders; more are appended (unreadable images,
@@ -69,7 +70,8 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
     model folders), "off". ``undetected``: the headline protection convention for a protected image
     without a detected face (:data:`.identity.UNDETECTED_CONVENTIONS`; both rates are always
     reported). ``distractors``: (name, loader) of an external gallery of other people, added to the
-    identification protocol's different-identity set. Returns the report dict (see evaluation/README.md).
+    identification protocol's different-identity set. ``facemesh``: "auto" (landmark preservation with MediaPipe's
+    FaceMesh, ``mesh.py``, when its files are found), "off". Returns the report dict (see evaluation/README.md).
     """
     if undetected not in UNDETECTED_CONVENTIONS:
         raise ValueError(f"undetected must be one of {list(UNDETECTED_CONVENTIONS)}, got {undetected!r}")
@@ -81,6 +83,15 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
             lp_status = {"available": True, "weights": lp_model.source}
         except LPIPSUnavailable as e:
             lp_status = {"available": False, "reason": str(e)}
+    if facemesh not in ("auto", "off"):
+        raise ValueError(f"facemesh must be 'auto' or 'off', got {facemesh!r}")
+    mesh_ev, mesh_status = None, {"available": False, "reason": "disabled"}
+    if facemesh == "auto":
+        try:
+            mesh_ev = load_mesh_evaluator()
+            mesh_status = {"available": True}
+        except FaceMeshUnavailable as e:
+            mesh_status = {"available": False, "reason": str(e)}
 
     per_file: list[dict] = []
     emb: dict[str, dict[str, dict[str, torch.Tensor]]] = {m: {"original": {}, "protected": {}} for m in models}
@@ -106,6 +117,11 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
         recovered = match_size(recovered, original) if recovered is not None else None
         if protected is not None:
             rec["protected_pixels"] = all_pixel_metrics(original, protected)
+            if mesh_ev is not None:
+                try:
+                    rec["facemesh"] = mesh_ev.pair(original, protected)
+                except Exception as e:  # one image failing must not end the run
+                    problems.append({"file": item.name, "folder": "protected", "problem": f"facemesh: {e}"})
         if recovered is not None:
             rec["recovered_pixels"] = all_pixel_metrics(original, recovered)
             if lp_model is not None:
@@ -124,6 +140,7 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
 
     report = {"n_items": total, "recognizers": {}, "protected_pixels": _pixel_summary(per_file, "protected_pixels"),
               "recovered_pixels": _pixel_summary(per_file, "recovered_pixels"), "lpips": lp_status,
+              "facemesh": {**mesh_status, **summarize_mesh([r["facemesh"] for r in per_file if "facemesh" in r])},
               "problems": problems, "per_file": per_file}
     labels = {it.name: it.label for it in items if it.label is not None}
     for mname, model in models.items():

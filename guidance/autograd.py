@@ -59,3 +59,13 @@ def thaw_inference_tensors(module: torch.nn.Module) -> int:
                 sub._buffers[name] = b.clone()
                 cloned += 1
     return cloned
+
+
+def thaw_diffusion_model(model) -> None:
+    """Make the UNet behind a k-diffusion model wrapper autograd-usable (ComfyUI loads inference tensors): the one
+    way every sampler and method that backpropagates through the UNet prepares it (KSamplerX0Inpaint -> guider ->
+    BaseModel, or a plain module)."""
+    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
+    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
+    if target is not None:
+        thaw_inference_tensors(target)

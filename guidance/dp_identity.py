@@ -291,7 +291,7 @@ RENDER_MODES = (STRICT, IN_PHOTO)
 def provenance_leaks(provenance: dict | None) -> list[str]:
     """What, in the record of what went into a render, can carry the original besides the noised embedding.
 
-    ``provenance`` (made by :func:`guidance.dp_render.inputs_provenance`): ``photo_read`` (bool), ``model`` and
+    ``provenance`` (made by :func:`methods.dp_render.inputs_provenance`): ``photo_read`` (bool), ``model`` and
     ``clip`` (lists of what they carry beyond the checkpoint as loaded), ``conditioning`` ("built" when the renderer
     encoded the prompt text itself). None: nothing was recorded, so nothing can be claimed.
     """

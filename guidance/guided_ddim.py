@@ -31,7 +31,7 @@ import torch
 from .ddim import check_finite, ddim_step, vp_scale
 from .host import check_interrupt
 from .schedule import last_uncond_timestep
-from .autograd import gradients_enabled, thaw, thaw_inference_tensors
+from .autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
 from .energy import Energy
 from .face.base import NoFaceError, select_faces
 from .gradient_path import auto_chunk, checkpointed_blocks, decode_window, decoder_module, face_windows, \
@@ -322,15 +322,6 @@ def _nearest_face(faces, landmarks: torch.Tensor):
     return best
 
 
-def _thaw_diffusion_model(model) -> None:
-    """Make the UNet behind a k-diffusion model wrapper autograd-usable (ComfyUI loads inference tensors)."""
-    # KSamplerX0Inpaint -> guider -> BaseModel
-    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
-    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
-    if target is not None:
-        thaw_inference_tensors(target)
-
-
 def _unet_dtype(model) -> torch.dtype:
     """The dtype the UNet behind a k-diffusion wrapper computes in (its manual cast dtype, else its weights')."""
     inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
@@ -349,7 +340,7 @@ def _grad_through_unet(model, x, sigma, extra_args, guidance: IdentityGuidance, 
     scale = FP16_LOSS_SCALE if _unet_dtype(model) == torch.float16 else 1.0
     while True:
         with gradients_enabled():
-            _thaw_diffusion_model(model)
+            thaw_diffusion_model(model)
             xg = thaw(x).detach().requires_grad_(True)
             denoised = model(xg, thaw(sigma), **extra_args)
             value = guidance.value(denoised, step=step)

@@ -1,8 +1,12 @@
 """The working image: the one picture that Key-E learning, protection, guidance and Key-I all see.
 
-Key-E is learned on the photo squashed to resolution² (the reference's bicubic resize), so every
-later stage must see exactly the same pixels, or the key and the protected image disagree. One
-definition here, used by all of them.
+Key-E is learned on the photo brought to resolution² and every later stage must see exactly the same pixels,
+or the key and the protected image disagree. One definition here, used by all of them.
+
+The photo is never squashed: a photo that is not square is letterboxed (padded to a square around its
+centre by repeating its edge pixels, :func:`square_region` / :func:`cut_square`) and then resized, and
+:func:`uncut_square` takes the padding away again on the way back. (The reference squashed its inputs, but
+its inputs were aligned square face images; :mod:`methods.pipeline` crops such squares out of any photo.)
 """
 from __future__ import annotations
 
@@ -32,14 +36,51 @@ def check_resolution(resolution: int) -> int:
     return resolution
 
 
+def square_region(height: int, width: int) -> tuple[int, int, int]:
+    """(x, y, side): the square centred on a height x width photo that holds all of it (its letterbox)."""
+    side = max(height, width)
+    return -((side - width) // 2), -((side - height) // 2), side
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic (antialiased) resize of square IMAGEs (B, S, S, 3) to size², clamped to [0, 1]."""
+    if image.shape[1] == size and image.shape[2] == size:
+        return image
+    x = F.interpolate(image.movedim(-1, 1), size=(size, size), mode="bicubic", antialias=True)
+    return x.clamp(0, 1).movedim(1, -1)
+
+
+def cut_square(image: torch.Tensor, x: int, y: int, side: int, size: int | None = None) -> torch.Tensor:
+    """The side x side square at (x, y) of IMAGEs (B, H, W, 3), the parts outside the photo padded by repeating
+    its edge pixels (never stretched), resized to size² when ``size`` is given."""
+    _, h, w, _ = image.shape
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, w), min(y + side, h)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"the square ({x}, {y}, side {side}) lies outside the {w}x{h} photo")
+    inner = image[:, y0:y1, x0:x1].movedim(-1, 1)
+    pads = (x0 - x, x + side - x1, y0 - y, y + side - y1)
+    if any(pads):
+        inner = F.pad(inner, pads, mode="replicate")
+    square = inner.movedim(1, -1)
+    return resize_square(square, size) if size else square
+
+
+def uncut_square(square: torch.Tensor, x: int, y: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`cut_square` for a square that was resized back to its side: the part that lies
+    inside the height x width photo, (B, h', w', 3), and its place (x0, y0) in the photo."""
+    side = square.shape[1]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, width), min(y + side, height)
+    return square[:, y0 - y:y1 - y, x0 - x:x1 - x], (x0, y0)
+
+
 def resize_for_training(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Bicubic squash to resolution² (reference), or crop to a multiple of 8 when resolution is 0."""
+    """The photo letterboxed to a square (edges repeated, never squashed) and resized to resolution² (bicubic,
+    antialiased), or cropped to a multiple of 8 when resolution is 0."""
     if image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] not in (3, 4):
         raise ValueError(f"expected an IMAGE [B, H, W, 3], got {tuple(image.shape)}")
     image = image[..., :3].float()
     if resolution:
-        x = F.interpolate(image.movedim(-1, 1), size=(resolution, resolution), mode="bicubic", antialias=True)
-        return x.clamp(0, 1).movedim(1, -1)
+        return cut_square(image, *square_region(image.shape[1], image.shape[2]), resolution)
     h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
     if h < 64 or w < 64:
         raise ValueError(f"the image is too small ({image.shape[1]}x{image.shape[2]}); at least 64x64 is needed")
@@ -84,14 +125,24 @@ def working_image(image: torch.Tensor, vae, resolution: int) -> torch.Tensor:
     return crop_to_latent_grid(resize_for_training(single_image(image), resolution), vae)
 
 
-def working_mask(mask: torch.Tensor | None, index: int, size: tuple[int, int]) -> torch.Tensor | None:
-    """Image ``index``'s MASK ((B, H, W) or (H, W); the last one serves every later image) resized to the
-    working image's (h, w), so it covers the same faces after the squash to the working resolution."""
+def photo_mask(mask: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Image ``index``'s MASK, (H, W), from a MASK (B, H, W) or (H, W) (the last one serves every later image)."""
     if mask is None:
         return None
     m = mask.float()
     m = m[None] if m.dim() == 2 else m
     if m.dim() != 3:
         raise ValueError(f"a MASK is (H, W) or (B, H, W), got {tuple(mask.shape)}")
-    m = m[min(index, m.shape[0] - 1)]
+    return m[min(index, m.shape[0] - 1)]
+
+
+def working_mask(mask: torch.Tensor | None, index: int, size: tuple[int, int]) -> torch.Tensor | None:
+    """Image ``index``'s MASK brought to the working image's (h, w) as the image is (letterboxed when the
+    working image is square and the mask is not, then resized), so it covers the same faces."""
+    m = photo_mask(mask, index)
+    if m is None:
+        return None
+    h, w = m.shape
+    if size[0] == size[1] and h != w:
+        return cut_square(m[None, :, :, None], *square_region(h, w), size[0])[0, :, :, 0]
     return F.interpolate(m[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]

@@ -39,7 +39,9 @@ import torch
 from ..guidance.weights import require_finite
 
 FORMAT = "diffprivacy-key"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # the newest this module reads
+WHOLE_FRAME_VERSION = 1   # written for keys of one working image (every key before face crops)
+FACE_CROPS_VERSION = 2    # written for keys of a photo's face crops (readers of version 1 refuse them by version)
 
 # Fields this module writes itself; callers may not set them.
 F_FORMAT = "format"
@@ -60,6 +62,7 @@ META_IMAGE_HEIGHT = "image_height"
 META_MODEL_FINGERPRINT = "model_fingerprint"
 META_CLIP_FINGERPRINT = "clip_fingerprint"
 META_SCHEDULE = "schedule"
+META_FACE_CROPS = "face_crops"  # JSON: where the photo was cut (methods.pipeline.Plan); Key-I holds one latent per crop
 
 SEALED_PAYLOAD = "sealed_payload"
 CIPHER = "AES-256-GCM"
@@ -95,8 +98,9 @@ def write_key_file(path, tensors: dict, metadata: dict, password: str | None = N
 def key_file_bytes(tensors: dict, metadata: dict, password: str | None = None, *,
                    kdf_params: dict | None = None) -> bytes:
     """The bytes :func:`write_key_file` writes, for a caller that names and writes its files itself."""
-    plain = _serialize_unsealed(tensors, metadata)
-    return _seal(plain, password, kdf_params) if password else plain
+    version = FACE_CROPS_VERSION if META_FACE_CROPS in metadata else WHOLE_FRAME_VERSION
+    plain = _serialize_unsealed(tensors, metadata, version)
+    return _seal(plain, password, kdf_params, version) if password else plain
 
 
 def key_bundle_metadata(*, steps: int, tau: float, strength: float, image_width: int, image_height: int,
@@ -110,7 +114,7 @@ def key_bundle_metadata(*, steps: int, tau: float, strength: float, image_width:
             META_SCHEDULE: json.dumps(schedule, sort_keys=True)}
 
 
-def _serialize_unsealed(tensors: dict, metadata: dict) -> bytes:
+def _serialize_unsealed(tensors: dict, metadata: dict, version: int = WHOLE_FRAME_VERSION) -> bytes:
     from safetensors.torch import save
 
     if not isinstance(tensors, dict) or not tensors:
@@ -129,7 +133,7 @@ def _serialize_unsealed(tensors: dict, metadata: dict) -> bytes:
         if k in RESERVED_FIELDS:
             raise ValueError(f"key file metadata field {k!r} is reserved")
         meta[k] = v
-    meta.update({F_FORMAT: FORMAT, F_VERSION: str(FORMAT_VERSION), F_SEALED: "0"})
+    meta.update({F_FORMAT: FORMAT, F_VERSION: str(version), F_SEALED: "0"})
     meta[F_CHECKSUM] = _content_digest(clean, meta)
     return save(clean, metadata=meta)
 
@@ -178,13 +182,13 @@ def _header_bytes(meta: dict, payload_len: int) -> bytes:
     return struct.pack("<Q", len(js)) + js
 
 
-def _seal(plain: bytes, password: str, kdf_params: dict | None) -> bytes:
+def _seal(plain: bytes, password: str, kdf_params: dict | None, version: int = WHOLE_FRAME_VERSION) -> bytes:
     AESGCM, _, _ = _crypto()
     params = dict(DEFAULT_KDF_PARAMS if kdf_params is None else kdf_params)
     n, r, p = params.get("n"), params.get("r"), params.get("p")
     _check_kdf_params(n, r, p)
     salt, nonce = os.urandom(_SALT_BYTES), os.urandom(_NONCE_BYTES)
-    public = {F_FORMAT: FORMAT, F_VERSION: str(FORMAT_VERSION), F_SEALED: "1", "cipher": CIPHER, "kdf": KDF,
+    public = {F_FORMAT: FORMAT, F_VERSION: str(version), F_SEALED: "1", "cipher": CIPHER, "kdf": KDF,
               "kdf_n": str(n), "kdf_r": str(r), "kdf_p": str(p), "kdf_salt": salt.hex(), "nonce": nonce.hex()}
     header = _header_bytes(public, len(plain) + _TAG_BYTES)
     ciphertext = AESGCM(_derive_key(password, salt, n, r, p)).encrypt(nonce, plain, header)
@@ -344,3 +348,20 @@ def metadata_number(metadata: dict, field: str, kind=float):
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"the key file records a non-finite '{field}'")
     return value
+
+
+# -- kinds of key file: the tag sits inside the (sealed) metadata -----------------------------------------------------
+KIND_FIELD = "key_kind"
+KIND_DIFP = "difp"
+KIND_DIFF_PRIVACY = "diff-privacy"  # what a file without the field is
+
+
+def key_kind(metadata: dict) -> str:
+    return metadata.get(KIND_FIELD, KIND_DIFF_PRIVACY)
+
+
+def refuse_difp(metadata: dict) -> None:
+    """For Diff-Privacy's key loader: a DIFP key file is refused with the node that reads it."""
+    if key_kind(metadata) == KIND_DIFP:
+        raise ValueError("this is a DIFP key file (F_i + F_e), not a Diff-Privacy key bundle: load it with Load DIFP "
+                         "Key and recover with DIFP Recover")

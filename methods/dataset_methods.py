@@ -12,8 +12,8 @@ from .dataset import COMMON, Method, Protected, Setting, load_checkpoint, load_f
 def _diff_privacy_anonymize(settings: dict):
     """Diff-Privacy anonymization with a text Key-E (one prompt; learning a Key-E per image is a GPU job:
     run the learn-key-e workflow per image instead), Key-I by DDIM inversion, both in a sealed key file."""
-    from ..guidance import diff_privacy
-    from ..guidance.diff_privacy import FaceChoice
+    from . import diff_privacy
+    from .diff_privacy import FaceChoice
     from ..guidance.working_image import working_image
     from ..inversion.ddim import make_key_i
     from ..inversion.fingerprint import clip_fingerprint, model_fingerprint

@@ -8,7 +8,7 @@ temporary name of the run, renamed into place when complete: the file's presence
 lock; one run per folder holds the folder's lock). No real image is in the pool, but it was drawn from the real
 set's identity statistics: it stays private with the keys. A rerun reuses it, so reruns pair as the first run did.
 
-Settings (``--set name=value``; the maths and the defaults are in ``guidance/diffusion_deid.py``):
+Settings (``--set name=value``; the maths and the defaults are in ``methods/diffusion_deid.py``):
 
 =================  ==================================================================================================
 adapter            FaceID file (path, or a name in models/ipadapter/), default ``ip-adapter-faceid_sd15.bin``
@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from ..guidance import diffusion_deid as deid
+from . import diffusion_deid as deid
 from .dataset import FACE_SPEC, Failed, Job, Protected, Setting, load_checkpoint, load_face_model, pick_device, \
     temp_name
 

@@ -28,6 +28,7 @@ NODE_MODULES = (
     "dp_nodes",
     "detector_nodes",
     "difp_nodes",
+    "pipeline_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

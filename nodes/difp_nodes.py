@@ -1,24 +1,25 @@
-"""DIFP (You et al., Entropy 2024) as ComfyUI nodes: thin adapters of ``guidance.difp``, ``guidance.ilvr``,
-``inversion.difp_keys`` and ``inversion.difp_training``.
+"""DIFP (You et al., Entropy 2024) as ComfyUI nodes: thin adapters of ``methods.difp``, ``guidance.ilvr``,
+``methods.difp_keys`` and ``methods.difp_training``.
 
-DIFP_KEY: an ``inversion.difp_keys.DIFPKey`` (F_i as a Key-I LATENT with provenance, F_e = text condition, the
+DIFP_KEY: an ``methods.difp_keys.DIFPKey`` (F_i as a Key-I LATENT with provenance, F_e = text condition, the
 original's identity embedding and landmarks).
 """
 from __future__ import annotations
 
 import logging
 
-import torch
 
-from ..guidance import difp
+from ..methods import difp
 from ..guidance.ilvr import MODES, SPACES, RealismControl
 from ..guidance.guided_ddim import guided_ddim_sampler
 from ..guidance.identity_streams import streams_on
-from ..guidance.working_image import working_image
-from ..inversion import difp_keys
-from ..inversion import difp_training
-from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, list_key_files,
-                     resolution_input, key_file_digest, resolve_key_path, rgb_batch, tip, write_new_output_file)
+from ..methods import difp_keys
+from ..methods import difp_training
+from ..methods.pipeline import one_photo_plan, paste_recovered
+from ..methods.receipt import receipt_for, receipt_text
+from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, key_file_name,
+                     list_key_files, pipeline_input, receipt_outputs, resolution_input, key_file_digest,
+                     resolve_key_path, rgb_batch, tip, write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 DIFP_CATEGORY = f"{CATEGORY}/DIFP"
@@ -166,7 +167,8 @@ class DiffPrivacyDIFPProtect:
             "num_outputs": ("INT", tip("N protected images with independent seeds.", default=1, min=1, max=16)),
             "seed": ("INT", tip("Seed of the noising (and of the synthetic donor).", default=0, min=0,
                                 max=0xFFFFFFFFFFFFFFFF)),
-            "resolution": resolution_input("Protection and the key work at this size."),
+            "resolution": resolution_input("Protection and the key work on the face crop at this size; the "
+                                           "protected photo keeps its own size."),
         }, "optional": {
             "identity_adapter": ("IDENTITY_ADAPTER", tip("The identity adapter (FaceID, or one trained by Train DIFP "
                                                          "Adapters); needed when s_id != 0.")),
@@ -183,14 +185,21 @@ class DiffPrivacyDIFPProtect:
             "realism_stop_at": ("FLOAT", tip(STOP_TIP, default=1.0, min=0.0, max=1.0, step=0.01)),
             "realism_space": (SPACES, tip(SPACE_TIP, default="latent")),
             "prompt": ("STRING", tip("Text condition (DIFP: empty). Stored in the key.", default="")),
+            "pipeline": pipeline_input(" A DIFP key belongs to one face: one face at a time (unconnected: the "
+                                       "largest)."),
         }}
 
-    RETURN_TYPES = ("IMAGE", "DIFP_KEY", "IMAGE", "MASK")
-    RETURN_NAMES = ("protected", "key", "original", "mask")
-    OUTPUT_TOOLTIPS = ("The N protected images (working resolution).",
-                       "The DIFP key (F_i + F_e): save it with Save DIFP Key.",
-                       "The original at the working resolution (what the key recovers).",
-                       "The feathered face mask that limited the change (all ones for the whole frame).")
+    RETURN_TYPES = ("IMAGE", "DIFP_KEY", "IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("protected", "key", "original", "mask", "receipt")
+    OUTPUT_TOOLTIPS = ("The N protected photos at their own size (the face crop protected and pasted back).",
+                       "The DIFP key (F_i + F_e of the face crop, and where it was cut): save it with Save DIFP Key.",
+                       "The original photo.",
+                       "Where the photo may have changed: the pipeline's pasted mask (0: the original's pixels; "
+                       "within it DIFP's own face mask limits the change, and the crop's round trip through the "
+                       "working resolution softens the rest).",
+                       "The receipt (JSON): the face found or not, identity distance to the original under a "
+                       "recognizer DIFP was not guided by (dlib by default), the verdict and the crop size, on the "
+                       "delivered photo after 8-bit rounding.")
     FUNCTION = "protect"
     CATEGORY = DIFP_CATEGORY
 
@@ -198,9 +207,10 @@ class DiffPrivacyDIFPProtect:
                 region, num_outputs, seed, resolution=512, identity_adapter=None, style_adapter=None, clip_vision=None,
                 donor_image=None, donor_embedding=None, style_image=None, reference=None, realism_k=0.0,
                 realism_stop_at=1.0, realism_space="latent", prompt="", style_source="none",
-                realism_reference="original"):
+                realism_reference="original", pipeline=None):
         difp.check_strength(strength)
-        original = working_image(rgb_batch(image), vae, resolution)
+        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "DIFP", max_faces=1)
+        (original,) = plan.cut(photo)
         on, mode = _realism_mode(realism)
         settings = difp.DIFPSettings(steps=steps, strength=strength, s_id=s_id, s_sty=s_sty, g_rea=g_rea, realism=on,
                                      realism_mode=mode, realism_k=realism_k, realism_stop_at=realism_stop_at,
@@ -217,10 +227,17 @@ class DiffPrivacyDIFPProtect:
         found = done.original_identity
         key = difp_keys.make_difp_key(model, cond, vae.encode(original), steps, strength, found["embedding"][:1],
                                       found["landmarks"][:1], face_model.name)
-        mask = done.mask if done.mask is not None else torch.ones(original.shape[1:3])
-        text = ([f"{len(done.result.images)} image(s) protected", f"style: {done.sources['style']}",
-                 f"realism reference: {done.sources['reference']}"] + done.warnings)
-        return {"ui": {"text": ["\n".join(text)]}, "result": (done.result.images, key, original, mask[None])}
+        key.face_crops = plan.as_dict()
+        delivered = plan.paste(photo, [done.result.images])
+        mask = plan.mask()  # the crop comes back resized: every pixel under the pasted mask may change a little
+        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
+                                                     method="DIFP")],
+                                        ["\n".join([f"{len(done.result.images)} image(s) protected",
+                                                    f"style: {done.sources['style']}",
+                                                    f"realism reference: {done.sources['reference']}"]
+                                                   + done.warnings)],
+                                        receipt_text)
+        return {"ui": {"text": text}, "result": (delivered, key, photo[None], mask[None], receipt)}
 
 
 class DiffPrivacySaveDIFPKey:
@@ -250,10 +267,10 @@ class DiffPrivacySaveDIFPKey:
     CATEGORY = DIFP_CATEGORY
 
     def save(self, key, filename_prefix, password, protected=None):
-        path, name = write_new_output_file(filename_prefix, KEY_SUFFIX,
-                                           lambda p: difp_keys.write_difp_key(p, key, password or None))
+        path, _ = write_new_output_file(filename_prefix, KEY_SUFFIX,
+                                        lambda p: difp_keys.write_difp_key(p, key, password or None))
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use the key"
-        return {"ui": {"text": [f"{name} ({note})"]}, "result": (str(path),)}
+        return {"ui": {"text": [f"{key_file_name(path)} ({note})"]}, "result": (str(path),)}  # as Load DIFP Key lists
 
 
 class DiffPrivacyLoadDIFPKey:
@@ -263,8 +280,9 @@ class DiffPrivacyLoadDIFPKey:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "key_file": (list_key_files(), tip(f"A key file under output/{KEY_SUBFOLDER}/ (refresh after saving). "
-                                               "Ignored when key_path is given.")),
+            "key_file": (list_key_files(), tip(f"A key file under output/{KEY_SUBFOLDER}/, named as Save DIFP Key "
+                                               "shows it (press R in the canvas to list one saved since the page "
+                                               "loaded). Ignored when key_path is given.")),
             "password": ("STRING", tip("Password of a sealed key file; empty for an unsealed one. " + PASSWORD_WARNING,
                                        default="")),
         }, "optional": {
@@ -294,8 +312,9 @@ class DiffPrivacyLoadDIFPKey:
 class DiffPrivacyDIFPRecover:
     DESCRIPTION = ("DIFP recovery (Sec. 3.3.3): DDIM from F_i under the key's condition, each step corrected against "
                    "the gradient of D = cosine distance between the predicted face and the original's identity "
-                   "stored in the key (Eq. 17 adapted: as printed it needs the original). Never reads the protected "
-                   "image; refuses keys of another model, image size or step count.")
+                   "stored in the key (Eq. 17 adapted: as printed it needs the original); the recovered face crop is "
+                   "pasted back into the protected photo where it was cut (read only outside the face). Refuses keys "
+                   "of another model, image size or step count.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -310,17 +329,25 @@ class DiffPrivacyDIFPRecover:
         }, "optional": {
             "face_model": ("FACE_MODEL", tip("The face model the key was made with (its name is checked); needed "
                                              "when guidance_scale > 0.")),
+            "protected": ("IMAGE", tip("The protected photo (one): a key of a face crop records where it was cut and "
+                                       "the recovered face is pasted back into this photo at its size (the key holds "
+                                       "nothing of the photo outside the face).")),
         }}
 
     RETURN_TYPES = ("IMAGE", "LATENT")
     RETURN_NAMES = ("recovered", "latent")
-    OUTPUT_TOOLTIPS = ("The recovered image.", "The recovered latent.")
+    OUTPUT_TOOLTIPS = ("The recovered photo at its size (a face-crop key, pasted into the protected photo), or the "
+                       "recovered image (a key made before face crops).", "The recovered latent (the face crop).")
     FUNCTION = "recover"
     CATEGORY = DIFP_CATEGORY
 
-    def recover(self, model, vae, key, steps, guidance_scale, face_model=None):
+    def recover(self, model, vae, key, steps, guidance_scale, face_model=None, protected=None):
         z = difp_keys.recover(model, vae, face_model, key, steps, guidance_scale)
-        return (vae.decode(z)[..., :3], {"samples": z})
+        decoded = vae.decode(z)[..., :3]
+        if key.face_crops is None:
+            return (decoded, {"samples": z})
+        photo = None if protected is None else rgb_batch(protected, "protected")
+        return (paste_recovered(key.face_crops, photo, decoded, "DIFP key"), {"samples": z})
 
 
 class DiffPrivacyTrainDIFPAdapters:

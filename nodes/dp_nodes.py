@@ -1,5 +1,5 @@
 """DP-Image (thesis ch. 4) on the identity embedding: thin adapters of ``guidance.dp_identity`` (the mechanism and
-its ε) and ``guidance.dp_render`` (the strict and in-the-photo renderings, labelled).
+its ε) and ``methods.dp_render`` (the strict and in-the-photo renderings, labelled).
 
 A DP release is a FACE_EMBEDDING whose ``embedding`` is the noised one, with the original's aligned crops and
 landmarks dropped (they are not protected by the noise), and a ``dp`` entry: {"report": the ε report dict,
@@ -13,8 +13,12 @@ import logging
 import numpy as np
 
 from ..guidance import dp_identity as dpi
-from ..guidance import dp_render
-from .common import CATEGORY, StepProgress, rgb_batch, tip, write_new_output_file
+from ..methods import dp_render
+from ..guidance.working_image import cut_square, photo_mask, single_image
+from ..methods.pipeline import mask_plan, one_photo_plan
+from ..methods.receipt import receipt_for, receipt_json, receipt_text, unavailable_receipt
+from .common import (CATEGORY, StepProgress, pipeline_input, receipt_outputs, resolution_input, rgb_batch, tip,
+                     write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 DP_CATEGORY = f"{CATEGORY}/dp-image"
@@ -147,22 +151,50 @@ class DiffPrivacyDPRender:
             "image": ("IMAGE", tip("in the photo: the photo whose face region is replaced (ignored in strict).")),
             "face_model": ("FACE_MODEL", tip("Finds the face region (in the photo, when no mask) and re-embeds each "
                                              "round's render when T > 1 (use the one that made the embedding).")),
-            "mask": ("MASK", tip("in the photo: the region to inpaint (white); default the detected face box.")),
+            "mask": ("MASK", tip("in the photo: the region to inpaint (white, at the photo's size); default the "
+                                 "detected face box.")),
+            "resolution": resolution_input("in the photo: the face crop is rendered at this size; the photo keeps "
+                                           "its own."),
+            "pipeline": pipeline_input(" in the photo: one face (one released identity; unconnected: the "
+                                       "largest)."),
         }}
 
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("image", "privacy_label")
-    OUTPUT_TOOLTIPS = ("The rendered image(s).",
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("image", "privacy_label", "receipt")
+    OUTPUT_TOOLTIPS = ("The rendered image(s): strict, at width x height; in the photo, the photo at its own size with "
+                       "the face crop's render pasted back.",
                        "JSON: strict (differentially private, with ε, δ) or in the photo (NOT differentially "
-                       "private), and the mechanism's parameters; Save DP Image writes it beside the PNG.")
+                       "private), and the mechanism's parameters; Save DP Image writes it beside the PNG.",
+                       "in the photo: the receipt (JSON): the face found or not, identity distance to the original "
+                       "under the receipt's recognizer (dlib by default), the verdict and the crop size, on the "
+                       "delivered photo after 8-bit rounding. strict: no photo, so no receipt (says so).")
     FUNCTION = "render"
     CATEGORY = DP_CATEGORY
 
     def render(self, model, vae, clip, prompt, negative_prompt, identity_adapter, noised_embedding, mode, seed, steps,
                cfg, sampler_name, scheduler, width, height, identity_weight, denoise, positive=None, negative=None,
-               image=None, face_model=None, mask=None):
+               image=None, face_model=None, mask=None, resolution=512, pipeline=None):
         rounds = int((noised_embedding.get("dp") or {}).get("report", {}).get("rounds", 1))
         progress = StepProgress(rounds)
+        photo = plan = None
+        if mode == dpi.IN_PHOTO and image is not None:
+            if face_model is None and mask is None:
+                raise ValueError("'in the photo' rendering needs face_model (its detector finds the face to crop) or "
+                                 "a mask over the region to render")
+            if face_model is None:  # the crop goes around the mask's region
+                photo = single_image(rgb_batch(image))[0]
+                plan = mask_plan(photo, mask, pipeline, resolution)
+            else:
+                photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution,
+                                             "DP render in the photo", max_faces=1)
+            (crop,) = plan.crops
+            image = plan.cut(photo)[0]
+            if mask is not None:
+                m = photo_mask(mask, 0)
+                if tuple(m.shape) != tuple(photo.shape[:2]):
+                    raise ValueError(f"the mask is {m.shape[1]}x{m.shape[0]} but the photo is {photo.shape[1]}x"
+                                     f"{photo.shape[0]}: use a mask of the photo's size")
+                mask = cut_square(m[None, :, :, None], crop.x, crop.y, crop.side, image.shape[1])[..., 0]
         images, label, trace = dp_render.render_release(
             noised_embedding, model, vae, clip, prompt, negative_prompt, identity_adapter, mode, seed, steps, cfg,
             sampler_name, scheduler, width, height, identity_weight, None if image is None else rgb_batch(image),
@@ -171,7 +203,14 @@ class DiffPrivacyDPRender:
         if rounds > 1:
             label["rounds_cosine_to_round_1"] = [round(c, 4) for c in trace]
         progress(rounds)
-        return images, dpi.label_text(label)
+        if plan is None:
+            receipt = unavailable_receipt("strict: no photo was read, nothing to compare", "DP render (strict)")
+            return {"ui": {"text": [receipt_text(receipt)]},
+                    "result": (images, dpi.label_text(label), receipt_json(receipt))}
+        delivered = plan.paste(photo, [images])
+        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, method="DP render in the "
+                                                     "photo")], [], receipt_text)
+        return {"ui": {"text": text}, "result": (delivered, dpi.label_text(label), receipt)}
 
 
 class DiffPrivacySaveDPImage:

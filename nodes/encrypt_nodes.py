@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from ..guidance import diff_privacy
+from ..methods import diff_privacy
 from ..guidance.ddim import ddim_sigmas
-from ..guidance.diff_privacy import FaceChoice, model_sampling
+from ..methods.diff_privacy import FaceChoice, model_sampling
 from ..guidance.face.base import SELECT_MODES
 from ..guidance.gradient_path import DECODER_CHOICES, PRECISION_CHOICES, GradientOptions
-from ..guidance.working_image import working_image, working_mask
+from ..guidance.working_image import check_resolution, single_image, working_image, working_mask
 from ..inversion.key_e import KeyE, encode_text
-from .common import CATEGORY, resolution_input, rgb_batch, tip
+from ..methods.pipeline import PipelineOptions, plan_photo, protect_photo
+from ..methods.receipt import receipt_for, receipt_text
+from .common import CATEGORY, pipeline_input, receipt_outputs, resolution_input, rgb_batch, tip
 
 GRADIENT_MODES = ("predicted x0 (fast)", "through UNet")
 
@@ -172,7 +174,8 @@ def _task_inputs(steps, strength, tau, outputs):
                               default=tau, min=0.0, max=1.0, step=0.01)),
         "num_outputs": ("INT", tip("Independent noisings of the original, denoised together "
                                     f"(paper: {outputs}).", default=outputs, min=1, max=16)),
-        "resolution": resolution_input("The output images and latents come out at this size."),
+        "resolution": resolution_input("Each face crop is protected at this size; the output photos keep their "
+                                       "own size."),
     }
 
 
@@ -182,45 +185,73 @@ _PARTS_TIPS = ("The guided DDIM sampler built here (for SamplerCustom).",
                "The scheduled Key-E/UC conditioning (positive; cfg 1.0).")
 
 
-_KEY_TIPS = ("The working images that were protected (wire them to Make Key-I: images without a face are "
-             "left out).", "Their Key-Es, in the same order (wire them to Make Key-I and Save Key).",
-             "Which images were protected, and why any were not.")
+_KEY_TIPS = ("The working images that were protected: the face crops (or the letterboxed frame), what Make Key-I "
+             "inverts (wire them there; photos without a face are left out).",
+             "Their Key-Es, one per crop in the same order (wire them to Make Key-I and Save Key).",
+             "Which images were protected, and why any were not; then the receipt.",
+             "Where each photo was cut (FACE_CROPS): wire it to Make Key-I so the key records the crops and Recover "
+             "returns the whole photo.",
+             "The receipt (JSON): per face, found or not, identity distance under a recognizer the method was not "
+             "guided by, the verdict and the crop size, measured on the delivered photo after 8-bit rounding.")
 
 
 class _ProtectionNode:
     """What Anonymize and Hide share: their outputs (the result and its parts for rewiring)."""
-    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS + ("IMAGE", "CONDITIONING", "STRING")
-    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule", "originals", "key_e", "report")
+    RETURN_TYPES = ("IMAGE", "LATENT") + _PARTS + ("IMAGE", "CONDITIONING", "STRING", "FACE_CROPS", "STRING")
+    RETURN_NAMES = ("images", "latents", "sampler", "sigmas", "schedule", "originals", "key_e", "report", "crops",
+                    "receipt")
     CATEGORY = CATEGORY
 
     PAPER = (50, 0.6, 0.4, 4)  # steps, strength, tau, outputs (the defaults shown)
+    METHOD = ""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**_task_inputs(*cls.PAPER), **cls.guidance_inputs()},
-                "optional": face_inputs()}
+                "optional": {**face_inputs(), "pipeline": pipeline_input(
+                    " Here the faces inputs above choose the faces (the pipeline's own choice is not used).")}}
 
-    @staticmethod
-    def _protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask, protect):
-        """``protect(working_image, schedule, FaceChoice)`` for each image with its own Key-E; outputs."""
+    def _protect_batch(self, image, vae, face_model, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
+                       pipeline, protect):
+        """Each photo through the face pipeline: its chosen faces cropped, ``protect(crop, schedule, FaceChoice)``
+        on each crop with its own Key-E, the results pasted back into the photo; then its receipt."""
         images = rgb_batch(image)
-        key_es = KeyE.for_batch(key_e, images.shape[0])
+        resolution = check_resolution(resolution)
+        options = (pipeline or PipelineOptions()).with_faces(faces, face_indices, face_mask)
         uc = _uncond_entry(uncond)
+        planned = diff_privacy.protect_each(images.shape[0], lambda i: plan_photo(
+            single_image(images[i:i + 1]), face_model, options, resolution, i))
+        key_es = iter(KeyE.for_batch(key_e, sum(len(plan.crops) for _, plan in planned.results)))
 
-        def one(i):
-            img = working_image(images[i:i + 1], vae, resolution)
-            schedule = key_es[i].schedule(uc, tau)
-            return protect(img, schedule, _face_choice(faces, face_indices, face_mask, i, img)), img, schedule
+        def one(i, plan):
+            runs = []
 
-        outcome = diff_privacy.protect_each(images.shape[0], one)
-        runs = [r for _, r in outcome.results]
-        first, _, schedule = runs[0]
-        return (torch.cat([run.images for run, _, _ in runs]),
-                {"samples": torch.cat([run.latents["samples"] for run, _, _ in runs])},
-                first.sampler, first.sigmas, schedule,
-                torch.cat([img for _, img, _ in runs]),
-                KeyE.batch_conditioning([key_es[i] for i, _ in outcome.results]),
-                outcome.report(images.shape[0]))
+            def crop_run(crop_image, crop, _):
+                k = next(key_es)
+                schedule = k.schedule(uc, tau)
+                choice = (_face_choice(faces, face_indices, face_mask, i, crop_image) if crop.face_index < 0 else
+                          FaceChoice("mask", "", crop.face_mask(crop_image.shape[1])))
+                runs.append((protect(crop_image, schedule, choice), crop_image, schedule, k))
+                return runs[-1][0].images
+
+            delivered, _, _ = protect_photo(images[i], plan, crop_run)
+            receipt = receipt_for(images[i], delivered, plan, options, guided_by=face_model, method=self.METHOD)
+            return delivered, runs, plan, receipt
+
+        outcome = diff_privacy.protect_each(len(planned.results), lambda j: one(*planned.results[j]))
+        outcome.failures = planned.failures + [(planned.results[j][0], why) for j, why in outcome.failures]
+        done = [r for _, r in outcome.results]
+        runs = [run for _, crop_runs, _, _ in done for run in crop_runs]
+        first, _, schedule, _ = runs[0]
+        json_receipt, text = receipt_outputs([r for _, _, _, r in done], [outcome.report(images.shape[0])],
+                                             receipt_text)
+        return {"ui": {"text": text}, "result": (
+            torch.cat([d for d, _, _, _ in done]),
+            {"samples": torch.cat([run.latents["samples"] for run, _, _, _ in runs])},
+            first.sampler, first.sigmas, schedule,
+            torch.cat([img for _, img, _, _ in runs]),
+            KeyE.batch_conditioning([k for _, _, _, k in runs]),
+            "\n".join(text), [plan for _, _, plan, _ in done], json_receipt)}
 
 
 class DiffPrivacyAnonymize(_ProtectionNode):
@@ -237,14 +268,16 @@ class DiffPrivacyAnonymize(_ProtectionNode):
                 "diversity_weight": ("FLOAT", tip("Weight of L_div (outputs apart) against L_Idis (paper: 1).",
                                                   default=1.0, min=0.0, max=100.0, step=0.05))}
 
-    OUTPUT_TOOLTIPS = ("The anonymized images (num_outputs per protected image, in batch order).",
-                       "Their latents.") + _PARTS_TIPS + _KEY_TIPS
+    OUTPUT_TOOLTIPS = ("The anonymized photos at their own size (num_outputs per protected photo, in batch order).",
+                       "The latents of the protected crops.") + _PARTS_TIPS + _KEY_TIPS
     FUNCTION = "anonymize"
+    METHOD = "Diff-Privacy anonymize"
 
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
                   guidance_scale, diversity_weight, resolution=512, faces="all", face_indices="", face_mask=None,
-                  gradient_options=None):
-        return self._protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
+                  gradient_options=None, pipeline=None):
+        return self._protect_batch(image, vae, face_model, key_e, uncond, tau, resolution, faces, face_indices,
+                                   face_mask, pipeline,
                                    lambda img, schedule, choice: diff_privacy.anonymize(
                                        model, vae, face_model, img, schedule, seed=seed, steps=steps,
                                        strength=strength, num_outputs=num_outputs, guidance_scale=guidance_scale,
@@ -270,14 +303,16 @@ class DiffPrivacyHide(_ProtectionNode):
                             "detections per output over the 80 steps run, little next to the UNet"),
                     default=10, min=0, max=1000))}
 
-    OUTPUT_TOOLTIPS = ("The identity-hidden images (num_outputs per protected image, in batch order).",
-                       "Their latents.") + _PARTS_TIPS + _KEY_TIPS
+    OUTPUT_TOOLTIPS = ("The identity-hidden photos at their own size (num_outputs per protected photo, in batch "
+                       "order).", "The latents of the protected crops.") + _PARTS_TIPS + _KEY_TIPS
     FUNCTION = "hide"
+    METHOD = "Diff-Privacy hide"
 
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
              lambda_above, lambda_below, redetect_every=10, resolution=512, faces="all", face_indices="",
-             face_mask=None, gradient_options=None):
-        return self._protect_batch(image, vae, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
+             face_mask=None, gradient_options=None, pipeline=None):
+        return self._protect_batch(image, vae, face_model, key_e, uncond, tau, resolution, faces, face_indices,
+                                   face_mask, pipeline,
                                    lambda img, schedule, choice: diff_privacy.hide(
                                        model, vae, face_model, img, schedule, seed=seed, tau=tau, steps=steps,
                                        strength=strength, num_outputs=num_outputs, lambda_above=lambda_above,

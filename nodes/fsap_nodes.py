@@ -1,4 +1,4 @@
-"""FSAP (thesis ch. 5): thin adapters of ``guidance.fsap`` (the search) and ``evaluation.fsap_eval`` (the thesis's
+"""FSAP (thesis ch. 5): thin adapters of ``methods.fsap`` (the search) and ``evaluation.fsap_eval`` (the thesis's
 comparison row)."""
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import logging
 
 from ..evaluation import fsap_eval
 from ..evaluation.lpips import LPIPSUnavailable, load_lpips
-from ..guidance import fsap
-from ..guidance.working_image import working_image
+from ..methods import fsap
 from ..inversion.ddim import ddim_invert
-from .common import (CATEGORY, StepProgress, paired_batches, resolution_input,
+from ..methods.pipeline import one_photo_plan
+from ..methods.receipt import receipt_for, receipt_text
+from .common import (CATEGORY, StepProgress, paired_batches, pipeline_input, receipt_outputs, resolution_input,
                      rgb_batch, tip, whole_frame_gradient_options)
 
 log = logging.getLogger("diffprivacy")
@@ -75,26 +76,33 @@ class DiffPrivacyFSAP:
             "perceptual_mode": (list(fsap.PERCEPTUAL_MODES), tip(
                 "batched: the perceptual losses' gradients as rows of one forward/backward (fast, memory x3); "
                 "sequential: one forward, one backward per loss (less memory).", default="batched")),
-            "resolution": resolution_input("The search and the output work at this size."),
+            "resolution": resolution_input("The search works on the face crop at this size; the output keeps the "
+                                           "photo's size."),
         }, "optional": {
             "clip_vision": ("CLIP_VISION", tip("CLIP-ViT-H, only for FaceID Plus adapters (reads the aligned crop).")),
             "gradient_options": whole_frame_gradient_options("the cheap render's gradient"),
+            "pipeline": pipeline_input(" FSAP moves one face's embedding: one face at a time (unconnected: the "
+                                       "largest)."),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    RETURN_TYPES = ("IMAGE", "IMAGE", "FACE_EMBEDDING", "STRING", "FLOAT")
-    RETURN_NAMES = ("image", "loss_curve", "found_embedding", "report", "identity_loss")
-    OUTPUT_TOOLTIPS = ("The de-identified photo: full DDIM render with the found W.",
+    RETURN_TYPES = ("IMAGE", "IMAGE", "FACE_EMBEDDING", "STRING", "FLOAT", "STRING")
+    RETURN_NAMES = ("image", "loss_curve", "found_embedding", "report", "identity_loss", "receipt")
+    OUTPUT_TOOLTIPS = ("The de-identified photo at its own size: the face crop's full DDIM render with the found W, "
+                       "pasted back through the feathered mask.",
                        "L_I (red) and L_P (blue) per iteration, tau dashed; shown live on the node while it runs.",
                        "The found W as a FACE_EMBEDDING (for Apply Identity Streams).",
                        "Final L_I on the delivered image (and the stand-in's), iterations, whether tau was reached "
                        "on the delivered image, iterations where only the stand-in passed, LPIPS used or absent.",
-                       "Final L_I measured on the delivered image (8-bit, the original's landmarks).")
+                       "Final L_I measured on the delivered image (8-bit, the original's landmarks).",
+                       "The receipt (JSON): the face found or not, identity distance to the original under a "
+                       "recognizer FSAP was not guided by (dlib by default), the verdict and the crop size, on the "
+                       "delivered photo after 8-bit rounding.")
     FUNCTION = "run"
     CATEGORY = FSAP_CATEGORY
 
     def run(self, model, vae, positive, identity_adapter, face_embedding, image, face_model, tau, lambda_i, lambda_p,
             k, max_iterations, timestep, steps, latent_step, identity_weight, perceptual_mode, resolution,
-            clip_vision=None, gradient_options=None, unique_id=None):
+            clip_vision=None, gradient_options=None, pipeline=None, unique_id=None):
         settings = fsap.FSAPSettings(tau=tau, lambda_i=lambda_i, lambda_p=lambda_p, k=k, n=max_iterations,
                                      steps=steps, strength=timestep, latent_step=latent_step,
                                      identity_weight=identity_weight, perceptual_mode=perceptual_mode).validated()
@@ -102,7 +110,8 @@ class DiffPrivacyFSAP:
         emb = face_embedding.get("embedding") if isinstance(face_embedding, dict) else None
         if emb is None or emb.dim() != 2 or emb.shape[0] != 1:
             raise ValueError("face_embedding must hold one face's embedding (Face Embedding on the original photo)")
-        img = working_image(rgb_batch(image), vae, resolution)
+        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "FSAP", max_faces=1)
+        (img,) = plan.cut(photo)
         try:
             lpips, lpips_note = load_lpips(), None
         except LPIPSUnavailable as e:
@@ -128,8 +137,11 @@ class DiffPrivacyFSAP:
             report += f"\nLPIPS absent: {lpips_note}"
         found = dict(face_embedding, embedding=result.w.float().cpu(), warning=None)
         curve = fsap.curve_image(result.history, settings.tau)
-        return {"ui": {"text": [report]},
-                "result": (result.image, curve, found, report, float(result.l_i))}
+        delivered = plan.paste(photo, [result.image])
+        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
+                                                     method="FSAP")], [report], receipt_text)
+        return {"ui": {"text": text},
+                "result": (delivered, curve, found, report, float(result.l_i), receipt)}
 
 
 class DiffPrivacyFSAPEvaluation:

@@ -22,8 +22,8 @@ from ..inversion.keyfile import KeyFileExistsError
 from ..inversion.loss_curve import loss_curve_image, loss_curve_pil
 from ..inversion.msi import VARIANT_MULTI_SCALE, VARIANT_ONE_EMBEDDING
 from ..inversion.train_key_e import LR_SCHEDULES, KeyETrainingOptions, train_key_e
-from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, claim_unused, list_key_files,
-                     resolve_key_path, write_new_output_file)
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, claim_unused, key_file_name,
+                     list_key_files, resolve_key_path, write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 
@@ -165,7 +165,7 @@ class DiffPrivacyLearnKeyE:
         key_e = KeyE.from_stages(cond, pooled).with_provenance(key_e_provenance(model_fp, clip_fp)).to_conditioning()
         uncond = [[uc, {"pooled_output": uc_pooled} if uc_pooled is not None else {}]]
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use Key-E"
-        text = f"{path.name}: {state.steps_done} steps, last loss {state.losses[-1]:.4f} ({note})"
+        text = f"{key_file_name(path)}: {state.steps_done} steps, last loss {state.losses[-1]:.4f} ({note})"
         return {"ui": {"text": [text]},
                 "result": (key_e, uncond, loss_curve_image(state.losses), str(path))}
 
@@ -185,8 +185,9 @@ class DiffPrivacyLoadKeyE:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "key_file": (list_key_files(), {"tooltip": f"A Key-E file under output/{KEY_SUBFOLDER}/ (refresh after "
-                                                       "training). Ignored when key_path is given."}),
+            "key_file": (list_key_files(), {"tooltip": f"A Key-E file under output/{KEY_SUBFOLDER}/, named as Learn "
+                                                       "Key-E shows it (press R in the canvas to list one written "
+                                                       "since the page loaded). Ignored when key_path is given."}),
             "password": ("STRING", {"default": "", "tooltip": "Password of a sealed file; empty for an unsealed one. "
                                                               + PASSWORD_TOOLTIP}),
         }, "optional": {

@@ -11,6 +11,7 @@ Keys are never put into image or latent metadata; the file format is in inversio
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -19,14 +20,14 @@ import torch
 from PIL import Image
 
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
-from ..inversion.difp_keys import refuse_difp
+from ..inversion.keyfile import refuse_difp
 from ..inversion.key_check import check_key_file, check_keys
 from ..inversion.key_e import KeyE
-from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors
-from ..inversion.keyfile import (KEY_I, META_STEPS, META_STRENGTH, META_TAU, key_bundle_metadata, metadata_number,
-                                 read_key_file, write_key_file)
-from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, key_file_digest, resolve_key_path,
-                     write_new_output_file)
+from ..inversion.key_bundle import LATENT_SCALE, bundle_from_tensors, bundle_tensors, crop_plans
+from ..inversion.keyfile import (KEY_E as KEY_E_TENSOR, KEY_I, META_FACE_CROPS, META_STEPS, META_STRENGTH, META_TAU,
+                                 key_bundle_metadata, metadata_number, read_key_file, write_key_file)
+from .common import (KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, list_key_files, key_file_digest, key_file_name,
+                     resolve_key_path, write_new_output_file)
 
 log = logging.getLogger("diffprivacy")
 
@@ -39,7 +40,9 @@ class DiffPrivacySaveKey:
     CATEGORY = "Diff-Privacy/keys"
     DESCRIPTION = ("Saves Key-I and Key-E with the step count, schedule, image size and model fingerprints in one "
                    "key file under the output folder (sealed with the password, if one is given). Never overwrites "
-                   "a file. Whoever has the key file (and its password) can undo the protection.")
+                   "a file. Whoever has the key file (and its password) can undo the protection. A Key-I made of "
+                   "face crops gives one file per photo: each crop's Key-I, the photo's Key-E and where the crops "
+                   "were cut (squares and masks), no pixel of the photo.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("key_path",)
     OUTPUT_TOOLTIPS = ("Absolute path of the key file written (one per line for a batch).",)
@@ -81,22 +84,47 @@ class DiffPrivacySaveKey:
         key_es = KeyE.for_batch(key_e, count)  # a batch gets one key file per image, each with its own Key-E
         for k in key_es:  # the step count, model and text encoders the keys record must be the ones given here
             check_keys(key_i, k.provenance, model=model, clip=clip, steps=steps)
-        bundles = [bundle_tensors({**key_i, "samples": samples[i:i + 1]} if count > 1 else key_i,
-                                  key_es[i].to_conditioning()) for i in range(count)]
+        bundles = key_bundles(key_i, samples, key_es)
         fingerprints = {"model_fingerprint": model_fingerprint(model), "clip_fingerprint": clip_fingerprint(clip)}
         paths, shown = [], []
-        for tensors in bundles:
+        for tensors, plan in bundles:
             _, _, h, w = tensors[KEY_I].shape
             metadata = key_bundle_metadata(steps=steps, tau=tau, strength=strength, image_width=w * LATENT_SCALE,
                                            image_height=h * LATENT_SCALE, **fingerprints)
+            if plan is not None:
+                metadata[META_FACE_CROPS] = json.dumps(plan, sort_keys=True)
             # write_key_file refuses an existing file (KeyFileExistsError is a FileExistsError): the name counts up.
-            path, name = write_new_output_file(
+            path, _ = write_new_output_file(
                 filename_prefix, KEY_SUFFIX, lambda p, t=tensors, m=metadata: write_key_file(p, t, m, password or None))
             paths.append(str(path))
-            shown.append(name)
+            shown.append(key_file_name(path))  # what Load Key lists
         note = "sealed with the password" if password else "NOT sealed: anyone with this file can use the key"
         log.info("[Diff-Privacy] %d key file(s) saved: %s (%s)", len(paths), ", ".join(paths), note)
         return {"ui": {"text": [f"{', '.join(shown)} ({note})"]}, "result": ("\n".join(paths),)}
+
+
+def key_bundles(key_i: dict, samples, key_es: list) -> list[tuple[dict, dict | None]]:
+    """(key tensors, face-crop plan or None) per key file: one file per image of a whole-frame Key-I, one per photo
+    (all its crops, one Key-E) of a face-crop Key-I."""
+    plans = crop_plans(key_i)
+    if plans is None:
+        count = len(key_es)
+        return [(bundle_tensors({**key_i, "samples": samples[i:i + 1]} if count > 1 else key_i,
+                                key_es[i].to_conditioning()), None) for i in range(count)]
+    counts = [len(p["crops"]) for p in plans]
+    if sum(counts) != samples.shape[0]:
+        raise ValueError(f"key_i holds {samples.shape[0]} latent(s) but records {sum(counts)} face crop(s): use Make "
+                         "Key-I's output as it is")
+    out, start = [], 0
+    for plan, n in zip(plans, counts):
+        own = key_es[start:start + n]
+        if any(k is not own[0] and not torch.equal(k.to_tensors()[KEY_E_TENSOR], own[0].to_tensors()[KEY_E_TENSOR])
+               for k in own):
+            raise ValueError("the face crops of one photo were protected with different Key-Es; a key file holds one "
+                             "Key-E per photo: protect every face of a photo with the same Key-E")
+        out.append((bundle_tensors({**key_i, "samples": samples[start:start + n]}, own[0].to_conditioning(), n), plan))
+        start += n
+    return out
 
 
 class DiffPrivacyLoadKey:
@@ -115,8 +143,9 @@ class DiffPrivacyLoadKey:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "key_file": (list_key_files(), {"tooltip": f"A key file under output/{KEY_SUBFOLDER}/ (refresh the page "
-                                                       "after saving a new one). Ignored when key_path is given."}),
+            "key_file": (list_key_files(), {"tooltip": f"A key file under output/{KEY_SUBFOLDER}/, named as Save Key "
+                                                       "shows it (press R in the canvas to list one saved since the "
+                                                       "page loaded). Ignored when key_path is given."}),
             "password": ("STRING", {"default": "", "tooltip": "Password of a sealed key file; empty for an unsealed "
                                                               "one. " + PASSWORD_WARNING}),
         }, "optional": {

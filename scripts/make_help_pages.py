@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "web" / "docs"
 
 
-def _cell(text) -> str:
-    return str(text or "").replace("|", "\\|").replace("\n", " ")
+def _text(text) -> str:
+    """Plain text for a Markdown page: one line, and ``<`` / ``>`` as entities, so that a placeholder such as
+    models/insightface/models/<pack>/ is shown, not taken for an HTML tag and dropped by the renderer."""
+    return str(text or "").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;").strip()
 
 
 def _default(type_, options: dict) -> str:
@@ -28,31 +30,30 @@ def _default(type_, options: dict) -> str:
     if value is None and isinstance(type_, (list, tuple)):
         value = type_[0] if type_ else ""
     if value is None:
-        return "—"
-    return f"`{value}`" if value != "" else "(empty)"
+        return ""
+    return f"`{value}`" if value != "" else "empty"
 
 
 def io_sections(cls) -> str:
-    """The "## Inputs" and "## Outputs" sections of a node's page, from its definition."""
+    """The "## Inputs" and "## Outputs" sections of a node's page, from its definition: one list item per input
+    and output (name, type, default, what it is), which reads in the front end's narrow help panel."""
     spec = cls.INPUT_TYPES()
     lines = ["## Inputs", ""]
-    rows = []
     for section in ("required", "optional"):
         for name, entry in spec.get(section, {}).items():
             type_, options = entry[0], (entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {})
-            kind = "list" if isinstance(type_, (list, tuple)) else type_
-            optional = " (optional)" if section == "optional" else ""
-            rows.append(f"| `{name}`{optional} | {kind} | {_cell(_default(type_, options))} | "
-                        f"{_cell(options.get('tooltip'))} |")
-    lines += (["| input | type | default | what it is |", "|---|---|---|---|"] + rows) if rows else \
-        ["None: its settings are its widgets."]
+            facts = ["list" if isinstance(type_, (list, tuple)) else str(type_)]
+            default = _default(type_, options)
+            facts += [f"default {default}"] if default else []
+            facts += ["optional"] if section == "optional" else []
+            lines.append(f"- **`{name}`** ({', '.join(facts)}): {_text(options.get('tooltip'))}")
+    if len(lines) == 2:
+        lines.append("None: its settings are its widgets.")
     lines += ["", "## Outputs", ""]
     names = list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
     tips = list(getattr(cls, "OUTPUT_TOOLTIPS", None) or [""] * len(names))
-    if names:
-        lines += ["| output | type | what it is |", "|---|---|---|"]
-        lines += [f"| `{n}` | {t} | {_cell(tip)} |" for n, t, tip in zip(names, cls.RETURN_TYPES, tips)]
-    else:
+    lines += [f"- **`{n}`** ({t}): {_text(tip)}" for n, t, tip in zip(names, cls.RETURN_TYPES, tips)]
+    if not names:
         lines.append("None: it writes files under ComfyUI's output folder and shows them on the node.")
     return "\n".join(lines) + "\n\n"
 
@@ -61,7 +62,7 @@ def skeleton(node_id: str, cls, display: str | None) -> str:
     return (f"# {display or node_id}\n\n`{node_id}` · category {getattr(cls, 'CATEGORY', '')}\n\n"
             f"TODO: what it does, in two sentences.\n\n{io_sections(cls)}## Paper\n\nTODO: the equation or "
             "section it implements.\n\n## Defaults and why\n\n- TODO\n\n## Common errors\n\n"
-            "| message or symptom | fix |\n|---|---|\n| TODO | TODO |\n")
+            "- TODO: a message or symptom, and its fix.\n")
 
 
 def main() -> int:

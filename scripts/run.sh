@@ -15,25 +15,31 @@ ln -sfn "$DP_REPO" "$home/custom_nodes/diff-privacy-nodes"
 
 comfy_args=()
 models_yaml=()
+models_dir="$home/models"  # where the missing-model hints point: the user's folder when --models gives one
 port=8188
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) port="$2"; shift 2 ;;
-    --models) "$DP_PYTHON" "$DP_REPO/scripts/check_models.py" --write-yaml "$home/extra_model_paths.yaml" "$2"
+    --models) models_dir="$(realpath "$2")"
+              # every folder the pack reads (scripts/check_models.py FOLDERS) mapped to $2/<folder>/
+              "$DP_PYTHON" "$DP_REPO/scripts/check_models.py" --write-yaml "$home/extra_model_paths.yaml" "$models_dir"
               models_yaml=(--extra-model-paths-config "$home/extra_model_paths.yaml"); shift 2 ;;
     --extra-model-paths) models_yaml=(--extra-model-paths-config "$(realpath "$2")"); shift 2 ;;
     *) comfy_args+=("$1"); shift ;;
   esac
 done
 
-"$DP_PYTHON" "$DP_REPO/scripts/check_models.py" "$home/models" "${models_yaml[@]:1}" || true
+"$DP_PYTHON" "$DP_REPO/scripts/check_models.py" "$models_dir" "$home/models" "${models_yaml[@]:1}" || true
+echo "[diff-privacy] folders: models $models_dir (and $home/models), photos in $home/input," \
+  "results and keys in $home/output (keys under diffprivacy/)"
 
 if ! "$DP_PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "[diff-privacy] no GPU found: running on the CPU (slow; fine for trying the workflows on small images)"
   comfy_args+=(--cpu)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 fi
-echo "[diff-privacy] open http://127.0.0.1:$port (workflows: Workflow > Browse Templates > diff-privacy-nodes)"
+echo "[diff-privacy] open http://127.0.0.1:$port (workflows: the ComfyUI logo menu > Browse Templates, or the" \
+  "Templates button of the left bar; then diff-privacy-nodes under Extensions; start with anonymize-text-key)"
 cd "$DP_COMFY"
 exec "$DP_PYTHON" main.py --base-directory "$home" --listen 127.0.0.1 --port "$port" \
   --database-url "sqlite:///$home/user/comfyui.db" "${models_yaml[@]}" "${comfy_args[@]}"

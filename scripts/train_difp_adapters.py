@@ -45,7 +45,7 @@ def main() -> int:
     import comfy.sd
     from diffprivacy.guidance.face.base import FaceModel
     from diffprivacy.guidance.face.loader import load_detector, load_recognizer
-    from diffprivacy.inversion import difp_training as dt
+    from diffprivacy.methods import difp_training as dt
 
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]

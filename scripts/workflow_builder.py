@@ -141,7 +141,8 @@ class Graph:
             ui_nodes.append(note_node(len(ui_nodes) + 1, self.note, ui_nodes, groups))
         return {"last_node_id": len(ui_nodes), "last_link_id": link_id, "nodes": ui_nodes, "links": links,
                 "groups": groups, "config": {},
-                "extra": {"info": {"name": self.name, "description": self.description}}, "version": 0.4}
+                "extra": {"info": {"name": self.name, "description": self.description},
+                          "ds": opening_view(ui_nodes, groups)}, "version": 0.4}
 
 
 # -- how the front end sizes a node (LiteGraph's LGraphNode.computeSize, comfyui-frontend-package 1.32) --------
@@ -163,6 +164,11 @@ IMAGE_NODE_WIDTH = 300  # wide enough to see a face in the preview
 # Widgets a node's front-end extension adds: (label, height).
 FRONT_END_WIDGETS = {"PreviewAny": [("preview", DOM_WIDGET_H)]}
 MAX_READABLE_WIDTH = 460  # widen a node until its widget values are readable, up to this
+# Nodes whose text after a run the pack's front-end extension draws under their widgets (web/js/node_text.js,
+# 16 px lines): room for that many lines is kept so that the text does not grow the node over a neighbour.
+REPORTED_TEXT_LINES = {"DiffPrivacyFaceModelLoader": 4, "DiffPrivacySaveKey": 3, "DiffPrivacySaveDIFPKey": 3,
+                       "DiffPrivacyLearnKeyE": 3, "DiffPrivacyHideFromDetectors": 3}
+REPORTED_LINE_H, REPORTED_PAD = 16, 8
 
 
 def text_width(text: str, px: float) -> float:
@@ -180,7 +186,8 @@ def _shown(value) -> str:
 def node_size(n: "Node", info: dict) -> list[int]:
     """[width, height] of a node's body (the title bar is above it) as the front end computes it when the
     workflow loads, widened so widget values can be read and heightened for the images it will show.
-    The front end keeps a stored size that is at least its own, so this is what the user sees."""
+    The front end keeps a stored size that is at least its own, so this is what the user sees (until a
+    node's reported text needs more lines than ``REPORTED_TEXT_LINES`` keeps)."""
     title = n.title or info.get("display_name") or n.type
     slot_labels, widgets = [], []  # widgets: (label, shown value, height, arrows)
     for name, type_, opts in input_specs(info):
@@ -209,6 +216,8 @@ def node_size(n: "Node", info: dict) -> list[int]:
     width = max(width, min(readable, MAX_READABLE_WIDTH),
                 text_width(title, 14) + 2 * TITLE_H + 4)  # the title is cut to the width less 2 title heights
     height = 6 + rows * SLOT_H + (sum(w[2] for w in widgets) + 8 if widgets else 0)
+    if n.type in REPORTED_TEXT_LINES:
+        height += REPORTED_TEXT_LINES[n.type] * REPORTED_LINE_H + REPORTED_PAD
     if n.type in IMAGE_NODES:
         height += IMAGE_PREVIEW_H
         width = max(width, IMAGE_NODE_WIDTH)
@@ -224,6 +233,7 @@ COLUMN_GAP, NODE_GAP = 50, 30        # between columns in a group; between a nod
 GROUP_PAD, GROUP_TITLE_H = 20, 34    # inside a group's border; a group's title bar (font 24 x 1.4)
 GROUP_GAP = 70                       # between groups
 MAX_COLUMN_H = 1200                  # a taller column is split in two
+ROW_MAX_W = 2000                     # groups wrap into rows this wide: a row fills a 1600 px window at 0.75
 ORIGIN = (0, 0)
 GROUP_COLORS = ["#3f789e", "#8A8", "#b06634", "#a1309b", "#88A", "#b58b2a"]
 NOTE_MIN_WIDTH, NOTE_MAX_WIDTH = 460, 1300
@@ -245,8 +255,8 @@ def stage_order(declared: list, flows: set[tuple]) -> list:
 def layout(graph: "Graph", ui_nodes: list[dict], links: list[list]) -> list[dict]:
     """Place every node (sets ``pos``) and return the groups, one per stage.
 
-    Stages go left to right in the order the definition declared them; inside a stage, a node's column is
-    the length of the longest chain of links from the stage's own inputs to it (loaders first, results
+    Stages go left to right in the order data flows between them, in rows (``_wrap_rows``); inside a stage, a
+    node's column is the length of the longest chain of links from the stage's own inputs to it (loaders first, results
     last); a column is filled from the top in the order the definition created its nodes (so a
     definition lists parallel branches in the order they should be read), each node level with the
     node that feeds it from the column before, if any. Nodes of no stage form one ungrouped stage."""
@@ -260,7 +270,7 @@ def layout(graph: "Graph", ui_nodes: list[dict], links: list[list]) -> list[dict
 
     top = ORIGIN[1] + GROUP_TITLE_H + GROUP_PAD + TITLE_H  # the first node's body in every group
     x = ORIGIN[0]
-    groups = []
+    blocks = []
     for index, stage in enumerate(stages):
         members = [n.id for n in graph.nodes if stage_of[n.id] == stage]
         depth: dict[int, int] = {}
@@ -290,15 +300,68 @@ def layout(graph: "Graph", ui_nodes: list[dict], links: list[list]) -> list[dict
             previous = set(column)
             left += max(by_id[nid]["size"][0] for nid in column) + COLUMN_GAP
         right = left - COLUMN_GAP + GROUP_PAD
-        if stage is not None:
-            groups.append({"id": len(groups) + 1, "title": f"{len(groups) + 1} · {stage}",
-                           "bounding": [x, ORIGIN[1], right - x, 0],
-                           "color": GROUP_COLORS[index % len(GROUP_COLORS)], "font_size": 24, "flags": {}})
+        blocks.append((stage, x, right, members))
         x = right + GROUP_GAP
-    bottom = max(n["pos"][1] + n["size"][1] for n in ui_nodes) + GROUP_PAD
-    for g in groups:  # one row of groups, all as tall as the tallest
-        g["bounding"][3] = bottom - ORIGIN[1]
+    return _wrap_rows(blocks, by_id)
+
+
+def _wrap_rows(blocks: list[tuple], by_id: dict[int, dict]) -> list[dict]:
+    """Stages laid out in one line (``blocks``: stage, left, right, node ids) folded into rows at most
+    ``ROW_MAX_W`` wide, read left to right then top to bottom, so that the opening view (``opening_view``)
+    shows the first stages at a zoom where the front end draws them. Groups in a row are equally tall."""
+    groups, rows, row = [], [], []
+    x, y = ORIGIN
+    for index, (stage, left, right, members) in enumerate(blocks):
+        if row and x + (right - left) > ORIGIN[0] + ROW_MAX_W:
+            rows.append(row)
+            y = _close_row(row, by_id) + GROUP_GAP
+            x, row = ORIGIN[0], []
+        for nid in members:
+            by_id[nid]["pos"] = [by_id[nid]["pos"][0] + x - left, by_id[nid]["pos"][1] + y - ORIGIN[1]]
+        group = None
+        if stage is not None:
+            group = {"id": len(groups) + 1, "title": f"{len(groups) + 1} · {stage}",
+                     "bounding": [x, y, right - left, 0],
+                     "color": GROUP_COLORS[index % len(GROUP_COLORS)], "font_size": 24, "flags": {}}
+            groups.append(group)
+        row.append((group, members, y))
+        x += right - left + GROUP_GAP
+    _close_row(row, by_id)
     return groups
+
+
+def _close_row(row: list[tuple], by_id: dict[int, dict]) -> float:
+    """Make a row's groups as tall as its tallest content; the row's bottom."""
+    bottom = max(by_id[nid]["pos"][1] + by_id[nid]["size"][1] for _, members, _ in row for nid in members)
+    bottom += GROUP_PAD
+    for group, _, top in row:
+        if group is not None:
+            group["bounding"][3] = bottom - top
+    return bottom
+
+
+# -- the view a workflow opens at --------------------------------------------------------------------
+# The window the opening view is made for, and what the front end's own bars cover of it (1.32: the
+# side bar on the left, the menu and workflow tabs at the top).
+WINDOW = (1600, 1000)
+WINDOW_MARGINS = (70, 160, 30, 40)  # left, top (a banner, the tabs, the workflow's name), right, bottom
+MIN_SCALE = 0.75  # below ~0.57 the front end draws nodes as blank boxes; 0.75 keeps widgets readable
+
+
+def opening_view(ui_nodes: list[dict], groups: list[dict]) -> dict:
+    """``extra.ds`` (the view the front end restores on loading): the Read me and the first row of
+    groups filling the window, at a zoom between ``MIN_SCALE`` and 1; when they do not fit at
+    ``MIN_SCALE``, the top left of them at ``MIN_SCALE`` (the Read me first)."""
+    first_row = [g["bounding"] for g in groups if g["bounding"][1] == min(h["bounding"][1] for h in groups)]
+    notes = [[n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H]
+             for n in ui_nodes if n["type"] in VIRTUAL_NODES]
+    boxes = first_row + notes or [[n["pos"][0], n["pos"][1] - TITLE_H, *n["size"]] for n in ui_nodes]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    left, top, right, bottom = WINDOW_MARGINS
+    fit = min((WINDOW[0] - left - right) / (x1 - x0), (WINDOW[1] - top - bottom) / (y1 - y0))
+    scale = round(min(1.0, max(MIN_SCALE, fit)), 3)
+    return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
 
 
 def note_node(id_: int, text: str, ui_nodes: list[dict], groups: list[dict]) -> dict:

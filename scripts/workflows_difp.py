@@ -27,10 +27,12 @@ PROTECT_NOTE = (
     "and s_sty (unreported by the paper: 1.0 each here). Type a password into Save DIFP Key before sharing anything.")
 
 RECOVER_NOTE = (
-    "What: DIFP recovery. DDIM from the key's F_i under its condition, each step pulled towards the original's "
-    "identity stored in the key (Eq. 17, adapted). The protected image is never read.\n"
-    "Where: pick the key file in Load DIFP Key (saved by difp-protect under output/diffprivacy/; refresh the page "
-    "after saving) and type its password; the same SD 1.5 checkpoint and face model as for protection.\n"
+    "What: DIFP recovery. DDIM from the key's F_i (the face crop) under its condition, each step pulled towards the "
+    "original's identity stored in the key (Eq. 17, adapted); the recovered face is pasted back into the protected "
+    "photo where it was cut (the key holds nothing of the photo outside the face).\n"
+    "Where: pick the key file in Load DIFP Key (saved by difp-protect under output/diffprivacy/; press R "
+    "to list a new one) and type its password; the protected photo in Load Image (protected.png in ComfyUI's input/ "
+    "folder); the same SD 1.5 checkpoint and face model as for protection.\n"
     "Settings that matter: steps come from the key; guidance_scale 0 gives plain DDIM (no face model needed).")
 
 
@@ -64,15 +66,17 @@ def difp_protect():
 
 def difp_recover():
     g = Graph("difp-recover",
-              "DIFP recovery from a DIFP key file (+ password): DDIM from F_i with the identity correction of Eq. 17; "
-              "the recovered face saved without metadata.", note=RECOVER_NOTE)
+              "DIFP recovery from a DIFP key file (+ password) and the protected photo: DDIM from F_i with the "
+              "identity correction of Eq. 17, the recovered face pasted back into the photo, saved without metadata.",
+              note=RECOVER_NOTE)
     g.stage("Load")
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     key = g.node("DiffPrivacyLoadDIFPKey", key_file="", password="")
+    protected = g.node("LoadImage", title="the protected photo", image="protected.png")
     face_model = add_arcface(g)
     g.stage("Recover and save")
     rec = g.node("DiffPrivacyDIFPRecover", model=ckpt.out(0), vae=ckpt.out(2), key=key.out(0), steps=key.out(1),
-                 guidance_scale=1.0, face_model=face_model.out(0))
+                 guidance_scale=1.0, face_model=face_model.out(0), protected=protected.out(0))
     g.node("DiffPrivacySaveImageClean", images=rec.out(0), filename_prefix="diffprivacy/difp-recovered")
     return g
 

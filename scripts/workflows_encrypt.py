@@ -29,21 +29,23 @@ def _settings(g, steps, strength, tau):
             g.node("PrimitiveInt", title="working resolution (0: the photo's size)", value=512))
 
 
-def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, settings=None, **task_settings):
+def _protect(g, ckpt, image, key_e, uncond, task, prefix, steps, strength, tau, settings=None, face=None,
+             **task_settings):
     """The task node, its clean saver, Key-I and the key file, all on the shared S / S_ns / tau
-    (``settings``: those primitives, when the caller made them already)."""
+    (``settings``: those primitives, when the caller made them already; ``face``: the face model loader, likewise)."""
     s, ns, t, res = settings or _settings(g, steps, strength, tau)
     g.stage(PROTECT)
-    face = g.node("DiffPrivacyFaceModelLoader", **FACE)
+    face = face or g.node("DiffPrivacyFaceModelLoader", **FACE)
     node = g.node(task, model=ckpt.out(0), vae=ckpt.out(2), face_model=face.out(0), image=image.out(0),
                   key_e=key_e, uncond=uncond, seed=0, steps=s.out(0), strength=ns.out(0), tau=t.out(0),
                   resolution=res.out(0), **task_settings)
     g.node("DiffPrivacySaveImageClean", images=node.out(0), filename_prefix=f"diffprivacy/{prefix}")
     g.stage(KEEP)
-    # Key-I from the images the task protected, with their Key-Es (outputs 5 and 6): in a batch, an image the
-    # task left out (no face) gets no key, and every key matches its protected image.
+    # Key-I from the face crops the task protected, with their Key-Es (outputs 5 and 6) and where it cut them
+    # (output 8): a photo the task left out (no face) gets no key, and the key records its crops so that Recover
+    # pastes the recovered faces back into the protected photo.
     key_i = g.node("DiffPrivacyMakeKeyI", model=ckpt.out(0), key_e=node.out(6), vae=ckpt.out(2), image=node.out(5),
-                   steps=s.out(0), resolution=res.out(0))
+                   steps=s.out(0), resolution=res.out(0), crops=node.out(8))
     g.node("DiffPrivacySaveKey", key_i=key_i.out(0), key_e=node.out(6), model=ckpt.out(0), clip=ckpt.out(1),
            steps=s.out(0), tau=t.out(0), strength=ns.out(0), filename_prefix="diffprivacy/key", password="",
            protected=node.out(0))  # written only once protection has succeeded
@@ -63,15 +65,19 @@ def _with_key_e_file(name, task, prefix, steps, strength, tau, description, note
 
 
 def _learning_key_e(name, task, prefix, steps, strength, tau, description, note, **task_settings):
-    """Learn Key-E of the photo (paper defaults, at the shared working resolution), then protect with it."""
+    """Learn Key-E of the photo's largest face crop (paper defaults, at the shared working resolution: what protection
+    and Key-I see), then protect every face with it."""
     g = Graph(name, description, note)
     g.stage(LOAD)
     ckpt = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
     image = g.node("LoadImage", image="face.png")
+    face = g.node("DiffPrivacyFaceModelLoader", **FACE)
     settings = _settings(g, steps, strength, tau)  # the resolution is also Key-E learning's
-    learn = add_learn_key_e(g, ckpt, image, resolution=settings[3].out(0), filename_prefix="diffprivacy/key_e")
+    g.stage(KEY_E)
+    crops = g.node("DiffPrivacyFaceCrops", face_model=face.out(0), image=image.out(0), resolution=settings[3].out(0))
+    learn = add_learn_key_e(g, ckpt, crops, resolution=settings[3].out(0), filename_prefix="diffprivacy/key_e")
     _protect(g, ckpt, image, learn.out(0), learn.out(1), task, prefix, steps, strength, tau, settings=settings,
-             **task_settings)
+             face=face, **task_settings)
     return g
 
 
@@ -117,22 +123,26 @@ def workflows():
         "Hide, and a password on Save Key to seal the key.",
         num_outputs=1, lambda_above=1.5, lambda_below=2.5, redetect_every=10)
 
-    recover = Graph("recover", "Diff-Privacy identity recovery from a key file (Key-I + Key-E, written by "
-                               "anonymize / hide): needs neither the protected nor the original image. Enter the "
-                               "key file's password; the recovered image is saved without metadata.",
-                    "What: brings the original photo back from a key file alone (Key-I + Key-E, Diff-Privacy Stage "
-                    "III): needs neither the protected nor the original image.\n"
+    recover = Graph("recover", "Diff-Privacy identity recovery from a key file (Key-I + Key-E of each protected face "
+                               "crop, written by anonymize / hide) and the protected photo: the recovered faces are "
+                               "pasted back where they were cut, the rest of the photo stays as the protected photo "
+                               "has it (the key holds nothing of the photo outside the faces). Enter the key file's "
+                               "password; the recovered photo is saved without metadata.",
+                    "What: brings the original faces back into the protected photo from a key file (Key-I + Key-E, "
+                    "Diff-Privacy Stage III), at the photo's own size; never needs the original.\n"
                     "Where: the SD 1.5 checkpoint the key was made with in Load Checkpoint; in Load Key pick the key "
-                    "file anonymize or hide wrote (R refreshes the list) and type its password.\n"
-                    "Settings that matter: none to tune: steps, tau and strength come from the key file. The result "
-                    "is saved without metadata.")
+                    "file anonymize or hide wrote (R refreshes the list) and type its password; the protected photo "
+                    "in Load Image (protected.png in ComfyUI's input/ folder).\n"
+                    "Settings that matter: none to tune: steps, tau, strength and the crops come from the key file. "
+                    "The result is saved without metadata.")
     recover.stage("Load the key")
     ckpt = recover.node("CheckpointLoaderSimple", ckpt_name=SD15)
     key = recover.node("DiffPrivacyLoadKey", key_file=KEY_FILE, password="", model=ckpt.out(0), clip=ckpt.out(1))
+    protected = recover.node("LoadImage", title="the protected photo", image="protected.png")
     recover.stage("Recover and save")
-    rec = recover.node("DiffPrivacyRecover", model=ckpt.out(0), key_e=key.out(1), key_i=key.out(0), steps=key.out(2))
-    decoded = recover.node("VAEDecode", samples=rec.out(0), vae=ckpt.out(2))
-    recover.node("DiffPrivacySaveImageClean", images=decoded.out(0), filename_prefix="diffprivacy/recovered")
+    rec = recover.node("DiffPrivacyRecover", model=ckpt.out(0), key_e=key.out(1), key_i=key.out(0), steps=key.out(2),
+                       vae=ckpt.out(2), protected=protected.out(0))
+    recover.node("DiffPrivacySaveImageClean", images=rec.out(1), filename_prefix="diffprivacy/recovered")
 
     text = Graph("anonymize-text-key",
                  "Diff-Privacy anonymization with a text prompt standing in for Key-E (nothing learnt, no CLIP "

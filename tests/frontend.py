@@ -117,6 +117,31 @@ class FrontEnd:
                 raise RuntimeError(f"page exception: {json.dumps(r['exceptionDetails'])[:2000]}")
         return base64.b64decode(results[3]["data"])
 
+    def opening_views(self, ui_workflows: dict[str, dict], width: int, height: int) -> dict[str, dict]:
+        """How each workflow opens in a ``width`` x ``height`` window, loaded as a drag-and-drop or the
+        template browser loads it (the view stored in the file restored): per name, ``scale``,
+        ``low_quality`` (the front end draws nodes as blank boxes), ``window`` and the on-screen boxes
+        ``[x, y, w, h]`` of the ``note`` (the Read me) and of the ``groups`` in reading order;
+        ``note_covered``: points of the Read me's title bar that a bar of the front end covers."""
+        results = self.send(
+            ("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                    "mobile": False}),
+            ("Runtime.evaluate", _evaluate(_OPENING % {"workflows": json.dumps(ui_workflows)})),
+            ("Emulation.clearDeviceMetricsOverride", {}), timeout=180)
+        if "exceptionDetails" in results[1]:
+            raise RuntimeError(f"page exception: {json.dumps(results[1]['exceptionDetails'])[:2000]}")
+        return json.loads(results[1]["result"]["value"])
+
+    def client_id(self) -> str:
+        """The id the page's websocket has with the server: a prompt posted with it reports to this page."""
+        return self.evaluate("window.comfyAPI.api.api.clientId")
+
+    def drawn_node_text(self, node_ids: list[int], timeout: float = 30) -> dict[str, dict]:
+        """Per node: the text this pack's front-end extension holds for it after a run (``held``) and the
+        strings the canvas drew while drawing it centred on screen (``drawn``)."""
+        return json.loads(self.evaluate(_DRAWN_TEXT % {"ids": json.dumps(node_ids), "ms": int(timeout * 1000)},
+                                        timeout=timeout + 30))
+
     def close(self):
         self.proc.terminate()
         try:
@@ -231,4 +256,50 @@ _FIT = """(async () => {
   ds.offset[1] = (window.innerHeight / ds.scale - (y1 - y0)) / 2 - y0;
   app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
   await new Promise(r => setTimeout(r, 500));
+})()"""
+
+# Each workflow loaded as a user opens it (its stored view restored), drawn once, and measured on screen.
+_OPENING = """(async () => {
+  const frames = () => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+  if (!document.getElementById('dp-no-dialogs')) {  // the first start's template browser, closed as a user does
+    const style = Object.assign(document.createElement('style'), {id: 'dp-no-dialogs'});
+    style.textContent = '.p-dialog-mask {display: none !important}';
+    document.head.appendChild(style);
+  }
+  await new Promise(r => setTimeout(r, 300)); app.canvas.resize(); await frames();
+  const seen = {};
+  for (const [name, workflow] of Object.entries(%(workflows)s)) {
+    await app.loadGraphData(workflow);
+    await frames(); app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
+    const ds = app.canvas.ds, c = app.canvas.canvas.getBoundingClientRect();
+    const screen = (b) => [c.left + (b[0] + ds.offset[0]) * ds.scale, c.top + (b[1] + ds.offset[1]) * ds.scale,
+                           b[2] * ds.scale, b[3] * ds.scale];
+    const note = app.graph._nodes.find(n => n.type === 'Note' || n.type === 'MarkdownNote');
+    const box = note ? screen(Array.from(note.getBounding())) : null;  // its title bar: drawn on the canvas
+    const bar = box ? [0.02, 0.5, 0.98].map(f => [box[0] + f * box[2], box[1] + 15 * ds.scale]) : [];
+    seen[name] = {scale: ds.scale, low_quality: !!app.canvas.low_quality, window: [innerWidth, innerHeight],
+                  note: box,
+                  note_covered: bar.filter(([x, y]) => document.elementFromPoint(x, y) !== app.canvas.canvas),
+                  groups: app.graph._groups.map(g => ({title: g.title, box: screen(Array.from(g._bounding))}))};
+  }
+  return JSON.stringify(seen);
+})()"""
+
+# Wait for the nodes' reported text to arrive, then draw each node on screen and record every fillText.
+_DRAWN_TEXT = """(async () => {
+  const ids = %(ids)s, deadline = Date.now() + %(ms)d;
+  const nodes = ids.map(id => app.graph.getNodeById(id));
+  while (nodes.some(n => !n.diffPrivacyText) && Date.now() < deadline) await new Promise(r => setTimeout(r, 200));
+  const seen = {}, fillText = CanvasRenderingContext2D.prototype.fillText;
+  try {
+    for (const node of nodes) {
+      const drawn = [];
+      CanvasRenderingContext2D.prototype.fillText = function (text, ...rest) {
+        drawn.push(String(text)); return fillText.call(this, text, ...rest); };
+      app.canvas.centerOnNode(node); app.graph.setDirtyCanvas(true, true); app.canvas.draw(true, true);
+      CanvasRenderingContext2D.prototype.fillText = fillText;
+      seen[node.id] = {held: node.diffPrivacyText || null, drawn};
+    }
+  } finally { CanvasRenderingContext2D.prototype.fillText = fillText; }
+  return JSON.stringify(seen);
 })()"""

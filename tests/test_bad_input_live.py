@@ -104,9 +104,9 @@ def _rgba() -> Image.Image:
 
 
 @pytest.mark.parametrize("make, mode, resolution, size", [
-    (_rgba, "RGBA", 64, (64, 64)),
-    (lambda: _face().convert("L"), "L", 64, (64, 64)),
-    (lambda: _face((97, 131)), "RGB", 0, (96, 128)),  # 0: its own size, cropped to the latent grid
+    (_rgba, "RGBA", 64, (96, 96)),                    # the photo keeps its size: its face crop works at 64
+    (lambda: _face().convert("L"), "L", 64, (96, 96)),
+    (lambda: _face((97, 131)), "RGB", 0, (97, 131)),  # 0: the crop at its own size (a multiple of 8)
 ], ids=["rgba", "grayscale", "odd-size"])
 def test_rgba_grayscale_and_odd_sized_images_are_protected(comfy_server, workflow_api, make, mode, resolution, size):
     image = make()
@@ -124,7 +124,10 @@ def real_key(comfy_server, workflow_api):
     """A key file written by a normal anonymize-text-key run (relative to the output folder)."""
     _put(comfy_server, "face-64.png", _face((64, 64)))
     api = _anonymize(workflow_api, "face-64.png")
-    return saved_key(comfy_server.run(api, timeout=120), api)
+    entry = comfy_server.run(api, timeout=120)
+    (png,) = comfy_server.output_images(entry, only(api, "DiffPrivacySaveImageClean"))
+    (comfy_server.base / "input" / "protected.png").write_bytes(png)  # the recover workflow pastes into it
+    return saved_key(entry, api)
 
 
 def _recover(workflow_api, **load):
@@ -360,7 +363,7 @@ def pools(comfy_server, tiny_clip_vision, adapters):
     NaN identities, an empty one."""
     import torch
 
-    from diffprivacy.guidance import diffusion_deid as deid
+    from diffprivacy.methods import diffusion_deid as deid
     with torch.no_grad():
         width = deid.Appearance(tiny_clip_vision)(torch.rand(1, 3, 64, 64))[0].shape[-1]
     g = torch.Generator().manual_seed(0)
@@ -426,7 +429,7 @@ def test_an_oversized_or_inconsistent_key_and_a_difp_key_are_refused_by_load_key
 
     import torch
 
-    from diffprivacy.inversion.difp_keys import DIFPKey, write_difp_key
+    from diffprivacy.methods.difp_keys import DIFPKey, write_difp_key
     from diffprivacy.inversion.key_check import key_i_latent
     from diffprivacy.inversion.keyfile import KEY_I, read_key_file
     folder = comfy_server.base / "output" / "diffprivacy"

@@ -65,7 +65,7 @@ def test_deid_through_two_ray_actors_equals_the_single_process_run(cluster, tmp_
         runs[name] = dr.run(method, src, out, keys, settings, seed=7, **_quiet(**kw))
         assert runs[name]["status"] == {"ok": 2}, dr.Manifest(out).read()
     assert runs["ray"]["ray"] and not runs["local"]["ray"]
-    from diffprivacy.guidance.diffusion_deid import Pool
+    from diffprivacy.methods.diffusion_deid import Pool
     local, ray_pool = (Pool.load(tmp_path / f"keys-{n}" / "diffusion-de-id.pool.safetensors") for n in ("local", "ray"))
     for name in ("identity", "appearance", "latents", "recognizer", "has_face"):  # the actors' pool is the process's
         assert torch.equal(getattr(local, name), getattr(ray_pool, name)), name

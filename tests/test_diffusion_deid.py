@@ -4,6 +4,7 @@ command. The tiny model has random weights: its renders are not faces
 and its numbers are not results (a real SD 1.5 with IP-Adapter-FaceID and CLIP-vision is needed for those)."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -15,7 +16,7 @@ import torch
 
 import ip_adapter_fixtures as fx
 from conftest import shared_path
-from diffprivacy.guidance import diffusion_deid as deid
+from diffprivacy.methods import diffusion_deid as deid
 
 SIZE = 64
 STEPS = 4
@@ -310,3 +311,27 @@ def test_the_node_with_the_tiny_gradient_decoder_and_no_file_fails_naming_the_fo
                                               setup["adapter"], setup["face"], setup["image"], "pool.safetensors",
                                               "a photo", "iis", "real", 1, 0.0, STEPS, resolution=SIZE,
                                               gradient_options=GradientOptions(decoder="tiny"))
+
+
+def test_the_node_de_identifies_chosen_faces_of_a_group_photo_at_its_size_with_a_receipt(setup, tiny_sd, tmp_path,
+                                                                                          monkeypatch):
+    import folder_paths
+    from face_fixtures import load_photo
+    from diffprivacy.methods.pipeline import PipelineOptions, plan_photo
+    from diffprivacy.nodes.deid_nodes import DiffPrivacyDiffusionDeID
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    setup["pool"].save(tmp_path / "pool.safetensors")
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    pipeline = PipelineOptions(faces="indices", face_indices="0, 1")
+    with torch.inference_mode():
+        out = DiffPrivacyDiffusionDeID().deidentify(setup["model"], setup["vae"], tiny_sd[1], setup["appearance"].cv,
+                                                    setup["adapter"], setup["face"], group, "pool.safetensors",
+                                                    "a photo", "iis", "real", 1, 0.0, STEPS, resolution=128,
+                                                    pipeline=pipeline)
+    image, report, receipt = out["result"]
+    plan = plan_photo(group[0], setup["face"], pipeline, 128)
+    outside = plan.mask() == 0
+    assert image.shape == (1, 886, 1280, 3) and torch.equal(image[0][outside], group[0][outside])
+    assert not torch.equal(image, group) and report.count("paired with fake") == 2
+    faces = json.loads(receipt)["outputs"][0]["faces"]
+    assert [f["crop_size"] for f in faces] == [c.side for c in plan.crops]

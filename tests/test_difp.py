@@ -8,7 +8,7 @@ import torch
 
 import comfy.model_sampling
 import ip_adapter_fixtures as fx
-from diffprivacy.guidance import difp
+from diffprivacy.methods import difp
 from diffprivacy.guidance import identity_streams as ids
 from diffprivacy.guidance.ddim import ddim_sigmas
 from diffprivacy.guidance.guided_ddim import sample_guided_ddim

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from diffprivacy.guidance.identity_streams import face_identity
-from diffprivacy.inversion import difp_keys as dk
+from diffprivacy.methods import difp_keys as dk
 from diffprivacy.inversion.key_bundle import bundle_from_tensors
 from diffprivacy.inversion.keyfile import key_bundle_metadata, read_key_file, write_key_file
 from toy_models import ToyFaceModel

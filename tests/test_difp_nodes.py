@@ -2,6 +2,7 @@
 the face mask keeping everything outside it, and the bad input the issue lists."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -59,8 +60,9 @@ def test_protect_changes_the_face_keeps_pixels_outside_the_mask_and_the_key_reco
     from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPRecover, DiffPrivacyLoadDIFPKey, DiffPrivacySaveDIFPKey
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
     out = _protect(tiny_sd, tiny_clip_vision, parts)
-    protected, key, original, mask = out["result"]
+    protected, key, original, mask, receipt = out["result"]
     assert protected.shape == (2, 128, 128, 3) and original.shape == (1, 128, 128, 3)
+    assert json.loads(receipt)["outputs"][0]["faces"][0]["crop_size"] == key.face_crops["crops"][0]["side"]
     outside = mask[0] == 0
     assert outside.float().mean() > 0.5
     assert (protected - original).abs()[:, outside].max() <= 1 / 255        # the issue's bound (exact here)
@@ -72,16 +74,26 @@ def test_protect_changes_the_face_keeps_pixels_outside_the_mask_and_the_key_reco
     loaded, steps = DiffPrivacyLoadDIFPKey().load("", "secret", key_path=path)
     assert steps == 10
     model, _, vae = tiny_sd
+    from diffprivacy.methods.pipeline import Plan
+    plan = Plan.from_dict(loaded.face_crops)                                # the key records its face crop
     with torch.inference_mode():
-        recovered, latent = DiffPrivacyDIFPRecover().recover(model, vae, loaded, steps, 0.0)
-        target = vae.decode(vae.encode(original))
-    err = (recovered - target).abs().mean()
-    assert err < 0.5 * (protected[:1] - target).abs().mean() or err < 0.01  # recovery lands on the original
+        with pytest.raises(ValueError, match="protected photo"):
+            DiffPrivacyDIFPRecover().recover(model, vae, loaded, steps, 0.0)
+        recovered, latent = DiffPrivacyDIFPRecover().recover(model, vae, loaded, steps, 0.0, protected=protected[:1])
+        (crop,) = plan.cut(original[0])
+        (protected_crop,) = plan.cut(protected[0])
+        target, recovered_crop = vae.decode(vae.encode(crop)), vae.decode(latent["samples"])
+    assert recovered.shape == original.shape                                # the photo at its size
+    assert torch.equal(recovered[0][outside], protected[0][outside])        # outside the masks: the protected photo
+    err = (recovered_crop - target).abs().mean()                            # the face crop: recovery lands on it
+    assert err < 0.5 * (protected_crop - target).abs().mean() or err < 0.01
 
 
 def test_whole_frame_changes_outside_the_face_too(tiny_sd, tiny_clip_vision, parts):
-    out = _protect(tiny_sd, tiny_clip_vision, parts, region="whole frame", num_outputs=1)
-    protected, _, original, mask = out["result"]
+    from diffprivacy.methods.pipeline import PipelineOptions
+    out = _protect(tiny_sd, tiny_clip_vision, parts, region="whole frame", num_outputs=1,
+                   pipeline=PipelineOptions(mode="whole frame"))
+    protected, _, original, mask, _ = out["result"]
     assert bool((mask == 1).all())
     assert (protected - original).abs()[:, :10, :10].mean() > 0.01
 
@@ -89,13 +101,15 @@ def test_whole_frame_changes_outside_the_face_too(tiny_sd, tiny_clip_vision, par
 def test_bad_input(tiny_sd, tiny_clip_vision, parts, caplog):
     with pytest.raises(ValueError, match="beyond the last timestep"):
         _protect(tiny_sd, tiny_clip_vision, parts, strength=1.2)
-    with pytest.raises(NoFaceError, match="in the original"):
+    with pytest.raises(NoFaceError, match="No face was detected"):  # the pipeline finds no face to crop
         _protect(tiny_sd, tiny_clip_vision, parts, face_model=SmallFace(found=False))
     with pytest.raises(NoFaceError, match="donor image"):
         _protect(tiny_sd, tiny_clip_vision, parts, donor="image", donor_image=torch.zeros(1, 64, 64, 3),
                  face_model=_NoFaceOnBlack())
     with caplog.at_level(logging.WARNING, logger="diffprivacy"):
-        same = _protect(tiny_sd, tiny_clip_vision, parts, donor="image", donor_image=_photo(), num_outputs=1)
+        from diffprivacy.methods.pipeline import PipelineOptions  # the toy recognizer sees the whole image: the
+        same = _protect(tiny_sd, tiny_clip_vision, parts, donor="image", donor_image=_photo(), num_outputs=1,
+                        pipeline=PipelineOptions(mode="whole frame"))  # donor photo is the original only uncropped
         assert "protects nothing" in same["ui"]["text"][0] and "protects nothing" in caplog.text
         plain = _protect(tiny_sd, tiny_clip_vision, parts, s_id=0.0, s_sty=0.0, num_outputs=1, identity_adapter=None,
                          style_adapter=None)
@@ -127,7 +141,7 @@ def test_every_difp_node_has_tooltips_a_description_and_is_registered():
 # -- where the style and the realism reference come from (issue 24) ---------------------------------------------------
 def _spy_protect(monkeypatch):
     """Record the MODEL (its streams), the reference and the settings DIFP's sampling gets."""
-    from diffprivacy.guidance import difp
+    from diffprivacy.methods import difp
     seen = {}
     real = difp.protect
 
@@ -190,9 +204,44 @@ def test_style_source_and_realism_reference_are_the_explicit_choices_and_nothing
 
 
 def test_the_node_defaults_do_not_feed_the_original_back_as_style():
-    from diffprivacy.guidance import difp
+    from diffprivacy.methods import difp
     from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPProtect
     required = DiffPrivacyDIFPProtect.INPUT_TYPES()["required"]
     assert required["style_source"][0] == difp.SOURCES and required["style_source"][1]["default"] == "none"
     assert required["realism_reference"][1]["default"] == "original"
     assert "costs privacy" in required["realism_reference"][1]["tooltip"]
+
+
+class _GroupFace(SmallFace):
+    """SmallFace's recognizer with dlib's detector on photos larger than 256 pixels (a real group photo)."""
+
+    def detect(self, image):
+        if max(image.shape[:2]) > 256:
+            from face_fixtures import dlib_model
+            return dlib_model().detect(image)
+        return super().detect(image)
+
+
+def test_a_group_photo_keeps_its_size_and_its_pixels_outside_the_mask_and_the_key_recovers_the_photo(
+        tiny_sd, tiny_clip_vision, parts, tmp_path, monkeypatch):
+    import folder_paths
+    from conftest import shared_path
+    from face_fixtures import load_photo
+    from diffprivacy.methods.pipeline import Plan
+    from diffprivacy.nodes.difp_nodes import DiffPrivacyDIFPRecover, DiffPrivacyLoadDIFPKey, DiffPrivacySaveDIFPKey
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    out = _protect(tiny_sd, tiny_clip_vision, parts, image=group, face_model=_GroupFace(), steps=5, num_outputs=1)
+    protected, key, original, mask, receipt = out["result"]
+    outside = mask[0] == 0
+    assert protected.shape == (1, 886, 1280, 3) and torch.equal(protected[0][outside], group[0][outside])
+    (face,) = json.loads(receipt)["outputs"][0]["faces"]                   # the largest face, by default
+    assert face["crop_size"] == key.face_crops["crops"][0]["side"] and face["working_resolution"] == 128
+    path = DiffPrivacySaveDIFPKey().save(key, "diffprivacy/difp", "")["result"][0]
+    loaded, steps = DiffPrivacyLoadDIFPKey().load("", "", key_path=path)
+    model, _, vae = tiny_sd
+    with torch.inference_mode():
+        recovered, _ = DiffPrivacyDIFPRecover().recover(model, vae, loaded, steps, 0.0, protected=protected)
+    assert recovered.shape == (1, 886, 1280, 3)
+    assert torch.equal(recovered[0][outside], group[0][outside])            # the rest: the photo's own pixels
+    assert Plan.from_dict(loaded.face_crops).mask().equal(mask[0])

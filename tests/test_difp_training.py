@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffprivacy.guidance import ip_adapter as ipa
-from diffprivacy.inversion import difp_training as dt
+from diffprivacy.methods import difp_training as dt
 
 
 def _data():

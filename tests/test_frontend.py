@@ -7,7 +7,12 @@ drag-and-drop does, and checked for everything a user would meet:
   group, a Note, and every node at the size the generator gave it (the front end did not have to grow
   one: the generator's layout is what the user sees);
 - no widget names a file a fresh install lacks, except the models the README tells the user to place
-  and the photos the workflow's own Note says where to put.
+  and the photos the workflow's own Note says where to put;
+- it opens readable: on a 1600 x 1000 window, at a zoom the front end draws widgets at, with the Read me
+  and the first group on screen;
+- what the pack's nodes report after a run (Face Model Loader's choice, Save Key's file and sealed state) is
+  drawn on the nodes by the pack's extension (web/js/node_text.js);
+- the template browser gets the pack's templates with the recommended first one on top (web/js/template_order.js).
 """
 import json
 import os
@@ -74,6 +79,57 @@ def test_workflow_in_the_front_end_queues_what_the_tests_post_and_reads_cleanly(
                  if value not in README_MODELS and not (value.lower().endswith(PHOTO) and value in note)]
     assert not not_fresh, ("widget values naming files a fresh install does not have (neither a model the README "
                            f"places nor a photo the Note places): {not_fresh}")
+
+
+def _on_screen(box, window) -> bool:
+    x, y, w, h = box
+    return x >= 0 and y >= 0 and x + w <= window[0] and y + h <= window[1]
+
+
+def test_every_workflow_opens_at_a_readable_zoom_with_its_read_me_and_first_group_on_screen(front_end):
+    workflows = {name: json.loads((REPO / "example_workflows" / f"{name}.json").read_text()) for name in WORKFLOWS}
+    seen = front_end.opening_views(workflows, 1600, 1000)
+    problems = []
+    for name, view in seen.items():
+        if view["scale"] < 0.75 or view["low_quality"]:
+            problems.append(f"{name}: opens at zoom {view['scale']:.2f} (low quality: {view['low_quality']})")
+        if view["note"] is None or not _on_screen(view["note"], view["window"]):
+            problems.append(f"{name}: the Read me is not wholly on screen: {view['note']} in {view['window']}")
+        elif view["note_covered"]:
+            problems.append(f"{name}: the front end's bars cover the Read me's title at {view['note_covered']}")
+        title = view["groups"][0]["box"][:3] + [34 * view["scale"]]  # the first group's title bar
+        if not _on_screen(title, view["window"]):
+            problems.append(f"{name}: the first group's title is off screen: {view['groups'][0]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_face_model_loader_and_save_key_draw_their_text_on_the_node_after_a_run(front_end, comfy_server):
+    from workflow_builder import ui_to_api
+    from workflow_helpers import only, shown_key_name, shrink
+    ui = json.loads((REPO / "example_workflows" / "anonymize-text-key.json").read_text())
+    front_end.evaluate(f"app.loadGraphData({json.dumps(ui)})")
+    api = shrink(ui_to_api(ui, comfy_server.object_info), 64, 2)
+    api[only(api, "DiffPrivacySaveKey")]["inputs"]["password"] = "front end"
+    own_id, comfy_server.client_id = comfy_server.client_id, front_end.client_id()  # the page hears the run
+    try:
+        entry = comfy_server.run(api, timeout=300)
+    finally:
+        comfy_server.client_id = own_id
+    loader, saver = only(api, "DiffPrivacyFaceModelLoader"), only(api, "DiffPrivacySaveKey")
+    seen = front_end.drawn_node_text([int(loader), int(saver)])
+    for nid in (loader, saver):
+        (reported,) = entry["outputs"][nid]["text"]
+        held, drawn = seen[nid]["held"], " ".join(seen[nid]["drawn"])
+        assert held == reported, f"node {nid}: the page holds {held!r}, the run reported {reported!r}"
+        assert " ".join(reported.split()) in " ".join(drawn.split()), f"node {nid}: {reported!r} not drawn: {drawn!r}"
+    assert seen[saver]["held"] == f"{shown_key_name(entry, api)} (sealed with the password)"
+
+
+def test_the_template_browser_lists_the_recommended_workflow_first_then_the_rest_in_order(front_end):
+    lists = front_end.evaluate("window.comfyAPI.api.api.getWorkflowTemplates()")  # what the browser is given
+    (ours,) = [names for names in lists.values() if "anonymize-text-key" in names]
+    first = ["anonymize-text-key", "anonymize-fast", "anonymize-learn-key-e", "recover"]
+    assert ours == first + sorted(set(WORKFLOWS) - set(first)), ours
 
 
 def test_layout_check_fails_on_overlapping_nodes_and_covered_group_titles(front_end):

@@ -4,6 +4,7 @@ evaluation row with dlib. The tiny model has random weights: its renders are not
 results (a real SD 1.5 with IP-Adapter-FaceID is needed for those)."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -13,7 +14,7 @@ import torch
 
 import ip_adapter_fixtures as fx
 from conftest import shared_path
-from diffprivacy.guidance import fsap
+from diffprivacy.methods import fsap
 from diffprivacy.guidance.face.base import NoFaceError
 
 SIZE = 64            # the tiny model renders at pixel cost: a 64x64 portrait (MTCNN finds the 18x26 face)
@@ -162,8 +163,11 @@ def test_node_renders_reports_lpips_absence_and_returns_the_curve_and_the_found_
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))
     with torch.inference_mode():
         out = DiffPrivacyFSAP().run(**_node_args(setup))
-    image, curve, found, report, l_i = out["result"]
-    assert image.shape == setup["image"].shape and curve.shape[-1] == 3
+    image, curve, found, report, l_i, receipt = out["result"]
+    assert image.shape == setup["image"].shape and curve.shape[-1] == 3  # the photo at its size (a face crop inside)
+    receipt = json.loads(receipt)  # measured under dlib, not the CASIA FaceNet FSAP steered against
+    assert receipt["recognizer"] == "dlib-resnet128" and receipt["guided_by"] == setup["face"].name
+    assert receipt["outputs"][0]["faces"][0]["crop_size"] > 0 and any("receipt" in t for t in out["ui"]["text"])
     assert torch.equal(found["embedding"], setup["w0"])  # N = 0: W_0 is rendered as it is
     assert "LPIPS absent" in report and "alex.pth" in report
     assert l_i == pytest.approx(float(report.split("L_I = ")[1].split()[0]), abs=1e-4)
@@ -341,5 +345,21 @@ def test_fsap_workflow_runs_live_and_a_dlib_recognizer_is_refused_while_the_serv
     assert served.output_images(entry)
     (table,) = entry["outputs"][only(api, "DiffPrivacyFSAPEvaluation")]["text"]
     assert "| SPR dlib |" in table and "FSAP (thesis)" in table
-    (report,) = entry["outputs"][only(api, "DiffPrivacyFSAP")]["text"]
-    assert "LPIPS" in report and "L_I =" in report
+    report, receipt = entry["outputs"][only(api, "DiffPrivacyFSAP")]["text"]  # shown on the node: both
+    assert "LPIPS" in report and "L_I =" in report and receipt.startswith("receipt")
+
+
+def test_the_node_on_a_group_photo_keeps_its_size_and_every_pixel_outside_the_face_mask(setup):
+    from face_fixtures import load_photo
+    from diffprivacy.methods.pipeline import PipelineOptions, plan_photo
+    from diffprivacy.nodes.fsap_nodes import DiffPrivacyFSAP
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    with torch.inference_mode():
+        out = DiffPrivacyFSAP().run(**_node_args(setup, image=group, resolution=128))
+    image, receipt = out["result"][0], json.loads(out["result"][5])
+    plan = plan_photo(group[0], setup["face"], PipelineOptions(faces="largest"), 128)
+    outside = plan.mask() == 0
+    assert image.shape == (1, 886, 1280, 3) and torch.equal(image[0][outside], group[0][outside])
+    assert [f["crop_size"] for f in receipt["outputs"][0]["faces"]] == [plan.crops[0].side]
+    with torch.inference_mode(), pytest.raises(ValueError, match="one face.*at a time|1 face"):
+        DiffPrivacyFSAP().run(**_node_args(setup, image=group, resolution=128, pipeline=PipelineOptions()))

@@ -38,20 +38,23 @@ def test_resolution_default_is_512_on_every_node_that_takes_an_image():
         assert spec[0] == "INT" and spec[1]["default"] == 512 and spec[1]["tooltip"]
 
 
-@pytest.mark.parametrize("resolution, size", [(64, (64, 64)), (0, (72, 88))])
+@pytest.mark.parametrize("resolution, size", [(64, (64, 64)), (0, (88, 88))])
 def test_protection_and_key_i_work_at_the_same_resolution(tiny_sd, keys, resolution, size):
+    from diffprivacy.methods.pipeline import PipelineOptions
     model, _, vae = tiny_sd
     key_e, uc = keys
-    image, face = _odd_image(), ToyFaceModel()
+    image, face, whole = _odd_image(), ToyFaceModel(), PipelineOptions(mode="whole frame")
     with torch.inference_mode():
-        anon, anon_latents = DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, 4, 0.5, 0.4, 2,
-                                                              1.0, 1.0, resolution=resolution)[:2]
+        anon = DiffPrivacyAnonymize().anonymize(model, vae, face, image, key_e, uc, 0, 4, 0.5, 0.4, 2, 1.0, 1.0,
+                                                resolution=resolution, pipeline=whole)["result"]
         hidden = DiffPrivacyHide().hide(model, vae, face, image, key_e, uc, 0, 4, 0.5, 0.6, 1, 1.0, 1.0,
-                                        redetect_every=1, resolution=resolution)[0]
-        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, image, 4, resolution=resolution)
-    assert anon.shape == (2, *size, 3) and hidden.shape == (1, *size, 3)
+                                        redetect_every=1, resolution=resolution, pipeline=whole)["result"][0]
+        (key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, image, 4, resolution=resolution,
+                                                    crops=anon[8])
+    # the photo comes back at its own size; the working image is its letterbox square at the resolution
+    assert anon[0].shape == (2, *ODD, 3) and hidden.shape == (1, *ODD, 3) and anon[5].shape == (1, *size, 3)
     latent_size = (size[0] // 8, size[1] // 8)
-    assert anon_latents["samples"].shape[-2:] == latent_size and key_i["samples"].shape[-2:] == latent_size
+    assert anon[1]["samples"].shape[-2:] == latent_size and key_i["samples"].shape[-2:] == latent_size
 
 
 def test_bad_resolutions_fail_clearly(tiny_sd, keys):

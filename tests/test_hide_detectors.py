@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffprivacy.guidance import detector_hiding as dh
+from diffprivacy.methods import detector_hiding as dh
 from diffprivacy.guidance.face.anchors import AnchorScores, AttackTarget
 from diffprivacy.guidance.face.base import Face
 from diffprivacy.guidance.face.mtcnn import nms
@@ -171,7 +171,9 @@ def _run(node, image, **kw):
                 iterations=4, robust=False, max_megapixels=12.0)
     args.update(kw)
     with torch.inference_mode():   # as ComfyUI runs nodes
-        return node.hide(image, **args)
+        out = node.hide(image, **args)
+    assert out["ui"]["text"][0].startswith("finished: ")  # what the node shows after the run
+    return out["result"][:3]
 
 
 @pytest.mark.parametrize("channels", [1, 4])
@@ -183,6 +185,18 @@ def test_node_takes_grayscale_and_rgba_and_passes_a_faceless_image_with_a_note(c
     assert rep[0]["faces"] == 0 and "no face" in rep[0]["note"] and "20 px" in rep[0]["note"]
     rgb = img[..., :3] if channels == 4 else img.expand(-1, -1, -1, 3)
     assert torch.allclose(out, (rgb * 255).round() / 255)
+
+
+def test_node_ends_with_a_progress_line_saying_it_finished_not_the_last_iteration(monkeypatch):
+    from diffprivacy.nodes import common
+    lines = []
+    monkeypatch.setattr(common, "send_progress_text", lambda text, node_id: lines.append(text))
+    face = torch.rand(1, 48, 40, 3)
+    with torch.inference_mode():
+        out = _node().hide(face, detectors="mtcnn", private_faces="all", face_indices="0", range_rp=3.0,
+                           epsilon=0.25, iterations=4, robust=False, max_megapixels=12.0, unique_id="7")
+    assert lines and lines[-1] == out["ui"]["text"][0]
+    assert lines[-1].startswith("finished: 0 of 0 private face(s) hidden") and "no face" in lines[-1]
 
 
 def test_node_refuses_a_4096_square_image_with_the_reason_and_a_memory_estimate():

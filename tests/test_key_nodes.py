@@ -162,7 +162,7 @@ def test_save_then_load_sealed_key(output_dir):
     out, key_i, key_e = save_key(model, clip, password="s3cret")
     (path,) = out["result"]
     assert path == str(output_dir / "diffprivacy" / "key_00001_.safetensors")
-    assert is_sealed(path) and "diffprivacy/key_00001_.safetensors" in out["ui"]["text"][0]
+    assert is_sealed(path) and out["ui"]["text"][0] == "key_00001_.safetensors (sealed with the password)"
     metadata = read_key_file(path, "s3cret")[1]
     assert (metadata["image_width"], metadata["image_height"]) == ("96", "64")  # latent 8x12, times 8
 
@@ -220,6 +220,22 @@ def test_saving_twice_never_overwrites(output_dir):
     assert list_key_files() == ["key_00001_.safetensors", "key_00002_.safetensors"]
 
 
+def test_save_key_shows_the_name_load_key_lists_and_says_how_to_load_a_key_saved_elsewhere(output_dir):
+    model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
+    out, _, _ = save_key(model, clip, filename_prefix="diffprivacy/trip/key")
+    shown = out["ui"]["text"][0].split(" ")[0]
+    assert shown == "trip/key_00001_.safetensors"
+    assert shown in DiffPrivacyLoadKey.INPUT_TYPES()["required"]["key_file"][0]
+    DiffPrivacyLoadKey().load(shown, "")  # what the node showed loads as it was shown
+    with pytest.raises(ValueError, match="press R") as e:
+        DiffPrivacyLoadKey().load("diffprivacy/" + shown, "")  # the output-relative name is not a listed one
+    assert "trip/key_00001_.safetensors" in str(e.value)  # the names there are offered
+
+    out, _, _ = save_key(model, clip, filename_prefix="elsewhere/key")
+    assert out["ui"]["text"][0].startswith("elsewhere/key_00001_.safetensors (outside output/diffprivacy/")
+    assert "key_path" in out["ui"]["text"][0]
+
+
 def test_load_refuses_paths_outside_comfy_folders_and_bad_keys(output_dir, tmp_path):
     node = DiffPrivacyLoadKey()
     outside = tmp_path / "elsewhere.safetensors"
@@ -232,7 +248,7 @@ def test_load_refuses_paths_outside_comfy_folders_and_bad_keys(output_dir, tmp_p
             node.load(password="", **kwargs)
     model, clip = PatcherLike(tiny_net(0)), ClipLike(tiny_net(5, width=32))
     flat = key_i_latent(torch.zeros(4, 8, 8), steps=50, sigma=None, model_fingerprint=None, clip_fingerprint=None)
-    with pytest.raises(ValueError, match="LATENT of one image"):
+    with pytest.raises(ValueError, match=r"LATENT of 1 image\(s\)"):
         DiffPrivacySaveKey().save(flat, comfy_keys()[1], model, clip, 50, 0.4, 0.6, "diffprivacy/key", "")
     with pytest.raises(ValueError, match="not a Key-I: connect the key_i output of Make Key-I or Load Key"):
         DiffPrivacySaveKey().save({"samples": torch.zeros(1, 4, 8, 8)}, comfy_keys()[1], model, clip, 50, 0.4, 0.6,
@@ -339,8 +355,8 @@ def test_recover_checks_keys_from_load_key_though_its_model_and_clip_are_not_wir
             recover(model, loaded_e, resized, steps)
         with pytest.raises(ValueError, match="not a Key-I"):
             recover(model, loaded_e, {"samples": loaded_i["samples"]}, steps)
-        (from_file,) = recover(model, loaded_e, loaded_i, steps)
-        (in_memory,) = recover(model, key_e, key_i, 50)
+        from_file, _ = recover(model, loaded_e, loaded_i, steps)
+        in_memory, _ = recover(model, key_e, key_i, 50)
     torch.testing.assert_close(from_file["samples"], in_memory["samples"])
 
 

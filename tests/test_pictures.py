@@ -9,7 +9,8 @@ from conftest import REPO
 
 MAX_BYTES = 150_000
 WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-README_IMAGES = {"baselines.jpg": "make_readme_figures.py", "evaluation-blur.jpg": "make_readme_figures.py",
+README_IMAGES = {"hiding.jpg": "make_readme_figures.py", "baselines.jpg": "make_readme_figures.py",
+                 "evaluation-blur.jpg": "make_readme_figures.py",
                  "workflow-anonymize-learn-key-e.jpg": "make_thumbnails.py"}
 
 

@@ -1,5 +1,6 @@
 """The README's run command: a ComfyUI with this pack, its nodes listed, no import errors, and a clear
-list of the model files a user still has to place."""
+list of the model files a user still has to place; ``--models DIR`` (an existing ComfyUI's models folder)
+maps every folder the pack reads to DIR and the hints point there."""
 import json
 import os
 import re
@@ -13,11 +14,16 @@ from comfy_server import free_port
 
 
 def test_run_command_starts_comfyui_with_the_pack_and_says_which_models_are_missing(tmp_path):
+    from check_models import FOLDERS
     port = free_port()
     env = dict(os.environ, DIFFPRIVACY_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     log = tmp_path / "run.log"
+    user_models = tmp_path / "ComfyUI" / "models"  # a user's own ComfyUI models folder: an IP-Adapter only
+    (user_models / "ipadapter").mkdir(parents=True)
+    (user_models / "ipadapter" / "ip-adapter-faceid_sd15.bin").write_bytes(b"not read until loaded")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "run.sh"), "--port", str(port)], stdout=out,
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "run.sh"), "--port", str(port),
+                                 "--models", str(user_models)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         info = None
@@ -37,8 +43,14 @@ def test_run_command_starts_comfyui_with_the_pack_and_says_which_models_are_miss
         assert re.search(r"seconds: .*custom_nodes/diff-privacy-nodes", text), \
             "the pack is not in ComfyUI's import list"
         assert f"open http://127.0.0.1:{port}" in text
-        # an empty models folder: the user is told exactly what goes where
-        assert "v1-5-pruned-emaonly.safetensors" in text and str(tmp_path / "home" / "models" / "checkpoints") in text
+        # no checkpoint in the user's folder: the user is told exactly what goes where, in the folder they gave
+        assert "v1-5-pruned-emaonly.safetensors" in text and f"into {user_models / 'checkpoints'}/" in text
+        # every folder the pack reads is mapped to it: the IP-Adapter there is offered by the adapter loader
+        adapters = info["DiffPrivacyIdentityAdapterLoader"]["input"]["required"]["adapter_name"][0]
+        assert "ip-adapter-faceid_sd15.bin" in adapters, adapters
+        mapped = (tmp_path / "home" / "extra_model_paths.yaml").read_text()
+        assert all(f"    {folder}: {folder}/" in mapped for folder in FOLDERS), mapped
+        assert {"ipadapter", "facedetection", "vae_approx", "mediapipe", "loras", "lpips"} <= set(FOLDERS)
         assert (tmp_path / "home" / "custom_nodes" / "diff-privacy-nodes").resolve() == REPO
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -25,6 +25,7 @@ def test_learn_key_e_then_protect_then_recover_from_its_key_file(comfy_server, w
     learn.update(steps=LEARN_STEPS, checkpoint_every=0)
     assert isinstance(learn["resolution"], list)  # on the shared working-resolution primitive, set to SIZE
     assert nodes_of(api, task)[0]["inputs"]["key_e"] == [learn_id, 0]
+    assert api[learn["image"][0]]["class_type"] == "DiffPrivacyFaceCrops"  # Key-E learnt on the face crop
     nodes_of(api, task)[0]["inputs"]["num_outputs"] = outputs
     entry = comfy_server.run(api, timeout=300)
 
@@ -44,6 +45,7 @@ def test_learn_key_e_then_protect_then_recover_from_its_key_file(comfy_server, w
     key = comfy_server.base / "output" / saved_key(entry, api)
     assert key.is_file() and key != key_e_file
 
+    (comfy_server.base / "input" / "protected.png").write_bytes(protected[0])  # recover pastes the faces into it
     rec_api = workflow_api("recover")
     nodes_of(rec_api, "DiffPrivacyLoadKey")[0]["inputs"]["key_path"] = saved_key(entry, api)
     rec = comfy_server.run(rec_api, timeout=120)

@@ -4,7 +4,8 @@
   k-diffusion form, D(x, sigma) = (std^2 x + sigma^2 mean) / (std^2 + sigma^2).
 - :class:`ToyDecoder`: a fixed smooth map latent (B, 4, h, w) -> image (B, 3, 8h, 8w) in [0, 1].
 - :class:`ToyFaceModel`: a fixed differentiable recognizer (pooled pixels -> tanh projection) with a
-  "detector" that always finds one centred face.
+  "detector" that always finds one centred face; :class:`PhotoToyFaceModel`: the same with dlib's detector on
+  photos (for the face pipeline on real group photos).
 """
 from __future__ import annotations
 
@@ -56,3 +57,18 @@ class ToyFaceModel(FaceModel):
 
 def toy_latent(seed: int, shape=(1, 4, 8, 8)) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class PhotoToyFaceModel(ToyFaceModel):
+    """The toy recognizer with a real detector for photos: dlib's HOG on an image larger than 256 pixels (a photo,
+    several faces), and on a smaller one (a face crop of the pipeline) the one face at its centre, a third of its
+    side, as a crop with factor 3 holds it."""
+
+    def detect(self, image):
+        h, w = image.shape[:2]
+        if max(h, w) > 256:
+            from face_fixtures import dlib_model
+            return dlib_model().detect(image)
+        lms = torch.tensor([[0.43 * w, 0.45 * h], [0.57 * w, 0.45 * h], [0.5 * w, 0.52 * h],
+                            [0.44 * w, 0.6 * h], [0.56 * w, 0.6 * h]])
+        return [Face(box=torch.tensor([w / 3, h / 3, 2 * w / 3, 2 * h / 3]), landmarks=lms, score=0.99)]

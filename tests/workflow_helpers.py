@@ -3,7 +3,8 @@ shrink a shipped workflow's work, read what a run saved.
 
 - :func:`only`: the id of the one node of a class in an API prompt;
 - :func:`shrink`: the photo scaled to ``size`` x ``size``, the shared resolution and steps primitives set;
-- :func:`saved_key`: the key file a run's SaveKey wrote, relative to the output folder;
+- :func:`saved_key` / :func:`shown_key_name`: the key file a run's SaveKey wrote, relative to the output
+  folder / as the node shows it;
 - :func:`add_preview`: a PreviewImage node on some image output, to read it back from the run;
 - :func:`png_chunks`, :func:`pixels`, :func:`mse`: a saved PNG's chunk types, its pixels in [0, 1], their MSE.
 """
@@ -40,7 +41,13 @@ def shrink(api, size, steps):
 
 
 def saved_key(entry, api):
-    """The key file SaveKey wrote, relative to the output folder (its UI text starts with it)."""
+    """The key file SaveKey wrote, relative to the output folder (its UI text starts with its name in
+    output/diffprivacy/, the name Load Key lists)."""
+    return f"diffprivacy/{shown_key_name(entry, api)}"
+
+
+def shown_key_name(entry, api):
+    """The key file's name as SaveKey shows it on the node (and Load Key lists it)."""
     (text,) = entry["outputs"][only(api, "DiffPrivacySaveKey")]["text"]
     return text.split(" ")[0]
 

@@ -19,6 +19,9 @@ import torch
 
 from .base import Face
 
+HIDDEN_IOU = 0.3            # a private face is found again if a detection overlaps it this much (strict)
+KEPT_IOU = 0.5              # a kept face is still detected if a detection overlaps it this much
+
 
 @dataclass
 class AnchorScores:
@@ -52,6 +55,12 @@ class AttackTarget(abc.ABC):
         """The torch modules holding the weights (to move or thaw them)."""
         return []
 
+    def to(self, device) -> "AttackTarget":
+        """Move the weights (:meth:`modules`) to ``device``."""
+        for module in self.modules():
+            module.to(device)
+        return self
+
     def memory_bytes(self, h: int, w: int) -> int:
         """A rough upper bound of the memory one attack iteration needs on an (h, w) image."""
         return 64 * h * w * 4
@@ -66,3 +75,16 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area_a = (a[:, 2:] - a[:, :2]).clamp_min(0).prod(-1)
     area_b = (b[:, 2:] - b[:, :2]).clamp_min(0).prod(-1)
     return inter / (area_a[:, None] + area_b[None, :] - inter).clamp_min(1e-9)
+
+
+def face_boxes(faces: list[Face]) -> torch.Tensor:
+    return torch.stack([f.box.float() for f in faces]) if faces else torch.zeros(0, 4)
+
+
+def match_faces(reference: torch.Tensor, found: list[Face], iou: float) -> list[bool]:
+    """Per reference box: is there a detection overlapping it by at least ``iou``?"""
+    if reference.numel() == 0:
+        return []
+    if not found:
+        return [False] * reference.shape[0]
+    return (box_iou(reference, face_boxes(found)).max(1).values >= iou).tolist()

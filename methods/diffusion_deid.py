@@ -64,12 +64,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .autograd import gradients_enabled, thaw, thaw_inference_tensors
-from .ddim import check_finite, ddim_sigmas, ddim_step
-from .face.base import NoFaceError
-from .gradient_path import whole_frame_gradient_decoder
-from .gradient_path import GradientOptions
-from .host import check_interrupt, resident_clone
+from ..guidance.autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
+from ..guidance.ddim import check_finite, ddim_sigmas, ddim_step
+from ..guidance.face.base import NoFaceError
+from ..guidance.gradient_path import whole_frame_gradient_decoder
+from ..guidance.gradient_path import GradientOptions
+from ..guidance.host import check_interrupt, resident_clone
 
 OBJECTIVES = ("iis", "irs")
 X_T_SOURCES = ("real", "fake")
@@ -260,7 +260,7 @@ def load_farl(path: str | Path):
     import tempfile
 
     import comfy.clip_vision
-    from .weights import read_tensor_file
+    from ..guidance.weights import read_tensor_file
     path = Path(path)
     sd = read_tensor_file(path, "Expected a FaRL ViT-B/16 checkpoint (FaRL-Base-Patch16-LAIONFace20M-ep64.pth).")
     sd = sd.get("state_dict", sd)
@@ -313,7 +313,7 @@ class Pool:
     def load(cls, path: str | Path) -> "Pool":
         import safetensors
 
-        from .weights import read_tensor_file
+        from ..guidance.weights import read_tensor_file
         name = Path(path).name
         try:
             with safetensors.safe_open(str(path), "pt") as f:
@@ -391,9 +391,9 @@ def render_fakes(model, vae, positive, negative, adapter, face_model, appearance
     """The fakes ``indices`` of a pool: (latent, appearance embedding, recognizer embedding or None) each. Fake i
     depends only on ``identities[i]`` and its noise seed ``seed + 1 + i``, so fakes rendered apart (the dataset
     command's workers) assemble into the pool one process renders."""
-    import comfy.sample
+    from ..guidance.sampling import sample_text_guided
 
-    from . import identity_streams as ids
+    from ..guidance import identity_streams as ids
     with torch.no_grad():
         on, off = ids.identity_tokens(adapter, identities[:1])
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, identity_weight)])
@@ -405,9 +405,8 @@ def render_fakes(model, vae, positive, negative, adapter, face_model, appearance
         with torch.no_grad():
             ss.set_tokens("identity", on=ids.identity_tokens(adapter, identities[i:i + 1])[0])
         empty = torch.zeros(1, channels, resolution // 8, resolution // 8)
-        noise = comfy.sample.prepare_noise(empty, int(seed) + 1 + i)
-        lat = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, empty,
-                                  disable_pbar=True, seed=int(seed) + 1 + i)
+        lat = sample_text_guided(patched, positive, negative, cfg, sampler, scheduler, steps, empty, int(seed) + 1 + i,
+                                 preview=False)
         image = vae.decode(lat)[..., :3].float().clamp(0, 1)
         with torch.no_grad():
             app = appearance(image.movedim(-1, 1))[0][0].cpu()
@@ -471,13 +470,6 @@ def render_grid(sigmas: torch.Tensor, render_steps: int) -> torch.Tensor:
     n = len(sigmas) - 1
     idx = sorted({round(i * n / render_steps) for i in range(render_steps + 1)})
     return sigmas[torch.tensor(idx)]
-
-
-def _thaw_unet(model) -> None:
-    inner = getattr(getattr(model, "inner_model", None), "inner_model", None)
-    target = inner if isinstance(inner, torch.nn.Module) else (model if isinstance(model, torch.nn.Module) else None)
-    if target is not None:
-        thaw_inference_tensors(target)
 
 
 class _Optimisation:
@@ -553,7 +545,7 @@ def _deid_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None
     """k-diffusion signature: the optimisation from x = x_T at sigmas[0]; returns x unchanged."""
     extra_args = {} if extra_args is None else extra_args
     with gradients_enabled():
-        _thaw_unet(model)
+        thaw_diffusion_model(model)
         job["stream_set"].thaw()
         rec = getattr(job["face_model"], "recognizer", None)
         if isinstance(rec, torch.nn.Module):
@@ -596,9 +588,9 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     """
     import comfy.samplers
 
-    from . import identity_streams as ids
-    from .guided_ddim import guided_ddim_sampler
-    from .sampling import sample_with_comfy
+    from ..guidance import identity_streams as ids
+    from ..guidance.guided_ddim import guided_ddim_sampler
+    from ..guidance.sampling import sample_with_comfy
 
     s = settings.validated()
     check_face_model(face_model)

@@ -17,26 +17,25 @@ refuses the other kind, saying which node reads it.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from ..guidance.ddim import ddim_sigmas
-from ..guidance.difp import check_strength, without_stream_flags
+from .difp import check_strength, without_stream_flags
 from ..guidance.energy import hide_energy
 from ..guidance.guided_ddim import IdentityGuidance, guided_ddim_sampler
 from ..guidance.sampling import sample_with_comfy
 from ..guidance.vae_decode import make_vae_decoder
 from ..guidance.working_image import check_working_size
-from .ddim import ddim_invert
-from .fingerprint import model_fingerprint
-from .key_check import LATENT_SCALE, check_keys, key_i_latent
-from .keyfile import (META_IMAGE_HEIGHT, META_IMAGE_WIDTH, META_MODEL_FINGERPRINT, META_STEPS, META_STRENGTH,
-                      metadata_number, read_key_file, write_key_file)
-
-KIND_FIELD = "key_kind"
-KIND_DIFP = "difp"
-KIND_DIFF_PRIVACY = "diff-privacy"  # what a file without the field is
+from ..inversion.ddim import ddim_invert
+from ..inversion.fingerprint import model_fingerprint
+from ..inversion.key_check import LATENT_SCALE, check_keys, key_i_latent
+from ..inversion.keyfile import (KIND_DIFF_PRIVACY, KIND_DIFP, KIND_FIELD, key_kind, META_FACE_CROPS,
+                                 META_IMAGE_HEIGHT,
+                                 META_IMAGE_WIDTH, META_MODEL_FINGERPRINT, META_STEPS, META_STRENGTH, metadata_number,
+                                 read_key_file, write_key_file)
 
 F_I = "difp_f_i"
 TEXT = "difp_text"
@@ -46,23 +45,12 @@ LANDMARKS = "difp_landmarks"
 META_FACE_MODEL = "face_model"
 
 
-def key_kind(metadata: dict) -> str:
-    return metadata.get(KIND_FIELD, KIND_DIFF_PRIVACY)
-
-
 def refuse_non_difp(metadata: dict) -> None:
     kind = key_kind(metadata)
     if kind != KIND_DIFP:
         raise ValueError(f"this is a {'Diff-Privacy' if kind == KIND_DIFF_PRIVACY else kind!r} key file (Key-I + "
                          "Key-E), not a DIFP key: load it with Load Key (Diff-Privacy) and recover with Diff-Privacy "
                          "Recover")
-
-
-def refuse_difp(metadata: dict) -> None:
-    """For Diff-Privacy's key loader: a DIFP key file is refused with the node that reads it."""
-    if key_kind(metadata) == KIND_DIFP:
-        raise ValueError("this is a DIFP key file (F_i + F_e), not a Diff-Privacy key bundle: load it with Load DIFP "
-                         "Key and recover with DIFP Recover")
 
 
 @dataclass
@@ -75,6 +63,7 @@ class DIFPKey:
     face_model: str
     steps: int
     strength: float
+    face_crops: dict | None = None  # where the face crop was cut from the photo (methods.pipeline.Plan.as_dict)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -115,6 +104,8 @@ def key_to_file(key: DIFPKey) -> tuple[dict, dict]:
     metadata = {KIND_FIELD: KIND_DIFP, META_STEPS: str(key.steps), META_STRENGTH: repr(key.strength),
                 META_IMAGE_WIDTH: str(w), META_IMAGE_HEIGHT: str(h), META_FACE_MODEL: key.face_model,
                 META_MODEL_FINGERPRINT: key.f_i["diffprivacy_key_i"].get(META_MODEL_FINGERPRINT) or ""}
+    if key.face_crops is not None:
+        metadata[META_FACE_CROPS] = json.dumps(key.face_crops, sort_keys=True)
     return tensors, metadata
 
 
@@ -142,8 +133,12 @@ def key_from_file(tensors: dict, metadata: dict) -> DIFPKey:
     latent = key_i_latent(f_i, steps=steps, sigma=None, model_fingerprint=metadata.get(META_MODEL_FINGERPRINT) or None,
                           clip_fingerprint=None)
     extra = {"pooled_output": tensors[TEXT_POOLED]} if TEXT_POOLED in tensors else {}
+    try:
+        crops = json.loads(metadata[META_FACE_CROPS]) if META_FACE_CROPS in metadata else None
+    except ValueError:
+        raise ValueError("this DIFP key file is malformed: its face-crop record is not valid JSON") from None
     return DIFPKey(latent, [[tensors[TEXT], extra]], tensors[IDENTITY].float(), tensors[LANDMARKS].float(),
-                   metadata.get(META_FACE_MODEL, ""), steps, strength)
+                   metadata.get(META_FACE_MODEL, ""), steps, strength, crops)
 
 
 def read_difp_key(path, password: str | None = None) -> DIFPKey:

@@ -38,10 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .ddim import ddim_sigmas
-from .guided_ddim import guided_ddim_sampler
-from .identity_streams import COND_KEY, with_stream_switches
-from .ilvr import RealismControl
+from ..guidance.ddim import ddim_sigmas
+from ..guidance.guided_ddim import guided_ddim_sampler
+from ..guidance.identity_streams import COND_KEY, with_stream_switches
+from ..guidance.ilvr import RealismControl
+from ..guidance.sampling import sample
 
 log = logging.getLogger("diffprivacy")
 
@@ -214,10 +215,7 @@ def protect(model, vae, image: torch.Tensor, conditioning, settings: DIFPSetting
     batch = z0.repeat(settings.num_outputs, 1, 1, 1)
     noise = comfy.sample.prepare_noise(batch, settings.seed)
     guider = difp_guider(model, conditioning, settings.s_id, settings.s_sty)
-    sampler = guided_ddim_sampler(None, realism=realism)
-    import comfy.utils
-    samples = guider.sample(noise, batch, sampler, sigmas, seed=settings.seed,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+    samples = sample(guider, guided_ddim_sampler(None, realism=realism), sigmas, batch, noise, settings.seed)
     generated = vae.decode(samples)[..., :3].float()
     if generated.shape[1:3] != image.shape[1:3]:  # VAEs crop to their grid; the working image is on it already
         generated = F.interpolate(generated.movedim(-1, 1), size=image.shape[1:3], mode="bilinear").movedim(1, -1)
@@ -315,8 +313,8 @@ def _resize_to(image: torch.Tensor, size: tuple[int, int], what: str, warnings: 
 
 def _donor(face_model, original: dict, c: DIFPConditions, seed: int, warnings: list):
     """(donor embedding (1, D), aligned crops or None)."""
-    from .face.base import NoFaceError
-    from .identity_streams import face_identity
+    from ..guidance.face.base import NoFaceError
+    from ..guidance.identity_streams import face_identity
     if c.donor not in DONORS:
         raise ValueError(f"donor must be one of {DONORS}, got {c.donor!r}")
     if c.donor == "synthetic":
@@ -340,12 +338,12 @@ def _donor(face_model, original: dict, c: DIFPConditions, seed: int, warnings: l
 def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, settings: DIFPSettings,
                   conditions: DIFPConditions) -> DIFPProtection:
     """DIFP on one working image: find the face, choose the donor, add the streams, protect, composite."""
-    from .face.base import NoFaceError
-    from .identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
-                                   recognizer_space_warning, style_tokens)
+    from ..guidance.face.base import NoFaceError
+    from ..guidance.identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
+                                             recognizer_space_warning, style_tokens)
     import dataclasses
 
-    from .identity_streams import carried_streams
+    from ..guidance.identity_streams import carried_streams
     c, warnings = conditions, []
     check_strength(settings.strength)
     carried = carried_streams(model)

@@ -21,11 +21,11 @@ from typing import Callable
 
 import torch
 
-from .ddim import ddim_sigmas
-from .energy import Energy, anonymize_energy, hide_energy
-from .gradient_path import GradientOptions, make_gradient_decoder, resolve_precision, to_channels_last
-from .guided_ddim import GuidanceScale, IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
-from .sampling import sample_with_comfy
+from ..guidance.ddim import ddim_sigmas
+from ..guidance.energy import Energy, anonymize_energy, hide_energy
+from ..guidance.gradient_path import GradientOptions, make_gradient_decoder, resolve_precision, to_channels_last
+from ..guidance.guided_ddim import GuidanceScale, IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
+from ..guidance.sampling import sample_with_comfy
 
 log = logging.getLogger("diffprivacy")
 

@@ -49,7 +49,6 @@ R_p: it trades visibility for survival.
 """
 from __future__ import annotations
 
-import io
 import math
 import random
 from dataclasses import dataclass, field
@@ -58,15 +57,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .face.anchors import AttackTarget, box_iou
-from .face.base import SELECT_MODES, Face, select_faces
-from .host import check_interrupt
+from ..guidance.face.anchors import HIDDEN_IOU, KEPT_IOU, AttackTarget, box_iou, face_boxes, match_faces
+from ..guidance.face.base import SELECT_MODES, Face, select_faces
+from ..guidance.host import check_interrupt
+from ..guidance.reupload import transform
 
 PRIVATE_MODES = SELECT_MODES
 PRIVATE_ANCHOR_IOU = 0.15   # an anchor this close to a private face may produce it: push it to background
 KEPT_ANCHOR_IOU = 0.5       # an anchor this close to a kept face and firing is one of its detections
-HIDDEN_IOU = 0.3            # a private face is found again if a detection overlaps it this much (strict)
-KEPT_IOU = 0.5              # a kept face is still detected if a detection overlaps it this much
+
 
 
 @dataclass
@@ -118,13 +117,13 @@ class HideResult:
         return all(all(v) for v in self.hidden.values()) and all(all(v) for v in self.kept_found.values())
 
 
-TARGETS = ("mtcnn", "retinaface", "scrfd")
+TARGETS = ("mtcnn", "retinaface", "scrfd", "blazeface-short", "blazeface-full")
 
 
 def load_attack_targets(names: Sequence[str], pack: str = "auto", device="cpu") -> list[AttackTarget]:
     """The named detectors from ComfyUI's model folders (see ``face/loader.py``), ready to attack."""
-    from .face.loader import load_detector
-    from .face.mtcnn_target import MTCNNTarget
+    from ..guidance.face.loader import load_detector
+    from ..guidance.face.mtcnn_target import MTCNNTarget
     out = []
     for name in names:
         name = name.strip()
@@ -141,6 +140,9 @@ def estimate_memory(names: Sequence[str], h: int, w: int) -> int:
     total = 0
     for n in names:
         n = n.strip()
+        if n.startswith("blazeface"):   # the photo's copies plus a 128 or 192 px input: a few MB of activations
+            total += 8 * 3 * 4 * h * w + 64 * 2 ** 20
+            continue
         # detectors analyse big photos at <= 1024 (MTCNN, RetinaFace) or 640 (SCRFD) px: cap their share
         analysed = min(h * w, 1024 * 1024)
         total += 8 * 3 * 4 * h * w + (per_pixel.get(n, 1000) - 96) * analysed
@@ -163,45 +165,6 @@ def region_mask(boxes: torch.Tensor, scale: float, h: int, w: int) -> torch.Tens
         left, right = max(0, math.floor(cx - hw)), max(0, math.ceil(cx + hw))
         m[..., top:bottom, left:right] = 1
     return m
-
-
-def _boxes(faces: list[Face]) -> torch.Tensor:
-    return torch.stack([f.box.float() for f in faces]) if faces else torch.zeros(0, 4)
-
-
-def match_faces(reference: torch.Tensor, found: list[Face], iou: float) -> list[bool]:
-    """Per reference box: is there a detection overlapping it by at least ``iou``?"""
-    if reference.numel() == 0:
-        return []
-    if not found:
-        return [False] * reference.shape[0]
-    return (box_iou(reference, _boxes(found)).max(1).values >= iou).tolist()
-
-
-def _jpeg(x255: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG round trip of (1, 3, H, W) [0, 255] (Pillow, 4:2:0 as most sites re-encode)."""
-    from PIL import Image
-    import numpy as np
-    arr = x255[0].detach().permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
-    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(back).permute(2, 0, 1).unsqueeze(0).to(x255.device)
-
-
-def _rescale(x255: torch.Tensor, s: float) -> torch.Tensor:
-    h, w = x255.shape[2:]
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    return F.interpolate(x255, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
-
-
-def transform(x255: torch.Tensor, scale: float = 1.0, quality: int | None = None) -> torch.Tensor:
-    """Rescale (differentiable), then JPEG (straight-through gradient): a re-upload as a site would do it."""
-    if scale != 1.0:
-        x255 = _rescale(x255, scale)
-    if quality is not None:
-        x255 = x255 + (_jpeg(x255, quality) - x255).detach()
-    return x255
 
 
 def _to_hw3(x255: torch.Tensor) -> torch.Tensor:
@@ -287,7 +250,8 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
 
     if not faces:
         return result(x0, [], [], {}, {}, 0, None,
-                      f"no face found by {ref.name} (it finds faces from about {ref.min_face} px): nothing to hide, "
+                      f"no face found by {ref.name} (it finds faces from "
+                      f"{getattr(ref, 'min_face_text', f'about {ref.min_face} px')}): nothing to hide, "
                       f"image returned unchanged")
     priv_idx, kept_idx = choose_private(faces, private, indices, mask)
     if not priv_idx:
@@ -295,14 +259,14 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
         return result(x0, [], kept_idx, {}, {}, 0, None,
                       f"{why} ({len(faces)} face(s) found): nothing to hide, image returned unchanged")
 
-    ref_private, ref_kept = _boxes([faces[i] for i in priv_idx]), _boxes([faces[i] for i in kept_idx])
+    ref_private, ref_kept = face_boxes([faces[i] for i in priv_idx]), face_boxes([faces[i] for i in kept_idx])
     # Each target draws its own boxes: add its detections that match the reference faces.
     private_by, kept_by = {}, {}
     for t in targets:
         if t is ref:
             private_by[t.name], kept_by[t.name] = ref_private, ref_kept
             continue
-        ob = _boxes(t.detect(_to_hw3(saved0)))
+        ob = face_boxes(t.detect(_to_hw3(saved0)))
         own = ob
         extra_p = ob[box_iou(ob, ref_private).max(1).values >= HIDDEN_IOU] if len(own) else ob
         extra_k = ob[box_iou(ob, ref_kept).max(1).values >= HIDDEN_IOU] if len(own) and len(ref_kept) else ob[:0]
