@@ -128,6 +128,8 @@ COMMON = {
     "models": Setting("folder", "", help="a ComfyUI models folder (--models)"),
     "detect_size": Setting(int, 1600, 64, 16384, help="dlib's detection size in pixels"),
     "face_model": FACE_SPEC,
+    "receipt": Setting(bool, True, help="measure each output's receipt (dlib finds the faces of the original and "
+                                         "judges each on the delivered 8-bit image) into its manifest line"),
 }
 
 
@@ -593,7 +595,7 @@ class Worker:
     def __init__(self, method: Method, settings: dict, max_pixels: int = int(MAX_MEGAPIXELS * 1e6),
                  env: dict | None = None):
         self.method, self.settings, self.max_pixels = method, settings, int(max_pixels)
-        self.env, self.impl = env or {}, None
+        self.env, self.impl, self.recognizer = env or {}, None, None
 
     def start(self, broadcasts: list = ()) -> None:
         os.environ.update(self.env)
@@ -625,12 +627,33 @@ class Worker:
                                  "settings)")
             png, key = encode_png(out), result.key
             row.update(status="ok", **{k: v for k, v in result.info.items() if k not in row})
+            if self.settings.get("receipt", True):
+                row.update(self.receipt(image, out))
         except NoFaceError as e:
             row.update(status="no_face", error=str(e))
         except Exception as e:  # noqa: BLE001  one image's failure, whatever it is, is that image's line
             row.update(status="error", error=str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         row["seconds"] = round(time.monotonic() - started, 3)
         return {"row": row, "png": png, "key": key}
+
+    def receipt(self, image: torch.Tensor, out: torch.Tensor) -> dict:
+        """One output's receipt as manifest fields (:mod:`.receipt`): every face the receipt's recognizer (dlib, which
+        no method is guided by) finds in the original, judged on the delivered image after 8-bit rounding. A receipt
+        that cannot be measured says why in ``receipt_error``; it never fails the image."""
+        from .pipeline import full_size_plan
+        from .receipt import manifest_fields, measure_receipt, receipt_recognizer, unavailable_receipt
+        try:
+            if self.recognizer is None:
+                self.recognizer = receipt_recognizer(getattr(self.impl, "guided_by", None))
+            h, w = image.shape[:2]
+            if out.shape != image.shape:
+                raise ValueError(f"the output is {out.shape[1]}x{out.shape[0]}, not the photo's {w}x{h}")
+            faces = self.recognizer.detect(image)
+            receipt = measure_receipt(image, out, full_size_plan(faces, range(len(faces)), h, w), self.recognizer,
+                                      guided_by=getattr(self.impl, "guided_by", None), method=self.method.name)
+        except Exception as e:  # noqa: BLE001  the image is protected; only its receipt is missing, and says why
+            receipt = unavailable_receipt(f"{type(e).__name__}: {e}", self.method.name)
+        return manifest_fields(receipt)
 
 
 @dataclass
