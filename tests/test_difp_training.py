@@ -20,20 +20,26 @@ def _both(state):
             **{"s." + k: v for k, v in dt.adapter_state_dict(state.style).items()}}
 
 
+def _loud_off_streams(model, state):
+    """Both streams on ``model`` with their "off" tokens, made loud (their terms dominate rounding) and with "off"
+    tokens that are not zero (a fresh adapter's are: no bias yet). Call with gradients enabled and no_grad."""
+    from diffprivacy.guidance.identity_streams import Stream, apply_identity_streams
+    for adapter in (state.identity, state.style):
+        for layer in adapter.ip_adapter:
+            layer.to_v_ip.weight.mul_(100.0)
+        adapter.image_proj.norm.bias.add_(torch.linspace(-1.0, 1.0, adapter.image_proj.norm.bias.numel()))
+    assert float(state.identity.off_tokens().abs().max()) > 0.5
+    off_i, off_s = state.identity.off_tokens(), state.style.off_tokens()
+    return apply_identity_streams(model, [Stream("identity", state.identity, off_i, off_i),
+                                          Stream("style", state.style, off_s, off_s)])
+
+
 def _fixed_loss(model, state, data):
     """The loss on fixed draws (stage-2 flags, both conditions on and off mixed)."""
     from diffprivacy.guidance.autograd import gradients_enabled
-    from diffprivacy.guidance.identity_streams import Stream, apply_identity_streams
     opts = dt.DIFPTrainingOptions(steps=10, stage1_fraction=0.0, batch_size=12, seed=99)
     with gradients_enabled(), torch.no_grad():
-        for adapter in (state.identity, state.style):  # loud streams (their terms dominate rounding) whose "off"
-            for layer in adapter.ip_adapter:             # tokens are not zero (a fresh adapter's are: no bias yet)
-                layer.to_v_ip.weight.mul_(100.0)
-            adapter.image_proj.norm.bias.add_(torch.linspace(-1.0, 1.0, adapter.image_proj.norm.bias.numel()))
-        assert float(state.identity.off_tokens().abs().max()) > 0.5
-        off_i, off_s = state.identity.off_tokens(), state.style.off_tokens()
-        patched, ss = apply_identity_streams(model, [Stream("identity", state.identity, off_i, off_i),
-                                                     Stream("style", state.style, off_s, off_s)])
+        patched, ss = _loud_off_streams(model, state)
         idx, t, noise, keep = dt._draw(5, opts, 3, 1000, data.latents.shape[1:])
         return float(dt.epsilon_loss(patched, ss, state, data, idx, t, noise, keep))
 
@@ -87,7 +93,6 @@ def test_stage_2_rows_with_a_dropped_condition_get_the_off_tokens_and_stage_1_dr
     with the flag on use their own input. Stage 1 (Eq. 9) keeps every condition."""
     import comfy.sd
     from diffprivacy.guidance.autograd import gradients_enabled
-    from diffprivacy.guidance.identity_streams import Stream, apply_identity_streams
     with torch.inference_mode():
         model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=False, output_clip=False)[0]
     data = _data()
@@ -102,14 +107,7 @@ def test_stage_2_rows_with_a_dropped_condition_get_the_off_tokens_and_stage_1_dr
     noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     flags = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     with gradients_enabled(), torch.no_grad():
-        for adapter in (state.identity, state.style):  # loud streams (their terms dominate rounding) whose "off"
-            for layer in adapter.ip_adapter:             # tokens are not zero (a fresh adapter's are: no bias yet)
-                layer.to_v_ip.weight.mul_(100.0)
-            adapter.image_proj.norm.bias.add_(torch.linspace(-1.0, 1.0, adapter.image_proj.norm.bias.numel()))
-        assert float(state.identity.off_tokens().abs().max()) > 0.5
-        off_i, off_s = state.identity.off_tokens(), state.style.off_tokens()
-        patched, ss = apply_identity_streams(model, [Stream("identity", state.identity, off_i, off_i),
-                                                     Stream("style", state.style, off_s, off_s)])
+        patched, ss = _loud_off_streams(model, state)
         eps = dt.epsilon_prediction(patched, ss, state, data, idx, t, noise, flags)
         zeroed = dt.DIFPDataset(data.latents, data.identity.clone(), data.style.clone(), data.text)
         zeroed.identity[1] = 0.0  # rows 1 and 3 (items 1 and 0): the zero condition, fed as "on"
