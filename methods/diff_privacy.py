@@ -12,6 +12,10 @@ every step against an energy of the face's embedding:
 
 The schedule arrives as a native CONDITIONING (built from Key-E by the caller), so this module does not
 know where Key-E came from.
+
+:data:`ANONYMIZE` and :data:`HIDE` are the two tasks behind the pack's one method contract (:mod:`.contract`):
+each crop is protected with its own Key-E (``models.extra["key_es"][(photo, position)]``, UC in
+``models.extra["uncond"]``), steering the face its crop was cut around.
 """
 from __future__ import annotations
 
@@ -25,7 +29,11 @@ from ..guidance.ddim import ddim_sigmas
 from ..guidance.energy import Energy, anonymize_energy, hide_energy
 from ..guidance.gradient_path import GradientOptions, make_gradient_decoder, resolve_precision, to_channels_last
 from ..guidance.guided_ddim import GuidanceScale, IdentityGuidance, guided_ddim_sampler, stage_guidance_scale
+from ..guidance.progress import Progress, report
 from ..guidance.sampling import sample_with_comfy
+from ..guidance.weights import require_finite
+from ..guidance.working_image import working_mask
+from .contract import CropJob, FaceResult, Method, MethodResult, Models
 
 log = logging.getLogger("diffprivacy")
 
@@ -149,3 +157,86 @@ def protect_each(count: int, protect_one: Callable[[int], object]) -> BatchOutco
         raise first_error if count == 1 else ValueError(
             f"no image of the batch could be protected. {outcome.report(count)}") from first_error
     return outcome
+
+
+@dataclass(frozen=True)
+class ProtectionSettings:
+    """The settings of Anonymize (``task = "anonymize"``) and Hide (``"hide"``), validated once when built.
+
+    ``faces``/``face_indices``/``face_mask``: which faces guidance steers in a whole-frame crop (in a face crop it
+    steers the face the crop was cut around)."""
+    task: str
+    seed: int
+    steps: int
+    strength: float
+    tau: float
+    num_outputs: int = 1
+    guidance_scale: float = 1.0       # anonymize: lambda
+    diversity_weight: float = 1.0     # anonymize: w_div
+    lambda_above: float = 1.5         # hide: lambda where t > tau*T
+    lambda_below: float = 2.5         # hide: lambda where t <= tau*T
+    redetect_every: int = 0           # hide: re-find the face every k steps
+    faces: str = "all"
+    face_indices: str = ""
+    face_mask: torch.Tensor | None = field(default=None, compare=False)
+    gradient: GradientOptions | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.task not in ("anonymize", "hide"):
+            raise ValueError(f"task must be 'anonymize' or 'hide', got {self.task!r}")
+        for name in ("strength", "tau", "guidance_scale", "diversity_weight", "lambda_above", "lambda_below"):
+            require_finite(getattr(self, name), name)
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {self.tau}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        if int(self.num_outputs) != self.num_outputs or self.num_outputs < 1:
+            raise ValueError(f"num_outputs must be a whole number >= 1, got {self.num_outputs!r}")
+        if self.redetect_every < 0:
+            raise ValueError(f"redetect_every must be >= 0, got {self.redetect_every}")
+
+    def face_choice(self, job: CropJob) -> FaceChoice:
+        if job.crop.face_index >= 0:  # a face crop: the face it was cut around
+            return FaceChoice("mask", "", job.face_mask())
+        return FaceChoice(self.faces, self.face_indices, working_mask(self.face_mask, job.photo,
+                                                                      tuple(job.image.shape[1:3])))
+
+
+def run(crops: list, models: Models, settings: ProtectionSettings, progress: Progress | None = None) -> MethodResult:
+    """The contract's run: each crop protected with its own Key-E under the task's energy."""
+    key_es, uncond = models.extra["key_es"], models.extra["uncond"]
+    faces = []
+    for n, job in enumerate(crops):
+        report(progress, n, len(crops), f"face {n + 1}/{len(crops)}")
+        key_e = key_es[(job.photo, job.position)]
+        schedule = key_e.schedule(uncond, settings.tau)
+        common = dict(seed=settings.seed, steps=settings.steps, strength=settings.strength,
+                      num_outputs=settings.num_outputs, faces=settings.face_choice(job),
+                      gradient=settings.gradient or GradientOptions())
+        if settings.task == "anonymize":
+            out = anonymize(models.model, models.vae, models.face_model, job.image, schedule,
+                            guidance_scale=settings.guidance_scale, diversity_weight=settings.diversity_weight,
+                            **common)
+        else:
+            out = hide(models.model, models.vae, models.face_model, job.image, schedule, tau=settings.tau,
+                       lambda_above=settings.lambda_above, lambda_below=settings.lambda_below,
+                       redetect_every=settings.redetect_every, **common)
+        faces.append(FaceResult(out.images, {"face": job.crop.face_index, "outputs": int(out.images.shape[0])},
+                                key=key_e, parts={"latents": out.latents, "sampler": out.sampler,
+                                                  "sigmas": out.sigmas, "schedule": schedule}))
+    report(progress, len(crops), len(crops), "done")
+    return MethodResult(faces)
+
+
+def _task(task: str):
+    def run_task(crops, models, settings, progress=None):
+        if settings.task != task:
+            raise ValueError(f"the {task} method was given settings for {settings.task}")
+        return run(crops, models, settings, progress)
+    return run_task
+
+
+ANONYMIZE = Method("Diff-Privacy anonymize", _task("anonymize"), ProtectionSettings)
+HIDE = Method("Diff-Privacy hide", _task("hide"), ProtectionSettings)

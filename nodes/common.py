@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..guidance.host import check_interrupt, progress_bar, send_progress_text
+from ..guidance.progress import Step
 from ..guidance.working_image import MAX_SIDE
 
 CATEGORY = "Diff-Privacy"
@@ -180,7 +181,13 @@ class StepProgress:
         self.text_every_s = text_every_s
         self._last_text = 0.0
 
-    def __call__(self, done: int, text: str | None = None, preview=None) -> None:
+    def __call__(self, done, text: str | None = None, preview=None) -> None:
+        """``done`` steps (an int), or a :class:`~..guidance.progress.Step` (the pack's one progress shape: its
+        own total, its text)."""
+        if isinstance(done, Step):
+            self.total = max(int(done.total), 1)
+            text = done.text or text
+            done = done.done
         if self.bar is not None:
             self.bar.update_absolute(done, self.total, preview)
         if text is not None:

@@ -18,7 +18,8 @@ from ..guidance.face.base import SELECT_MODES
 from ..guidance.gradient_path import DECODER_CHOICES, PRECISION_CHOICES, GradientOptions
 from ..guidance.working_image import check_resolution, single_image, working_image, working_mask
 from ..inversion.key_e import KeyE, encode_text
-from ..methods.pipeline import PipelineOptions, plan_photo, protect_photo
+from ..methods import contract
+from ..methods.pipeline import PipelineOptions
 from ..methods.receipt import receipt_for, receipt_text
 from .common import CATEGORY, pipeline_input, receipt_outputs, resolution_input, rgb_batch, tip
 
@@ -211,47 +212,28 @@ class _ProtectionNode:
                 "optional": {**face_inputs(), "pipeline": pipeline_input(
                     " Here the faces inputs above choose the faces (the pipeline's own choice is not used).")}}
 
-    def _protect_batch(self, image, vae, face_model, key_e, uncond, tau, resolution, faces, face_indices, face_mask,
-                       pipeline, protect):
-        """Each photo through the face pipeline: its chosen faces cropped, ``protect(crop, schedule, FaceChoice)``
-        on each crop with its own Key-E, the results pasted back into the photo; then its receipt."""
+    def _protect_batch(self, method, settings, image, model, vae, face_model, key_e, uncond, resolution, pipeline):
+        """Each photo through the face pipeline (:func:`methods.contract.protect`): its chosen faces cropped, each
+        crop protected with its own Key-E (one per crop in batch order, or one for all), pasted back; then its
+        receipt."""
         images = rgb_batch(image)
-        resolution = check_resolution(resolution)
-        options = (pipeline or PipelineOptions()).with_faces(faces, face_indices, face_mask)
-        uc = _uncond_entry(uncond)
-        planned = diff_privacy.protect_each(images.shape[0], lambda i: plan_photo(
-            single_image(images[i:i + 1]), face_model, options, resolution, i))
-        key_es = iter(KeyE.for_batch(key_e, sum(len(plan.crops) for _, plan in planned.results)))
-
-        def one(i, plan):
-            runs = []
-
-            def crop_run(crop_image, crop, _):
-                k = next(key_es)
-                schedule = k.schedule(uc, tau)
-                choice = (_face_choice(faces, face_indices, face_mask, i, crop_image) if crop.face_index < 0 else
-                          FaceChoice("mask", "", crop.face_mask(crop_image.shape[1])))
-                runs.append((protect(crop_image, schedule, choice), crop_image, schedule, k))
-                return runs[-1][0].images
-
-            delivered, _, _ = protect_photo(images[i], plan, crop_run)
-            receipt = receipt_for(images[i], delivered, plan, options, guided_by=face_model, method=self.METHOD)
-            return delivered, runs, plan, receipt
-
-        outcome = diff_privacy.protect_each(len(planned.results), lambda j: one(*planned.results[j]))
-        outcome.failures = planned.failures + [(planned.results[j][0], why) for j, why in outcome.failures]
-        done = [r for _, r in outcome.results]
-        runs = [run for _, crop_runs, _, _ in done for run in crop_runs]
-        first, _, schedule, _ = runs[0]
-        json_receipt, text = receipt_outputs([r for _, _, _, r in done], [outcome.report(images.shape[0])],
-                                             receipt_text)
+        options = (pipeline or PipelineOptions()).with_faces(settings.faces, settings.face_indices, settings.face_mask)
+        planned = contract.plan_batch(images, method, face_model, options, resolution)
+        positions = planned.positions()
+        key_es = dict(zip(positions, KeyE.for_batch(key_e, len(positions)))) if positions else {}
+        models = contract.Models(model=model, vae=vae, face_model=face_model,
+                                 extra={"key_es": key_es, "uncond": _uncond_entry(uncond)})
+        delivery = contract.protect(images, method, models, settings, options, resolution, planned=planned)
+        faces = delivery.faces
+        first = faces[0].parts
+        json_receipt, text = receipt_outputs(delivery.receipts, [delivery.report()], receipt_text)
         return {"ui": {"text": text}, "result": (
-            torch.cat([d for d, _, _, _ in done]),
-            {"samples": torch.cat([run.latents["samples"] for run, _, _, _ in runs])},
-            first.sampler, first.sigmas, schedule,
-            torch.cat([img for _, img, _, _ in runs]),
-            KeyE.batch_conditioning([k for _, _, _, k in runs]),
-            "\n".join(text), [plan for _, _, plan, _ in done], json_receipt)}
+            delivery.images,
+            {"samples": torch.cat([f.parts["latents"]["samples"] for f in faces])},
+            first["sampler"], first["sigmas"], faces[-1].parts["schedule"],
+            torch.cat(delivery.crops),
+            KeyE.batch_conditioning([f.key for f in faces]),
+            "\n".join(text), [d.plan for d in delivery.delivered], json_receipt)}
 
 
 class DiffPrivacyAnonymize(_ProtectionNode):
@@ -276,13 +258,12 @@ class DiffPrivacyAnonymize(_ProtectionNode):
     def anonymize(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
                   guidance_scale, diversity_weight, resolution=512, faces="all", face_indices="", face_mask=None,
                   gradient_options=None, pipeline=None):
-        return self._protect_batch(image, vae, face_model, key_e, uncond, tau, resolution, faces, face_indices,
-                                   face_mask, pipeline,
-                                   lambda img, schedule, choice: diff_privacy.anonymize(
-                                       model, vae, face_model, img, schedule, seed=seed, steps=steps,
-                                       strength=strength, num_outputs=num_outputs, guidance_scale=guidance_scale,
-                                       diversity_weight=diversity_weight, faces=choice,
-                                       gradient=gradient_options or GradientOptions()))
+        settings = diff_privacy.ProtectionSettings(
+            "anonymize", seed, steps, strength, tau, num_outputs, guidance_scale=guidance_scale,
+            diversity_weight=diversity_weight, faces=faces, face_indices=face_indices, face_mask=face_mask,
+            gradient=gradient_options)
+        return self._protect_batch(diff_privacy.ANONYMIZE, settings, image, model, vae, face_model, key_e, uncond,
+                                   resolution, pipeline)
 
 
 class DiffPrivacyHide(_ProtectionNode):
@@ -311,13 +292,12 @@ class DiffPrivacyHide(_ProtectionNode):
     def hide(self, model, vae, face_model, image, key_e, uncond, seed, steps, strength, tau, num_outputs,
              lambda_above, lambda_below, redetect_every=10, resolution=512, faces="all", face_indices="",
              face_mask=None, gradient_options=None, pipeline=None):
-        return self._protect_batch(image, vae, face_model, key_e, uncond, tau, resolution, faces, face_indices,
-                                   face_mask, pipeline,
-                                   lambda img, schedule, choice: diff_privacy.hide(
-                                       model, vae, face_model, img, schedule, seed=seed, tau=tau, steps=steps,
-                                       strength=strength, num_outputs=num_outputs, lambda_above=lambda_above,
-                                       lambda_below=lambda_below, redetect_every=redetect_every, faces=choice,
-                                       gradient=gradient_options or GradientOptions()))
+        settings = diff_privacy.ProtectionSettings(
+            "hide", seed, steps, strength, tau, num_outputs, lambda_above=lambda_above, lambda_below=lambda_below,
+            redetect_every=redetect_every, faces=faces, face_indices=face_indices, face_mask=face_mask,
+            gradient=gradient_options)
+        return self._protect_batch(diff_privacy.HIDE, settings, image, model, vae, face_model, key_e, uncond,
+                                   resolution, pipeline)
 
 
 class DiffPrivacyTextKeyE:
