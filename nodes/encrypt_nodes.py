@@ -16,11 +16,11 @@ from ..guidance.ddim import ddim_sigmas
 from ..methods.diff_privacy import FaceChoice, model_sampling
 from ..guidance.face.base import SELECT_MODES
 from ..guidance.gradient_path import DECODER_CHOICES, PRECISION_CHOICES, GradientOptions
-from ..guidance.working_image import check_resolution, single_image, working_image, working_mask
+from ..guidance.working_image import working_image, working_mask
 from ..inversion.key_e import KeyE, encode_text
 from ..methods import contract
 from ..methods.pipeline import PipelineOptions
-from ..methods.receipt import receipt_for, receipt_text
+from ..methods.receipt import receipt_text
 from .common import CATEGORY, pipeline_input, receipt_outputs, resolution_input, rgb_batch, tip
 
 GRADIENT_MODES = ("predicted x0 (fast)", "through UNet")
