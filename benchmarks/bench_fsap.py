@@ -71,9 +71,9 @@ def main() -> int:
     settings = fsap.FSAPSettings(tau=2.0, n=2, k=args.k, steps=20, perceptual_mode=args.mode)
     ticks = []
 
-    def progress(it, history):
+    def progress(step):  # one Step per iteration, at its end
         _sync()
-        ticks.append((it, len(history), time.perf_counter()))
+        ticks.append((step.detail["iteration"], len(step.detail["history"]), time.perf_counter()))
 
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -95,6 +95,7 @@ class Method:
     settings_type: type
     max_faces: int | None = None   # faces protected at once per photo (one: a method moving one face's identity)
     full_size: bool = False        # works on the photo at its own size (no crop, no resize)
+    check_models: Callable[[Models, Any], None] | None = None  # refuses unfit models before any photo is run
 
     def check_settings(self, settings) -> Any:
         if not isinstance(settings, self.settings_type):
@@ -233,6 +234,8 @@ def protect(images: torch.Tensor, method: Method, models: Models, settings, opti
     from .receipt import receipt_for
 
     method.check_settings(settings)
+    if method.check_models is not None:  # a missing or unfit model is the run's error, not a photo's
+        method.check_models(models, settings)
     options = default_options(method, options)
     planned = planned or plan_batch(images, method, models.face_model, options, resolution)
     failures = list(planned.failures)

@@ -27,13 +27,17 @@ image, none), because both can feed the original back into the protected face: t
 CLIP-vision reading (appearance, with identity cues) into every step at s_sty, and the original as X_com copies its
 low frequencies at every controlled step (at g_rea 0.6, H = 26 of 64 latent cells per side: face shape, pose,
 skin tone and light). "none" drops the style stream (s_sty is then 0) or the realism control.
+
+:data:`METHOD` is DIFP behind the pack's one method contract (:mod:`.contract`): :class:`DIFPSettings` (validated
+when built), :func:`run` on the face crops (one face per photo: its key is that face's), each face's key
+(:class:`.difp_keys.DIFPKey`) as its key material.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +45,11 @@ import torch.nn.functional as F
 from ..guidance.ddim import ddim_sigmas
 from ..guidance.guided_ddim import guided_ddim_sampler
 from ..guidance.identity_streams import COND_KEY, with_stream_switches
-from ..guidance.ilvr import RealismControl
+from ..guidance.ilvr import MODES, SPACES, RealismControl
+from ..guidance.progress import Progress, report
 from ..guidance.sampling import sample
+from ..guidance.weights import require_finite
+from .contract import FaceResult, Method, MethodResult, Models
 
 log = logging.getLogger("diffprivacy")
 
@@ -152,22 +159,6 @@ def composite(protected: torch.Tensor, original: torch.Tensor, mask: torch.Tenso
 
 
 @dataclass
-class DIFPSettings:
-    steps: int = 50
-    strength: float = 0.8      # S_n (Eq. 15)
-    s_id: float = 1.0
-    s_sty: float = 1.0
-    g_rea: float = 0.6         # realism scale (Eq. 13); None-like off via realism=False
-    realism: bool = True
-    realism_mode: str = "fixed"
-    realism_k: float = 0.0
-    realism_stop_at: float = 1.0
-    realism_space: str = "latent"
-    seed: int = 0
-    num_outputs: int = 1
-
-
-@dataclass
 class DIFPResult:
     images: torch.Tensor      # IMAGE (N, H, W, 3), composited
     generated: torch.Tensor   # IMAGE (N, H, W, 3), before compositing
@@ -194,9 +185,9 @@ def realism_control(model, vae, reference_latent: torch.Tensor, settings: DIFPSe
                           decode, encode)
 
 
-def protect(model, vae, image: torch.Tensor, conditioning, settings: DIFPSettings, mask: torch.Tensor | None = None,
-            reference: torch.Tensor | None = None) -> DIFPResult:
-    """Protect one working image (1, H, W, 3) with a MODEL carrying the identity/style streams.
+def regenerate(model, vae, image: torch.Tensor, conditioning, settings: DIFPSettings,
+               mask: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> DIFPResult:
+    """Regenerate one working image (1, H, W, 3) with a MODEL carrying the identity/style streams.
 
     ``num_outputs`` copies of its latent are noised to S_n*T with independent seeded noise, denoised by DDIM under
     the DIFP guider with realism control towards ``reference`` (an IMAGE, default the original), decoded and
@@ -204,7 +195,6 @@ def protect(model, vae, image: torch.Tensor, conditioning, settings: DIFPSetting
     """
     import comfy.sample
 
-    check_strength(settings.strength)
     if settings.s_id == 0.0 and settings.s_sty == 0.0:
         log.warning("[Diff-Privacy] DIFP with s_id = s_sty = 0 is plain img2img: the face is regenerated without a "
                     "donor identity, which protects little")
@@ -261,35 +251,6 @@ SOURCE_COST = {
 }
 
 
-@dataclass
-class DIFPConditions:
-    """Where the identity and style come from, and which region changes."""
-    identity_adapter: object = None
-    style_adapter: object = None
-    clip_vision: object = None
-    donor: str = "synthetic"                 # "synthetic" | "image" | "embedding"
-    donor_image: torch.Tensor | None = None  # IMAGE
-    donor_embedding: dict | None = None      # FACE_EMBEDDING
-    style_image: torch.Tensor | None = None  # IMAGE, with style_source "another image"
-    reference: torch.Tensor | None = None    # X_com IMAGE, with reference_source "another image"
-    style_source: str = "original"           # SOURCES: I_sty is the original, style_image, or no style stream
-    reference_source: str = "original"       # SOURCES: X_com is the original, reference, or no realism control
-    whole_frame: bool = False
-    mask_grow: float = 0.25
-    mask_feather: float = 0.15
-    shortcut_scale: float = 1.0
-
-
-@dataclass
-class DIFPProtection:
-    result: DIFPResult
-    original_identity: dict   # face_identity of the original (embedding, landmarks, model)
-    donor_embedding: torch.Tensor | None
-    mask: torch.Tensor | None
-    warnings: list
-    sources: dict | None = None   # {"style": ..., "reference": ...}: the choices made and what each costs
-
-
 def check_source(what: str, source: str, image, input_name: str) -> None:
     """An explicit source choice and its image input agree (an image connected but not used is an error too)."""
     if source not in SOURCES:
@@ -311,96 +272,194 @@ def _resize_to(image: torch.Tensor, size: tuple[int, int], what: str, warnings: 
                          antialias=True).clamp(0, 1).movedim(1, -1)
 
 
-def _donor(face_model, original: dict, c: DIFPConditions, seed: int, warnings: list):
+def _donor(face_model, original: dict, settings: DIFPSettings):
     """(donor embedding (1, D), aligned crops or None)."""
     from ..guidance.face.base import NoFaceError
     from ..guidance.identity_streams import face_identity
-    if c.donor not in DONORS:
-        raise ValueError(f"donor must be one of {DONORS}, got {c.donor!r}")
-    if c.donor == "synthetic":
-        return synthetic_donor(original["embedding"], face_model, seed), None
-    if c.donor == "embedding":
-        if not c.donor_embedding or "embedding" not in c.donor_embedding:
-            raise ValueError("donor = embedding needs a FACE_EMBEDDING connected to donor_embedding")
-        emb = c.donor_embedding["embedding"][:1].float()
-        crops = c.donor_embedding.get("crops_224")
+    if settings.donor == "synthetic":
+        return synthetic_donor(original["embedding"], face_model, settings.seed), None
+    if settings.donor == "embedding":
+        emb = settings.donor_embedding["embedding"][:1].float()
+        crops = settings.donor_embedding.get("crops_224")
         return emb, (crops[:1] if crops is not None else None)
-    if c.donor_image is None:
-        raise ValueError("donor = image needs the donor photo connected to donor_image")
     try:
-        found = face_identity(face_model, c.donor_image[:1])
+        found = face_identity(face_model, settings.donor_image[:1])
     except NoFaceError as e:
         raise NoFaceError(None, f"in the donor image ({e}): give a photo with a visible face, or use the synthetic "
                                 "donor") from e
     return found["embedding"][:1], found["crops_224"][:1]
 
 
-def protect_image(model, vae, face_model, image: torch.Tensor, conditioning, settings: DIFPSettings,
-                  conditions: DIFPConditions) -> DIFPProtection:
-    """DIFP on one working image: find the face, choose the donor, add the streams, protect, composite."""
+@dataclass(frozen=True)
+class DIFPSettings:
+    """Everything DIFP Protect is told, validated once when built.
+
+    ``style_source`` "none" sets ``s_sty`` to 0 and ``reference_source`` "none" turns ``realism`` off: the settings
+    say what runs. The images (donor, style, realism reference) are IMAGEs; ``donor_embedding`` a FACE_EMBEDDING."""
+    steps: int = 50
+    strength: float = 0.8      # S_n (Eq. 15)
+    s_id: float = 1.0
+    s_sty: float = 1.0
+    g_rea: float = 0.6         # realism scale (Eq. 13); off: realism=False
+    realism: bool = True
+    realism_mode: str = "fixed"
+    realism_k: float = 0.0
+    realism_stop_at: float = 1.0
+    realism_space: str = "latent"
+    seed: int = 0
+    num_outputs: int = 1
+    donor: str = "synthetic"                 # DONORS: synthetic | image (donor_image) | embedding (donor_embedding)
+    style_source: str = "original"           # SOURCES: I_sty is the original, style_image, or no style stream
+    reference_source: str = "original"       # SOURCES: X_com is the original, reference, or no realism control
+    whole_frame: bool = False                # regenerate the whole crop, not only a feathered face region
+    mask_grow: float = 0.25
+    mask_feather: float = 0.15
+    shortcut_scale: float = 1.0
+    prompt: str = ""                         # the text condition (DIFP: empty), stored in the key
+    donor_image: torch.Tensor | None = field(default=None, compare=False)
+    donor_embedding: dict | None = field(default=None, compare=False)
+    style_image: torch.Tensor | None = field(default=None, compare=False)
+    reference: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        check_strength(self.strength)
+        for name in ("steps", "num_outputs"):
+            v = getattr(self, name)
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        if int(self.seed) != self.seed or self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        for name in ("s_id", "s_sty", "g_rea", "realism_k", "realism_stop_at", "mask_grow", "mask_feather",
+                     "shortcut_scale"):
+            require_finite(getattr(self, name), name)
+        if not 0.0 <= self.g_rea <= 1.0:
+            raise ValueError(f"g_rea (realism scale) must lie in [0, 1], got {self.g_rea}")
+        if not 0.0 <= self.realism_stop_at <= 1.0:
+            raise ValueError(f"realism_stop_at must lie in [0, 1], got {self.realism_stop_at}")
+        if self.realism_mode not in MODES:
+            raise ValueError(f"realism mode must be one of {MODES}, got {self.realism_mode!r}")
+        if self.realism_space not in SPACES:
+            raise ValueError(f"realism space must be one of {SPACES}, got {self.realism_space!r}")
+        if self.mask_grow < 0 or self.mask_feather < 0:
+            raise ValueError(f"mask_grow and mask_feather must be >= 0, got {self.mask_grow}, {self.mask_feather}")
+        if self.donor not in DONORS:
+            raise ValueError(f"donor must be one of {DONORS}, got {self.donor!r}")
+        if self.s_id != 0.0 and self.donor == "embedding" and (not isinstance(self.donor_embedding, dict)
+                                                               or "embedding" not in self.donor_embedding):
+            raise ValueError("donor = embedding needs a FACE_EMBEDDING connected to donor_embedding")
+        if self.s_id != 0.0 and self.donor == "image" and self.donor_image is None:
+            raise ValueError("donor = image needs the donor photo connected to donor_image")
+        check_source("style", self.style_source, self.style_image, "style_image")
+        check_source("realism reference", self.reference_source, self.reference, "reference")
+        if self.style_source == "none":
+            object.__setattr__(self, "s_sty", 0.0)
+        if self.reference_source == "none":
+            object.__setattr__(self, "realism", False)
+
+    def sources(self) -> dict:
+        """{"style": ..., "reference": ...}: the choices made and what each costs."""
+        sources = {"style": f"{self.style_source}: {SOURCE_COST['style'][self.style_source]}",
+                   "reference": f"{self.reference_source}: {SOURCE_COST['reference'][self.reference_source]}"}
+        if self.s_sty == 0.0 and self.style_source != "none":
+            sources["style"] = f"{self.style_source}, unused (s_sty = 0)"
+        if not self.realism and self.reference_source != "none":
+            sources["reference"] = f"{self.reference_source}, unused (realism off)"
+        return sources
+
+
+@dataclass
+class DIFPProtection:
+    result: DIFPResult
+    original_identity: dict   # face_identity of the original (embedding, landmarks, model)
+    donor_embedding: torch.Tensor | None
+    mask: torch.Tensor | None
+    warnings: list
+
+
+def protect_crop(models: Models, image: torch.Tensor, conditioning, settings: DIFPSettings) -> DIFPProtection:
+    """DIFP on one working image (a face crop): find the face, choose the donor, add the streams, regenerate,
+    composite. ``models``: the checkpoint's MODEL (no streams) and VAE, the FACE_MODEL, the identity adapter
+    (``adapter``), ``clip_vision`` and ``extra["style_adapter"]``."""
     from ..guidance.face.base import NoFaceError
     from ..guidance.identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
                                              recognizer_space_warning, style_tokens)
-    import dataclasses
-
-    from ..guidance.identity_streams import carried_streams
-    c, warnings = conditions, []
-    check_strength(settings.strength)
-    carried = carried_streams(model)
-    if carried is not None:
-        raise ValueError(f"the `model` input already carries {'/'.join(sorted(carried.streams))} stream(s) (from Apply "
-                         f"Identity Streams): DIFP Protect adds its identity and style streams itself, as chosen by "
-                         f"donor and style_source, and a stream from upstream would mix in whatever it was built "
-                         f"from. Connect the checkpoint's MODEL directly.")
-    check_source("style", c.style_source, c.style_image, "style_image")
-    check_source("realism reference", c.reference_source, c.reference, "reference")
-    if c.style_source == "none" and settings.s_sty != 0.0:
-        settings = dataclasses.replace(settings, s_sty=0.0)
-    if c.reference_source == "none":
-        settings = dataclasses.replace(settings, realism=False)
-    sources = {"style": f"{c.style_source}: {SOURCE_COST['style'][c.style_source]}",
-               "reference": f"{c.reference_source}: {SOURCE_COST['reference'][c.reference_source]}"}
-    if settings.s_sty == 0.0 and c.style_source != "none":
-        sources["style"] = f"{c.style_source}, unused (s_sty = 0)"
-    if not settings.realism and c.reference_source != "none":
-        sources["reference"] = f"{c.reference_source}, unused (realism off)"
+    face_model, warnings = models.face_model, []
     try:
         original = face_identity(face_model, image[:1])
     except NoFaceError as e:
         raise NoFaceError(None, f"in the original ({e}): DIFP protects a face; give a photo with a visible face") from e
     streams, donor = [], None
     if settings.s_id != 0.0:
-        if c.identity_adapter is None:
-            raise ValueError("s_id > 0 needs an identity adapter (ip-adapter-faceid_sd15.bin, or a DIFP-trained one); "
-                             "set s_id 0 to run without a donor identity")
         space = recognizer_space_warning(face_model.name)
         if space:
             warnings.append(space)
             log.warning("[Diff-Privacy] %s", space)
-        donor, crops = _donor(face_model, original, c, settings.seed, warnings)
+        donor, crops = _donor(face_model, original, settings)
         same = same_person_warning(donor, original["embedding"], face_model)
         if same:
             warnings.append(same)
             log.warning("[Diff-Privacy] %s", same)
-        on, off = identity_tokens(c.identity_adapter, donor, c.clip_vision, crops, c.shortcut_scale)
-        streams.append(Stream("identity", c.identity_adapter, on, off))
+        on, off = identity_tokens(models.adapter, donor, models.clip_vision, crops, settings.shortcut_scale)
+        streams.append(Stream("identity", models.adapter, on, off))
     if settings.s_sty != 0.0:
-        if c.style_adapter is None or c.clip_vision is None:
-            raise ValueError("s_sty > 0 needs a style adapter (ip-adapter_sd15 / -plus) and CLIP vision (ViT-H); set "
-                             "s_sty 0 to run without a style")
-        style = image if c.style_source == "original" else _resize_to(c.style_image[:1], image.shape[1:3],
-                                                                          "the style image", warnings)
-        on, off = style_tokens(c.style_adapter, c.clip_vision, style)
-        streams.append(Stream("style", c.style_adapter, on, off))
+        style_adapter = models.extra.get("style_adapter")
+        style = image if settings.style_source == "original" else _resize_to(
+            settings.style_image[:1], image.shape[1:3], "the style image", warnings)
+        on, off = style_tokens(style_adapter, models.clip_vision, style)
+        streams.append(Stream("style", style_adapter, on, off))
     if settings.s_id == 0.0 and settings.s_sty == 0.0:
         warnings.append("s_id = s_sty = 0: plain img2img (no donor identity, no style): this protects little")
-    streamed = apply_identity_streams(model, streams)[0] if streams else model
-    reference = None if c.reference_source != "another image" else _resize_to(
-        c.reference[:1], image.shape[1:3], "the realism reference", warnings)
+    streamed = apply_identity_streams(models.model, streams)[0] if streams else models.model
+    reference = None if settings.reference_source != "another image" else _resize_to(
+        settings.reference[:1], image.shape[1:3], "the realism reference", warnings)
     mask = None
-    if not c.whole_frame:
+    if not settings.whole_frame:
         faces = face_model.detect(image[0])
         largest = max(faces, key=lambda f: f.area)
-        mask = feathered_box_mask(image.shape[1], image.shape[2], [largest.box], c.mask_grow, c.mask_feather)
-    result = protect(streamed, vae, image, conditioning, settings, mask, reference)
-    return DIFPProtection(result, original, donor, mask, warnings, sources)
+        mask = feathered_box_mask(image.shape[1], image.shape[2], [largest.box], settings.mask_grow,
+                                  settings.mask_feather)
+    result = regenerate(streamed, models.vae, image, conditioning, settings, mask, reference)
+    return DIFPProtection(result, original, donor, mask, warnings)
+
+
+def check_models(models: Models, settings: DIFPSettings) -> None:
+    """The models DIFP needs for these settings are connected, and the MODEL carries no streams of its own (the
+    contract calls it before any photo is run)."""
+    from ..guidance.identity_streams import carried_streams
+    carried = carried_streams(models.model)
+    if carried is not None:
+        raise ValueError(f"the `model` input already carries {'/'.join(sorted(carried.streams))} stream(s) (from Apply "
+                         f"Identity Streams): DIFP Protect adds its identity and style streams itself, as chosen by "
+                         f"donor and style_source, and a stream from upstream would mix in whatever it was built "
+                         f"from. Connect the checkpoint's MODEL directly.")
+    if settings.s_id != 0.0 and models.adapter is None:
+        raise ValueError("s_id > 0 needs an identity adapter (ip-adapter-faceid_sd15.bin, or a DIFP-trained one); "
+                         "set s_id 0 to run without a donor identity")
+    if settings.s_sty != 0.0 and (models.extra.get("style_adapter") is None or models.clip_vision is None):
+        raise ValueError("s_sty > 0 needs a style adapter (ip-adapter_sd15 / -plus) and CLIP vision (ViT-H); set "
+                         "s_sty 0 to run without a style")
+
+
+def run(crops: list, models: Models, settings: DIFPSettings, progress: Progress | None = None) -> MethodResult:
+    """The contract's run: each crop regenerated under a donor identity and a style, and its key (F_i + F_e of the
+    crop: :class:`.difp_keys.DIFPKey`, without ``face_crops``: the caller records where the crop was cut)."""
+    from .difp_keys import make_difp_key
+    conditioning = models.clip.encode_from_tokens_scheduled(models.clip.tokenize(settings.prompt))
+    sources, faces = settings.sources(), []
+    for n, job in enumerate(crops):
+        report(progress, n, len(crops), f"face {n + 1}/{len(crops)}")
+        done = protect_crop(models, job.image, conditioning, settings)
+        found = done.original_identity
+        key = make_difp_key(models.model, conditioning, models.vae.encode(job.image), settings.steps,
+                            settings.strength, found["embedding"][:1], found["landmarks"][:1], models.face_model.name)
+        faces.append(FaceResult(done.result.images,
+                                {"face": job.crop.face_index, "outputs": int(done.result.images.shape[0]),
+                                 "style": sources["style"], "reference": sources["reference"],
+                                 "warnings": list(done.warnings)},
+                                key=key, parts={"latents": {"samples": done.result.latents},
+                                                "sigmas": done.result.sigmas, "mask": done.mask}))
+    report(progress, len(crops), len(crops), "done")
+    return MethodResult(faces)
+
+
+METHOD = Method("DIFP", run, DIFPSettings, max_faces=1, check_models=check_models)

@@ -43,6 +43,10 @@ unit-sphere embedding's component (0.0442) to W+ components taken to be of order
 StyleGAN2's w_avg): lambda_I = 8.8e-4, lambda_P = 3.5e-4. One identity step then moves W by 0.02 in L2 norm.
 The latent steps, when on, are ``latent_step`` times the same steps measured relative to the latent's own
 component size (std(z_t) / 0.0442).
+
+:data:`METHOD` is FSAP behind the pack's one method contract (:mod:`.contract`): :class:`FSAPSettings` (validated
+when built), :func:`run` on the face crops (one face per photo, each from its own W_0), progress as one
+:class:`~..guidance.progress.Step` per iteration with ``detail["history"]`` (the records so far: the live curve).
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ from ..guidance.ddim import check_finite, ddim_sigmas
 from ..guidance.face.base import NoFaceError
 from ..guidance.gradient_path import GradientOptions, whole_frame_gradient_decoder
 from ..guidance.host import check_interrupt, interrupt_exceptions
+from ..guidance.progress import Progress, report, within
+from .contract import FaceResult, Method, MethodResult, Models
 
 EMBEDDING_DIM = 512
 UNIT_COMPONENT = 1.0 / math.sqrt(EMBEDDING_DIM)   # 0.0442: a unit 512-d vector's typical component
@@ -70,8 +76,10 @@ PERCEPTUAL_MODES = ("batched", "sequential")
 FACE_GROW = 0.25  # the face region: the detected box grown by this share of its size on every side
 
 
-@dataclass
+@dataclass(frozen=True)
 class FSAPSettings:
+    """FSAP's settings, validated once when built. ``gradient``: the decoder of the differentiable render (None:
+    the full VAE; FSAP has no face window, the whole crop is decoded)."""
     tau: float = THESIS_DEFAULTS["tau"]
     lambda_i: float = LAMBDA_I
     lambda_p: float = LAMBDA_P
@@ -83,8 +91,9 @@ class FSAPSettings:
     renormalise: bool = True
     perceptual_mode: str = "batched"
     identity_weight: float = 1.0  # the identity stream's weight w
+    gradient: GradientOptions | None = field(default=None, compare=False)
 
-    def validated(self) -> "FSAPSettings":
+    def __post_init__(self):
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau) and 0.0 < self.tau <= 2.0):
             raise ValueError(f"tau must lie in (0, 2]: it is a cosine distance 1 - cos (0 = same identity, 2 = "
                              f"opposite); the thesis uses 0.8. Got {self.tau}")
@@ -93,7 +102,7 @@ class FSAPSettings:
             if int(v) != v or v < 0:
                 raise ValueError(f"{name} must be a whole number >= 0 (thesis: N = 100 iterations, k = 6 perceptual "
                                  f"steps per iteration), got {v}")
-        for name in ("lambda_i", "lambda_p", "latent_step"):
+        for name in ("lambda_i", "lambda_p", "latent_step", "identity_weight"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
@@ -101,9 +110,8 @@ class FSAPSettings:
             raise ValueError(f"perceptual_mode must be one of {PERCEPTUAL_MODES}, got {self.perceptual_mode!r}")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"strength (the timestep as a fraction of T) must lie in (0, 1], got {self.strength}")
-        if int(self.steps) < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        return self
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps}")
 
 
 # -- the steps ------------------------------------------------------------------------------------------------------
@@ -251,9 +259,9 @@ class Search:
     """The losses on a render, and Alg. 7's loop (see module doc)."""
 
     def __init__(self, settings: FSAPSettings, face_model, original: torch.Tensor, landmarks: torch.Tensor,
-                 box, lpips=None, progress: Callable | None = None, trace: bool = False,
+                 box, lpips=None, progress: Progress | None = None, trace: bool = False,
                  deliver: Callable | None = None):
-        self.s = settings.validated()
+        self.s = settings
         self.deliver = deliver   # deliver(w, z) -> IMAGE (1, H, W, 3) as delivered; None: stand-in only
         self.face_model = face_model
         self.x = original        # (1, 3, H, W)
@@ -330,7 +338,7 @@ class Search:
                 w, z = self._apply(w, z, [self._grads(l_i, wl, zl)], s.lambda_i, +1.0, norm, z_unit, "identity")
                 # 3. k perceptual steps: descend L_mse, L_lpips, L_ssim (nothing moves when lambda_P = 0)
                 for _ in range(s.k if s.lambda_p > 0 else 0):
-                    self._tick(it)
+                    check_interrupt()
                     w, z = self._perceptual_step(render, w, z, names, norm, z_unit)
                 done = it
                 self._tick(it)
@@ -352,8 +360,10 @@ class Search:
         return gw, None
 
     def _tick(self, it: int) -> None:
-        if self.progress is not None:
-            self.progress(it, self.history)
+        """The end of iteration ``it``: one Step (its history for the live curve), then Cancel is checked."""
+        report(self.progress, min(it, self.s.n), max(self.s.n, 1),
+               f"FSAP iteration {it}: L_I {self.history[-1].l_i:.4f} on the stand-in (tau {self.s.tau:g})",
+               history=list(self.history), iteration=it)
         check_interrupt()
 
     def _apply(self, w, z, grads, lam, direction, norm, z_unit, kind):
@@ -438,32 +448,26 @@ def original_face(face_model, image: torch.Tensor):
 
 
 def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.Tensor, face_model,
-             settings: FSAPSettings, *, invert: Callable, lpips=None, clip_states=None, shortcut_scale: float = 1.0,
-             progress: Callable | None = None, trace: bool = False, render_final: bool = True,
-             gradient: GradientOptions | None = None) -> FSAPResult:
-    """FSAP on one working image (1, H, W, 3).
+             settings: FSAPSettings, *, invert: Callable | None = None, lpips=None, clip_states=None,
+             shortcut_scale: float = 1.0, progress: Progress | None = None, trace: bool = False,
+             render_final: bool = True) -> FSAPResult:
+    """FSAP on one working image (1, H, W, 3): the search of one crop, what :func:`run` does per crop.
 
     ``model``: the user's SD 1.5 MODEL (the identity stream is added here); ``adapter``: a FaceID adapter;
-    ``w0``: the original's identity embedding (1, 512) in the adapter's space; ``face_model``: the differentiable
-    recognizer of L_I (its detector finds the face region); ``invert``: the DDIM-inversion sampler
-    (``inversion.ddim.ddim_invert``); ``lpips``: an LPIPS model or None (then L_P has two terms);
-    ``progress(iteration, history)`` may raise ComfyUI's interrupt (the best W so far is kept); ``gradient``: the
-    decoder of the differentiable render (None: the full VAE; FSAP has no face window, the whole frame is decoded).
+    ``w0``: the original's identity embedding (1, 512) in the adapter's space (:func:`start_embedding`);
+    ``face_model``: the differentiable recognizer of L_I (:func:`check_face_model`; its detector finds the face
+    region); ``invert``: the DDIM-inversion sampler (default ``inversion.ddim.ddim_invert``); ``lpips``: an LPIPS
+    model or None (then L_P has two terms); ``progress`` gets one Step per iteration (``detail["history"]``: the
+    records so far) and may raise ComfyUI's interrupt (the best W so far is kept).
     """
     import comfy.samplers
 
     from ..guidance import identity_streams as ids
     from ..guidance.guided_ddim import guided_ddim_sampler
     from ..guidance.sampling import sample_with_comfy
+    from ..inversion.ddim import ddim_invert
 
-    settings = settings.validated()
-    check_face_model(face_model)
-    if w0.dim() == 1:
-        w0 = w0[None]
-    if w0.shape[0] != 1:
-        raise ValueError(f"FSAP moves one face's embedding; got {w0.shape[0]} embeddings (choose one face)")
-    if not bool(torch.isfinite(w0).all()) or float(w0.norm()) == 0.0:
-        raise ValueError("the face embedding is zero or not finite: embed the original's face with Face Embedding")
+    invert = invert or ddim_invert
     tokens = embedding_tokens(adapter, clip_states, shortcut_scale)
     image = image[..., :3].float()
     landmarks, box = original_face(face_model, image)
@@ -475,7 +479,7 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off,
                                                                 settings.identity_weight)])
     # before the inversion: a missing tiny-decoder file fails fast
-    decode = whole_frame_gradient_decoder(vae, patched, gradient, "FSAP")
+    decode = whole_frame_gradient_decoder(vae, patched, settings.gradient, "FSAP")
     sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), settings.steps, settings.strength)
     z0 = vae.encode(image)
     z_t = sample_with_comfy(patched, invert, sigmas, conditioning, z0)
@@ -571,3 +575,72 @@ def report_text(result: FSAPResult, settings: FSAPSettings) -> str:
         lines.append("stopped by Cancel: the best W so far was rendered")
     lines += [n for n in result.notes if not n.startswith("LPIPS")]
     return "\n".join(lines)
+
+
+# -- the method behind the contract --------------------------------------------------------------------------------
+def start_embedding(face_embedding, photo: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W_0 (1, D), its aligned 224 crop (1, 224, 224, 3) or None) of photo ``photo`` of the batch, from a
+    FACE_EMBEDDING of the original(s): the one row whose ``batch_index`` is ``photo`` (without batch_index, row
+    ``photo``)."""
+    emb = face_embedding.get("embedding") if isinstance(face_embedding, dict) else None
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or emb.shape[0] < 1:
+        raise ValueError("face_embedding must hold the original face's embedding (Face Embedding on the original "
+                         "photo)")
+    index = face_embedding.get("batch_index")
+    index = list(range(emb.shape[0])) if index is None else [int(b) for b in index]
+    rows = [r for r, b in enumerate(index) if b == photo]
+    if len(rows) != 1:
+        raise ValueError(f"face_embedding holds {len(rows)} embedding(s) of photo {photo} of the batch; FSAP starts "
+                         "from one face's embedding per photo: run Face Embedding on the same photo(s) with the "
+                         "largest face")
+    w0 = emb[rows[0]:rows[0] + 1].detach().float().cpu()
+    if not bool(torch.isfinite(w0).all()) or float(w0.norm()) == 0.0:
+        raise ValueError("the face embedding is zero or not finite: embed the original's face with Face Embedding")
+    crops = face_embedding.get("crops_224")
+    return w0, (None if crops is None else crops[rows[0]:rows[0] + 1])
+
+
+def _clip_states(adapter, clip_vision, crops_224):
+    """FaceID Plus reads the aligned face through CLIP-ViT-H; plain FaceID needs nothing."""
+    if adapter.spec.kind != "faceid-plus":
+        return None
+    if clip_vision is None or crops_224 is None:
+        raise ValueError("FaceID Plus reads the aligned face through CLIP-ViT-H: connect clip_vision (and embed the "
+                         "face with Face Embedding, which keeps its aligned crop)")
+    return clip_vision.encode_image(crops_224, crop=False)[adapter.spec.clip_input]
+
+
+def check_models(models: Models, settings: FSAPSettings) -> None:
+    """(The contract calls it before any photo is planned.) A differentiable recognizer and a FaceID adapter."""
+    check_face_model(models.face_model)
+    if models.adapter is None:
+        raise ValueError("FSAP moves the identity embedding of a FaceID adapter: connect one "
+                         "(ip-adapter-faceid_sd15.bin or ip-adapter-faceid-plusv2_sd15.bin)")
+
+
+def run(crops: list, models: Models, settings: FSAPSettings, progress: Progress | None = None) -> MethodResult:
+    """The contract's run: the search on each crop, rendered in full.
+
+    ``models``: ``model``, ``vae``, ``face_model`` (the differentiable recognizer of L_I), ``adapter`` (FaceID),
+    ``clip_vision`` (FaceID Plus only); ``extra["conditioning"]`` the text CONDITIONING, ``extra["face_embedding"]``
+    the originals' FACE_EMBEDDING (:func:`start_embedding`), ``extra["lpips"]`` an LPIPS model or None. Each face's
+    report is measured on its delivered render; ``parts["result"]`` holds the :class:`FSAPResult` (the found W, the
+    history)."""
+    lpips, faces = models.extra.get("lpips"), []
+    for n, job in enumerate(crops):
+        w0, crops_224 = start_embedding(models.extra.get("face_embedding"), job.photo)
+        result = run_fsap(models.model, models.vae, models.extra["conditioning"], models.adapter, w0, job.image,
+                          models.face_model, settings, lpips=lpips,
+                          clip_states=_clip_states(models.adapter, models.clip_vision, crops_224),
+                          progress=within(progress, n, len(crops), f"face {n + 1}/{len(crops)}" if len(crops) > 1
+                                          else ""))
+        faces.append(FaceResult(result.image, {
+            "face": job.crop.face_index, "l_i": result.l_i, "l_i_on": result.l_i_on,
+            "l_i_standin": result.l_i_standin, "tau": settings.tau, "reached": result.reached,
+            "iterations": result.iterations, "l_p": result.l_p, "interrupted": result.interrupted,
+            "lpips": result.lpips, "notes": list(result.notes), "text": report_text(result, settings)},
+            parts={"result": result}))
+    return MethodResult(faces)
+
+
+METHOD = Method("FSAP", run, FSAPSettings, max_faces=1, check_models=check_models)

@@ -15,8 +15,9 @@ from ..guidance.guided_ddim import guided_ddim_sampler
 from ..guidance.identity_streams import streams_on
 from ..methods import difp_keys
 from ..methods import difp_training
-from ..methods.pipeline import one_photo_plan, paste_recovered
-from ..methods.receipt import receipt_for, receipt_text
+from ..methods import contract
+from ..methods.pipeline import paste_recovered
+from ..methods.receipt import receipt_text
 from .common import (CATEGORY, KEY_SUBFOLDER, KEY_SUFFIX, PASSWORD_WARNING, StepProgress, key_file_name,
                      list_key_files, pipeline_input, receipt_outputs, resolution_input, key_file_digest,
                      resolve_key_path, rgb_batch, tip, write_new_output_file)
@@ -40,6 +41,10 @@ SPACE_TIP = ("latent: low-pass on the SD latent (fast, default). pixel: decode, 
 
 def _realism_mode(value: str) -> tuple[bool, str]:
     return value != "off", "adaptive" if value.startswith("adaptive") else "fixed"
+
+
+def _optional_image(image, name: str):
+    return None if image is None else rgb_batch(image, name)
 
 
 class DiffPrivacyDIFPGuider:
@@ -208,36 +213,33 @@ class DiffPrivacyDIFPProtect:
                 donor_image=None, donor_embedding=None, style_image=None, reference=None, realism_k=0.0,
                 realism_stop_at=1.0, realism_space="latent", prompt="", style_source="none",
                 realism_reference="original", pipeline=None):
-        difp.check_strength(strength)
-        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "DIFP", max_faces=1)
-        (original,) = plan.cut(photo)
         on, mode = _realism_mode(realism)
         settings = difp.DIFPSettings(steps=steps, strength=strength, s_id=s_id, s_sty=s_sty, g_rea=g_rea, realism=on,
                                      realism_mode=mode, realism_k=realism_k, realism_stop_at=realism_stop_at,
-                                     realism_space=realism_space, seed=seed, num_outputs=num_outputs)
-        conditions = difp.DIFPConditions(identity_adapter, style_adapter, clip_vision, donor,
-                                         None if donor_image is None else rgb_batch(donor_image, "donor_image"),
-                                         donor_embedding,
-                                         None if style_image is None else rgb_batch(style_image, "style_image"),
-                                         None if reference is None else rgb_batch(reference, "reference"),
-                                         whole_frame=region == REGIONS[1], style_source=style_source,
-                                         reference_source=realism_reference)
-        cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        done = difp.protect_image(model, vae, face_model, original, cond, settings, conditions)
-        found = done.original_identity
-        key = difp_keys.make_difp_key(model, cond, vae.encode(original), steps, strength, found["embedding"][:1],
-                                      found["landmarks"][:1], face_model.name)
-        key.face_crops = plan.as_dict()
-        delivered = plan.paste(photo, [done.result.images])
-        mask = plan.mask()  # the crop comes back resized: every pixel under the pasted mask may change a little
-        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
-                                                     method="DIFP")],
-                                        ["\n".join([f"{len(done.result.images)} image(s) protected",
-                                                    f"style: {done.sources['style']}",
-                                                    f"realism reference: {done.sources['reference']}"]
-                                                   + done.warnings)],
-                                        receipt_text)
-        return {"ui": {"text": text}, "result": (delivered, key, photo[None], mask[None], receipt)}
+                                     realism_space=realism_space, seed=seed, num_outputs=num_outputs, donor=donor,
+                                     style_source=style_source, reference_source=realism_reference,
+                                     whole_frame=region == REGIONS[1], prompt=prompt,
+                                     donor_image=_optional_image(donor_image, "donor_image"),
+                                     donor_embedding=donor_embedding,
+                                     style_image=_optional_image(style_image, "style_image"),
+                                     reference=_optional_image(reference, "reference"))
+        images = rgb_batch(image)
+        if images.shape[0] != 1:
+            raise ValueError(f"DIFP Protect protects one photo at a time (its key belongs to one face); got a batch "
+                             f"of {images.shape[0]} images: split the batch and protect each photo with its own key")
+        models = contract.Models(model=model, clip=clip, vae=vae, face_model=face_model, clip_vision=clip_vision,
+                                 adapter=identity_adapter, extra={"style_adapter": style_adapter})
+        delivery = contract.protect(images, difp.METHOD, models, settings, pipeline, resolution)
+        (done,) = delivery.delivered
+        (face,) = done.result.faces
+        key = face.key
+        key.face_crops = done.plan.as_dict()
+        mask = done.plan.mask()  # the crop comes back resized: every pixel under the pasted mask may change a little
+        report = face.report
+        receipt, text = receipt_outputs(delivery.receipts, ["\n".join(
+            [f"{report['outputs']} image(s) protected", f"style: {report['style']}",
+             f"realism reference: {report['reference']}"] + report["warnings"])], receipt_text)
+        return {"ui": {"text": text}, "result": (done.images, key, done.photo[None], mask[None], receipt)}
 
 
 class DiffPrivacySaveDIFPKey:

@@ -7,10 +7,8 @@ import logging
 
 from ..evaluation import fsap_eval
 from ..evaluation.lpips import LPIPSUnavailable, load_lpips
-from ..methods import fsap
-from ..inversion.ddim import ddim_invert
-from ..methods.pipeline import one_photo_plan
-from ..methods.receipt import receipt_for, receipt_text
+from ..methods import contract, fsap
+from ..methods.receipt import receipt_text
 from .common import (CATEGORY, StepProgress, paired_batches, pipeline_input, receipt_outputs, resolution_input,
                      rgb_batch, tip, whole_frame_gradient_options)
 
@@ -105,43 +103,33 @@ class DiffPrivacyFSAP:
             clip_vision=None, gradient_options=None, pipeline=None, unique_id=None):
         settings = fsap.FSAPSettings(tau=tau, lambda_i=lambda_i, lambda_p=lambda_p, k=k, n=max_iterations,
                                      steps=steps, strength=timestep, latent_step=latent_step,
-                                     identity_weight=identity_weight, perceptual_mode=perceptual_mode).validated()
-        fsap.check_face_model(face_model)
-        emb = face_embedding.get("embedding") if isinstance(face_embedding, dict) else None
-        if emb is None or emb.dim() != 2 or emb.shape[0] != 1:
-            raise ValueError("face_embedding must hold one face's embedding (Face Embedding on the original photo)")
-        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "FSAP", max_faces=1)
-        (img,) = plan.cut(photo)
+                                     identity_weight=identity_weight, perceptual_mode=perceptual_mode,
+                                     gradient=gradient_options)
+        images = rgb_batch(image)
+        if images.shape[0] != 1:
+            raise ValueError(f"FSAP moves one face's embedding: one photo at a time; got a batch of {images.shape[0]} "
+                             "images: split the batch")
         try:
             lpips, lpips_note = load_lpips(), None
         except LPIPSUnavailable as e:
             lpips, lpips_note = None, str(e)
-        clip_states = None
-        if identity_adapter.spec.kind == "faceid-plus":
-            if clip_vision is None or face_embedding.get("crops_224") is None:
-                raise ValueError("FaceID Plus reads the aligned face through CLIP-ViT-H: connect clip_vision")
-            clip_states = clip_vision.encode_image(face_embedding["crops_224"], crop=False)[
-                identity_adapter.spec.clip_input]
+        models = contract.Models(model=model, vae=vae, face_model=face_model, clip_vision=clip_vision,
+                                 adapter=identity_adapter, extra={"conditioning": positive, "lpips": lpips,
+                                                                  "face_embedding": face_embedding})
         bar = StepProgress(max(settings.n, 1), unique_id)
 
-        def progress(it, history):
-            bar(min(it, settings.n),
-                f"FSAP iteration {it}: L_I {history[-1].l_i:.4f} on the stand-in (tau {settings.tau:g})",
-                ("PNG", fsap.curve_pil(history, settings.tau), 512))
+        def progress(step):  # the live loss curve: the history the search sends with each iteration's Step
+            bar(step, preview=("PNG", fsap.curve_pil(step.detail["history"], settings.tau), 512))
 
-        result = fsap.run_fsap(model, vae, positive, identity_adapter, emb, img, face_model, settings,
-                               invert=ddim_invert, lpips=lpips, clip_states=clip_states, progress=progress,
-                               gradient=gradient_options)
-        report = fsap.report_text(result, settings)
-        if lpips_note:
-            report += f"\nLPIPS absent: {lpips_note}"
+        delivery = contract.protect(images, fsap.METHOD, models, settings, pipeline, resolution, progress)
+        (done,) = delivery.delivered
+        (face,) = done.result.faces
+        result = face.parts["result"]
+        report = face.report["text"] + (f"\nLPIPS absent: {lpips_note}" if lpips_note else "")
         found = dict(face_embedding, embedding=result.w.float().cpu(), warning=None)
-        curve = fsap.curve_image(result.history, settings.tau)
-        delivered = plan.paste(photo, [result.image])
-        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
-                                                     method="FSAP")], [report], receipt_text)
-        return {"ui": {"text": text},
-                "result": (delivered, curve, found, report, float(result.l_i), receipt)}
+        receipt, text = receipt_outputs(delivery.receipts, [report], receipt_text)
+        return {"ui": {"text": text}, "result": (done.images, fsap.curve_image(result.history, settings.tau), found,
+                                                 report, float(result.l_i), receipt)}
 
 
 class DiffPrivacyFSAPEvaluation:

@@ -143,14 +143,14 @@ def _spy_protect(monkeypatch):
     """Record the MODEL (its streams), the reference and the settings DIFP's sampling gets."""
     from diffprivacy.methods import difp
     seen = {}
-    real = difp.protect
+    real = difp.regenerate
 
     def spy(model, vae, image, conditioning, settings, mask=None, reference=None):
         seen.update(model=model, reference=reference, settings=settings, image=image)
         out = real(model, vae, image, conditioning, settings, mask, reference)
         seen["realism"] = out.realism
         return out
-    monkeypatch.setattr(difp, "protect", spy)
+    monkeypatch.setattr(difp, "regenerate", spy)
     return seen
 
 
@@ -245,3 +245,40 @@ def test_a_group_photo_keeps_its_size_and_its_pixels_outside_the_mask_and_the_ke
     assert recovered.shape == (1, 886, 1280, 3)
     assert torch.equal(recovered[0][outside], group[0][outside])            # the rest: the photo's own pixels
     assert Plan.from_dict(loaded.face_crops).mask().equal(mask[0])
+
+
+def test_the_difp_method_runs_through_the_contract_on_a_batch_where_one_photo_has_no_face(tiny_sd, tiny_clip_vision,
+                                                                                          parts):
+    """difp.METHOD behind contract.protect: the photo with a face is delivered with its key, the black one is
+    reported as not protected."""
+    from diffprivacy.methods import contract, difp
+    from diffprivacy.methods.difp_keys import DIFPKey
+    model, clip, vae = tiny_sd
+    photos = torch.cat([_photo(), torch.zeros(1, 128, 128, 3)])
+    models = contract.Models(model=model, clip=clip, vae=vae, face_model=_NoFaceOnBlack(),
+                             clip_vision=tiny_clip_vision, adapter=parts[0])
+    settings = difp.DIFPSettings(steps=4, num_outputs=2, s_id=1.5, s_sty=0.0, style_source="none")
+    with torch.inference_mode():
+        delivery = contract.protect(photos, difp.METHOD, models, settings, resolution=128, receipt=False)
+    (done,) = delivery.delivered
+    (face,) = done.result.faces
+    assert done.index == 0 and done.images.shape == (2, 128, 128, 3)
+    assert (done.images - photos[0]).abs().amax() > 0.02                     # the face was regenerated
+    assert isinstance(face.key, DIFPKey) and face.key.steps == 4 and face.report["outputs"] == 2
+    assert [i for i, _ in delivery.failures] == [1] and "No face" in delivery.failures[0][1]
+    with pytest.raises(ValueError, match="needs an identity adapter"):     # a missing model stops the run itself
+        contract.protect(photos, difp.METHOD, contract.Models(model=model, clip=clip, vae=vae,
+                                                              face_model=_NoFaceOnBlack()), settings, resolution=128)
+
+
+def test_difp_settings_are_validated_when_built():
+    from diffprivacy.methods import difp
+    for bad, message in ((dict(strength=1.2), "beyond the last timestep"), (dict(steps=0), "steps must be"),
+                         (dict(g_rea=1.5), "g_rea"), (dict(realism_mode="smooth"), "realism mode"),
+                         (dict(donor="friend"), "donor must be"), (dict(donor="image"), "donor_image"),
+                         (dict(s_id=float("nan")), "s_id holds NaN"),
+                         (dict(style_source="another image"), "style_image")):
+        with pytest.raises(ValueError, match=message):
+            difp.DIFPSettings(**bad)
+    off = difp.DIFPSettings(style_source="none", reference_source="none")
+    assert off.s_sty == 0.0 and off.realism is False                         # the settings say what runs

@@ -47,12 +47,11 @@ def _run(setup, **kw):
     options = dict(steps=STEPS, lambda_i=LAMBDA_I, k=1, n=6)
     render = kw.pop("render_final", True)
     progress = kw.pop("progress", None)
-    gradient = kw.pop("gradient", None)
     options.update(kw)
     with torch.inference_mode():
         return fsap.run_fsap(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["w0"],
                              setup["image"], setup["face"], fsap.FSAPSettings(**options), invert=ddim_invert,
-                             trace=True, progress=progress, render_final=render, gradient=gradient)
+                             trace=True, progress=progress, render_final=render)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +131,8 @@ def test_sign_steps_move_w_by_exactly_lambda_per_coordinate_before_renormalisati
 def test_cancel_during_the_search_keeps_the_best_w_so_far(setup):
     import comfy.model_management as mm
 
-    def cancel_in_iteration_2(it, history):
-        if it == 2:
+    def cancel_in_iteration_2(step):
+        if step.detail["iteration"] == 2:
             mm.interrupt_current_processing(True)
     r = _run(setup, tau=2.0, n=5, k=0, progress=cancel_in_iteration_2, render_final=False)
     assert r.interrupted and not r.reached
@@ -204,6 +203,33 @@ def test_no_face_and_a_non_differentiable_recognizer_are_refused(setup):
         DiffPrivacyFSAP().run(**_node_args(setup, image=torch.full((1, SIZE, SIZE, 3), 0.5)))
     with torch.inference_mode(), pytest.raises(ValueError, match="not differentiable.*dlib"):
         DiffPrivacyFSAP().run(**_node_args(setup, face_model=dlib_model()))
+
+
+def test_the_fsap_method_runs_through_the_contract_on_a_batch_where_one_photo_has_no_face(setup):
+    """fsap.METHOD behind contract.protect: the portrait is delivered (its report measured on the delivered render),
+    the grey photo is reported as not protected; progress is one Step per iteration carrying the history."""
+    from diffprivacy.methods import contract
+    photos = torch.cat([setup["image"], torch.full_like(setup["image"], 0.5)])
+    models = contract.Models(model=setup["model"], vae=setup["vae"], face_model=setup["face"],
+                             adapter=setup["adapter"], extra={"conditioning": setup["cond"], "face_embedding": {
+                                 "embedding": torch.cat([setup["w0"], -setup["w0"]])}})
+    steps = []
+    with torch.inference_mode():
+        delivery = contract.protect(photos, fsap.METHOD, models, fsap.FSAPSettings(
+            steps=STEPS, lambda_i=LAMBDA_I, k=1, n=2, tau=2.0), resolution=0, progress=steps.append, receipt=False)
+    (done,) = delivery.delivered
+    (face,) = done.result.faces
+    result = face.parts["result"]
+    assert done.index == 0 and done.images.shape == setup["image"].shape
+    assert [i for i, _ in delivery.failures] == [1] and "No face" in delivery.failures[0][1]
+    assert torch.equal(result.w0, setup["w0"])                                # photo 0 starts from its own row
+    assert face.report["l_i_on"] == "delivered image" and face.report["l_i"] == result.l_i
+    assert not face.report["reached"] and json.loads(json.dumps(face.report))["iterations"] == 2
+    assert [s.detail["iteration"] for s in steps] == [1, 2]                   # one Step per iteration (k = 1)
+    assert [len(s.detail["history"]) for s in steps] == [1, 2] and steps[-1].done == steps[-1].total == 2
+    with pytest.raises(ValueError, match="not differentiable"):               # checked before any photo is planned
+        from face_fixtures import dlib_model
+        contract.protect(photos, fsap.METHOD, contract.Models(face_model=dlib_model()), fsap.FSAPSettings())
 
 
 # -- the losses --------------------------------------------------------------------------------------------------------
