@@ -367,21 +367,24 @@ def recognizer_space_warning(model_name: str) -> str | None:
 
 
 def face_identity(face_model, images: torch.Tensor, mode: str = "largest", index: int = 0,
-                  differentiable: bool = False) -> dict:
+                  differentiable: bool = False, mask: torch.Tensor | None = None) -> dict:
     """Detect, choose and embed faces of an IMAGE batch: the FACE_EMBEDDING value.
 
     Returns ``embedding`` (N, D) (with grad to ``images`` when ``differentiable``), ``crops_224`` (N, 224, 224, 3)
     aligned like insightface's ``norm_crop(image_size=224)`` (FaceID Plus's CLIP input), ``batch_index``,
     ``landmarks`` (N, 5, 2), ``model`` and a ``warning`` about the embedding space (None for buffalo_l r50).
+    ``mask`` (H, W): only the faces it covers are candidates (a face crop's own face, not a neighbour in it).
     """
     from .face.align import align_faces, arcface_template
-    from .face.base import choose_faces
+    from .face.base import choose_faces, select_faces
     from .host import check_interrupt
     rows = []
     for b, img in enumerate(images):
         check_interrupt()
         with torch.no_grad():
             faces = face_model.detect(img)
+        if mask is not None:
+            faces = [faces[i] for i in select_faces(faces, "mask", mask=mask)[0]]
         rows += [(b, f) for f in choose_faces(faces, mode, index, batch_index=b)]
     x = images.permute(0, 3, 1, 2)[[b for b, _ in rows]]
     lm = torch.stack([f.landmarks for _, f in rows]).to(x)

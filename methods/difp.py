@@ -376,16 +376,19 @@ class DIFPProtection:
     warnings: list
 
 
-def protect_crop(models: Models, image: torch.Tensor, conditioning, settings: DIFPSettings) -> DIFPProtection:
+def protect_crop(models: Models, image: torch.Tensor, conditioning, settings: DIFPSettings,
+                 face_mask: torch.Tensor | None = None) -> DIFPProtection:
     """DIFP on one working image (a face crop): find the face, choose the donor, add the streams, regenerate,
     composite. ``models``: the checkpoint's MODEL (no streams) and VAE, the FACE_MODEL, the identity adapter
-    (``adapter``), ``clip_vision`` and ``extra["style_adapter"]``."""
-    from ..guidance.face.base import NoFaceError
+    (``adapter``), ``clip_vision`` and ``extra["style_adapter"]``. ``face_mask`` (R, R): the face the crop was cut
+    around (its identity is replaced and its box composited, not a larger neighbour's in the same crop); None: the
+    largest face."""
+    from ..guidance.face.base import NoFaceError, select_faces
     from ..guidance.identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
                                              recognizer_space_warning, style_tokens)
     face_model, warnings = models.face_model, []
     try:
-        original = face_identity(face_model, image[:1])
+        original = face_identity(face_model, image[:1], mask=face_mask)
     except NoFaceError as e:
         raise NoFaceError(None, f"in the original ({e}): DIFP protects a face; give a photo with a visible face") from e
     streams, donor = [], None
@@ -415,7 +418,9 @@ def protect_crop(models: Models, image: torch.Tensor, conditioning, settings: DI
     mask = None
     if not settings.whole_frame:
         faces = face_model.detect(image[0])
-        largest = max(faces, key=lambda f: f.area)
+        if face_mask is not None:
+            faces = [faces[i] for i in select_faces(faces, "mask", mask=face_mask)[0]]
+        largest = max(faces, key=lambda f: f.area)  # found above: face_identity raised otherwise
         mask = feathered_box_mask(image.shape[1], image.shape[2], [largest.box], settings.mask_grow,
                                   settings.mask_feather)
     result = regenerate(streamed, models.vae, image, conditioning, settings, mask, reference)
@@ -448,7 +453,8 @@ def run(crops: list, models: Models, settings: DIFPSettings, progress: Progress 
     sources, faces = settings.sources(), []
     for n, job in enumerate(crops):
         report(progress, n, len(crops), f"face {n + 1}/{len(crops)}")
-        done = protect_crop(models, job.image, conditioning, settings)
+        done = protect_crop(models, job.image, conditioning, settings,
+                            job.face_mask() if job.crop.face_index >= 0 else None)
         found = done.original_identity
         key = make_difp_key(models.model, conditioning, models.vae.encode(job.image), settings.steps,
                             settings.strength, found["embedding"][:1], found["landmarks"][:1], models.face_model.name)

@@ -282,3 +282,42 @@ def test_difp_settings_are_validated_when_built():
             difp.DIFPSettings(**bad)
     off = difp.DIFPSettings(style_source="none", reference_source="none")
     assert off.s_sty == 0.0 and off.realism is False                         # the settings say what runs
+
+
+class _TwoFaces:
+    """A face model seeing a large face on the left and a small one on the right of any image; each face's
+    embedding is the mean of its box (so which face was embedded shows)."""
+    name, metric, threshold, differentiable = "two", "cosine", 0.4, True
+
+    def detect(self, image):
+        from diffprivacy.guidance.face.base import Face
+        h, w = image.shape[:2]
+        boxes = ((0.0, 0.2 * h, 0.5 * w, 0.8 * h), (0.7 * w, 0.4 * h, 0.9 * w, 0.6 * h))  # largest first
+        return [Face(torch.tensor(b), torch.tensor([[b[0] + (b[2] - b[0]) * f, (b[1] + b[3]) / 2]
+                                                    for f in (0.3, 0.7, 0.5, 0.35, 0.65)]), 0.9) for b in boxes]
+
+    def embed(self, images, landmarks):
+        return torch.nn.functional.normalize(landmarks.mean(1), dim=1)
+
+
+def test_difp_in_a_face_crop_replaces_and_composites_the_face_the_crop_was_cut_around_not_a_larger_neighbour(
+        monkeypatch):
+    """A crop cut around a small face may also hold a larger neighbour: DIFP takes the identity of, and composites
+    over, the crop's own face (its face mask), not the largest face in the crop."""
+    from diffprivacy.methods import contract, difp
+    from diffprivacy.methods.pipeline import Crop
+    seen = {}
+
+    def regenerate(model, vae, image, conditioning, settings, mask, reference):
+        seen["mask"] = mask
+        return difp.DIFPResult(image, image, torch.zeros(1, 4, 8, 8), torch.zeros(2), None)
+    monkeypatch.setattr(difp, "regenerate", regenerate)
+    image = torch.rand(1, 64, 64, 3)
+    crop = Crop(0, 0, 64, (40, 20, 64, 44), 0, 1, (44.8, 25.6, 57.6, 38.4))   # cut around the small face
+    settings = difp.DIFPSettings(steps=2, s_id=0.0, style_source="none")
+    done = difp.protect_crop(contract.Models(face_model=_TwoFaces()), image, None, settings,
+                             contract.CropJob(image, crop).face_mask())
+    assert done.original_identity["landmarks"][0, :, 0].min() > 0.6 * 64           # the small face's identity
+    assert seen["mask"][32, 58] > 0.9 and seen["mask"][32, 10] == 0                # composited over it alone
+    largest = difp.protect_crop(contract.Models(face_model=_TwoFaces()), image, None, settings)
+    assert largest.original_identity["landmarks"][0, :, 0].max() < 0.5 * 64        # without a mask: the largest
