@@ -376,15 +376,14 @@ def face_identity(face_model, images: torch.Tensor, mode: str = "largest", index
     ``mask`` (H, W): only the faces it covers are candidates (a face crop's own face, not a neighbour in it).
     """
     from .face.align import align_faces, arcface_template
-    from .face.base import choose_faces, select_faces
+    from .face.base import choose_faces, crop_faces
     from .host import check_interrupt
     rows = []
     for b, img in enumerate(images):
         check_interrupt()
         with torch.no_grad():
             faces = face_model.detect(img)
-        if mask is not None:
-            faces = [faces[i] for i in select_faces(faces, "mask", mask=mask)[0]]
+        faces = crop_faces(faces, mask)
         rows += [(b, f) for f in choose_faces(faces, mode, index, batch_index=b)]
     x = images.permute(0, 3, 1, 2)[[b for b, _ in rows]]
     lm = torch.stack([f.landmarks for _, f in rows]).to(x)

@@ -383,7 +383,7 @@ def protect_crop(models: Models, image: torch.Tensor, conditioning, settings: DI
     (``adapter``), ``clip_vision`` and ``extra["style_adapter"]``. ``face_mask`` (R, R): the face the crop was cut
     around (its identity is replaced and its box composited, not a larger neighbour's in the same crop); None: the
     largest face."""
-    from ..guidance.face.base import NoFaceError, select_faces
+    from ..guidance.face.base import NoFaceError, crop_faces
     from ..guidance.identity_streams import (Stream, apply_identity_streams, face_identity, identity_tokens,
                                              recognizer_space_warning, style_tokens)
     face_model, warnings = models.face_model, []
@@ -417,10 +417,7 @@ def protect_crop(models: Models, image: torch.Tensor, conditioning, settings: DI
         settings.reference[:1], image.shape[1:3], "the realism reference", warnings)
     mask = None
     if not settings.whole_frame:
-        faces = face_model.detect(image[0])
-        if face_mask is not None:
-            faces = [faces[i] for i in select_faces(faces, "mask", mask=face_mask)[0]]
-        largest = max(faces, key=lambda f: f.area)  # found above: face_identity raised otherwise
+        largest = crop_faces(face_model.detect(image[0]), face_mask)[0]  # found above: face_identity raised otherwise
         mask = feathered_box_mask(image.shape[1], image.shape[2], [largest.box], settings.mask_grow,
                                   settings.mask_feather)
     result = regenerate(streamed, models.vae, image, conditioning, settings, mask, reference)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..guidance.autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
 from ..guidance.ddim import check_finite, ddim_sigmas
-from ..guidance.face.base import NoFaceError
+from ..guidance.face.base import NoFaceError, crop_faces
 from ..guidance.gradient_path import GradientOptions, whole_frame_gradient_decoder
 from ..guidance.host import check_interrupt, interrupt_exceptions
 from ..guidance.progress import Progress, report, within
@@ -438,19 +438,20 @@ def check_face_model(face_model) -> None:
                          "(FaceNet-CASIA converts itself from a PyPI wheel)")
 
 
-def original_face(face_model, image: torch.Tensor):
-    """The largest face of a (1, H, W, 3) image: (landmarks (5, 2), box (4,)); NoFaceError when none."""
-    faces = face_model.detect(image[0])
+def original_face(face_model, image: torch.Tensor, face_mask: torch.Tensor | None = None):
+    """The face of a (1, H, W, 3) crop (the one under ``face_mask``, the face the crop was cut around; the largest
+    without one): (landmarks (5, 2), box (4,)); NoFaceError when none."""
+    faces = crop_faces(face_model.detect(image[0]), face_mask)
     if not faces:
         raise NoFaceError(0, f"{image.shape[2]}x{image.shape[1]} pixels; FSAP moves the identity of a detected face")
-    face = max(faces, key=lambda f: f.area)
+    face = faces[0]
     return face.landmarks.float(), face.box.float()
 
 
 def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.Tensor, face_model,
              settings: FSAPSettings, *, invert: Callable | None = None, lpips=None, clip_states=None,
              shortcut_scale: float = 1.0, progress: Progress | None = None, trace: bool = False,
-             render_final: bool = True) -> FSAPResult:
+             render_final: bool = True, face_mask: torch.Tensor | None = None) -> FSAPResult:
     """FSAP on one working image (1, H, W, 3): the search of one crop, what :func:`run` does per crop.
 
     ``model``: the user's SD 1.5 MODEL (the identity stream is added here); ``adapter``: a FaceID adapter;
@@ -470,7 +471,7 @@ def run_fsap(model, vae, conditioning, adapter, w0: torch.Tensor, image: torch.T
     invert = invert or ddim_invert
     tokens = embedding_tokens(adapter, clip_states, shortcut_scale)
     image = image[..., :3].float()
-    landmarks, box = original_face(face_model, image)
+    landmarks, box = original_face(face_model, image, face_mask)
     w0 = w0.detach().float().cpu()
     with torch.no_grad():
         on = tokens(w0)
@@ -633,7 +634,8 @@ def run(crops: list, models: Models, settings: FSAPSettings, progress: Progress 
                           models.face_model, settings, lpips=lpips,
                           clip_states=_clip_states(models.adapter, models.clip_vision, crops_224),
                           progress=within(progress, n, len(crops), f"face {n + 1}/{len(crops)}" if len(crops) > 1
-                                          else ""))
+                                          else ""),
+                          face_mask=job.face_mask() if job.crop.face_index >= 0 else None)
         faces.append(FaceResult(result.image, {
             "face": job.crop.face_index, "l_i": result.l_i, "l_i_on": result.l_i_on,
             "l_i_standin": result.l_i_standin, "tau": settings.tau, "reached": result.reached,

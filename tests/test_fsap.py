@@ -389,3 +389,19 @@ def test_the_node_on_a_group_photo_keeps_its_size_and_every_pixel_outside_the_fa
     assert [f["crop_size"] for f in receipt["outputs"][0]["faces"]] == [plan.crops[0].side]
     with torch.inference_mode(), pytest.raises(ValueError, match="one face.*at a time|1 face"):
         DiffPrivacyFSAP().run(**_node_args(setup, image=group, resolution=128, pipeline=PipelineOptions()))
+
+
+def test_fsap_in_a_face_crop_works_on_the_face_the_crop_was_cut_around_not_a_larger_neighbour():
+    from diffprivacy.guidance.face.base import Face
+    from diffprivacy.methods.contract import CropJob
+    from diffprivacy.methods.pipeline import Crop
+
+    class TwoFaces:
+        def detect(self, image):  # a large face on the left, a small one on the right (largest first)
+            return [Face(torch.tensor([0.0, 12.0, 32.0, 52.0]), torch.full((5, 2), 16.0), 0.9),
+                    Face(torch.tensor([44.8, 25.6, 57.6, 38.4]), torch.full((5, 2), 51.0), 0.9)]
+    image = torch.rand(1, 64, 64, 3)
+    job = CropJob(image, Crop(0, 0, 64, (40, 20, 64, 44), 0, 1, (44.8, 25.6, 57.6, 38.4)))
+    landmarks, box = fsap.original_face(TwoFaces(), image, job.face_mask())
+    assert box[0] > 40 and landmarks[0, 0] == 51.0                        # the crop's own face
+    assert fsap.original_face(TwoFaces(), image)[1][0] == 0.0               # without a mask: the largest

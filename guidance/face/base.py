@@ -82,6 +82,15 @@ def choose_faces(faces: list[Face], mode: str = "largest", index: int = 0,
 SELECT_MODES = ("all", "largest", "indices", "mask")
 
 
+def crop_faces(faces: list[Face], mask: torch.Tensor | None = None) -> list[Face]:
+    """The faces a face crop is about: those its face ``mask`` (R, R) covers (the face the crop was cut around,
+    not a neighbour that also shows in it), largest first; every face when ``mask`` is None (a whole-frame crop)."""
+    faces = sorted(faces, key=lambda f: -f.area)
+    if mask is None:
+        return faces
+    return [faces[i] for i in select_faces(faces, "mask", mask=mask)[0]]
+
+
 def parse_indices(text: str) -> list[int]:
     """Face indices from text such as "0, 2" (0 = the largest face)."""
     try:
