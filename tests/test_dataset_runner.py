@@ -201,6 +201,10 @@ def test_settings_are_checked_before_anything_starts_naming_the_setting(tmp_path
              ("diff-privacy-anonymize", {**ckpt, "steps": "nan"}, "steps='nan' must be a finite number"),
              ("diff-privacy-anonymize", {**ckpt, "steps": "2.5"}, "steps='2.5' must be a whole number"),
              ("diff-privacy-anonymize", {**ckpt, "strength": "0"}, "strength='0' must be > 0"),
+             ("diff-privacy-anonymize", {**ckpt, "crop_factor": "0.5"}, "crop_factor='0.5' must be >= 1"),
+             ("diff-privacy-anonymize", {**ckpt, "mask_grow": "4"}, "mask_grow must be between 1 .* crop_factor"),
+             ("diffusion-de-id", {**ckpt, "mode": "squash"}, "mode='squash' must be one of face crops, whole frame"),
+             ("diffusion-de-id", {**ckpt, "faces": "3"}, "faces='3' must be one of all, largest"),
              ("diffusion-de-id", {**ckpt, "lr": "nan"}, "lr='nan' must be a finite number"),
              ("diffusion-de-id", {**ckpt, "steps": "4", "render_steps": "9"}, "render_steps \\(9\\) cannot exceed")]
     for method, settings, message in cases:
@@ -315,6 +319,11 @@ def test_diff_privacy_anonymize_protects_each_face_at_the_photos_size_and_its_ke
     # inside: the faces recovered, within Key-I's recovery error (in latent space: the tiny VAE's round trip is poor)
     right, wrong = (float((z["samples"] - target).pow(2).mean().sqrt()) for z in (recovered, wrong))
     assert right < 0.4 * float(target.std()) and wrong > 2.5 * right, (right, wrong, float(target.std()))
+    _run("diff-privacy-anonymize", src, tmp_path / "whole", tmp_path / "keys-whole", {**settings, "mode": "whole frame"})
+    row = _rows(tmp_path / "whole")["pair.png"]                  # letterboxed to one square, never squashed
+    assert _pixels(tmp_path / "whole" / row["output"]).shape == (360, 440, 3) and row["receipt_crop_sizes"] == [440]
+    tensors, meta = read_key_file(tmp_path / "keys-whole" / row["key_file"])
+    assert Plan.from_json(meta["face_crops"]).mode == "whole frame" and tensors["key_i"].shape == (1, 4, 8, 8)
 
 
 def test_one_run_per_folder_at_a_time(tmp_path):
