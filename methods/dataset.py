@@ -658,6 +658,8 @@ class Worker:
                                  "settings)")
             png, key = encode_png(out), result.key
             row.update(status="ok", **{k: v for k, v in result.info.items() if k not in row})
+            if result.plan is not None:  # where the photo was cut: each face's square, box and pasted mask
+                row["face_crops"] = result.plan.as_dict()
             if self.settings.get("receipt", True):
                 row.update(self.receipt(image, out, result.plan))
         except NoFaceError as e:

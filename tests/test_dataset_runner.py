@@ -295,6 +295,7 @@ def test_diff_privacy_anonymize_protects_each_face_at_the_photos_size_and_its_ke
         assert f.metadata()["format_version"] == "2"             # a face-crop key, as the nodes write them
     tensors, meta = read_key_file(key_path)
     plan = Plan.from_json(meta["face_crops"])
+    assert Plan.from_dict(row["face_crops"]) == plan                # the manifest says where the photo was cut
     assert (plan.width, plan.height, plan.resolution, len(plan.crops)) == (440, 360, 64, 2)
     outside = (plan.mask() == 0).numpy()
     assert np.array_equal(delivered[outside], original[outside]) and not np.array_equal(delivered, original)
