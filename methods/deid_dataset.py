@@ -6,12 +6,13 @@ around its box (``crop_factor``; ``mode=whole frame``: the photo letterboxed), d
 into the photo at its own size.
 
 The pool and the pairing need the whole dataset. The pool is built once per run, in parallel by the workers: they
-embed the real faces (one job per image: each chosen face in its crop) and render the fakes (one job per fake: fake i depends only on its
-identity and its seed, so the pool is the same whoever renders it); the driver fits the Gaussian, draws the
-identities, assembles the pool and writes it into the keys folder as ``diffusion-de-id.pool.safetensors`` under a
-temporary name of the run, renamed into place when complete: the file's presence is the completion marker (no file
-lock; one run per folder holds the folder's lock). No real image is in the pool, but it was drawn from the real
-set's identity statistics: it stays private with the keys. A rerun reuses it, so reruns pair as the first run did.
+embed the real faces (one job per image: each chosen face in its crop, as it will be protected) and render the fakes
+(one job per fake: fake i depends only on its identity and its seed, so the pool is the same whoever renders it); the
+driver draws the identities (each checked against every real face), assembles the pool and writes it into the keys
+folder as ``diffusion-de-id.pool.safetensors`` under a temporary name of the run, renamed into place when complete:
+the file's presence is the completion marker (no file lock; one run per folder holds the folder's lock). No real
+image is in the pool, but its fakes were checked against the real faces: it stays private with the keys. A rerun
+reuses it, so reruns pair as the first run did.
 
 Settings (``--set name=value``; the maths and the defaults are in ``methods/diffusion_deid.py``):
 

@@ -320,7 +320,8 @@ def test_diff_privacy_anonymize_protects_each_face_at_the_photos_size_and_its_ke
     # inside: the faces recovered, within Key-I's recovery error (in latent space: the tiny VAE's round trip is poor)
     right, wrong = (float((z["samples"] - target).pow(2).mean().sqrt()) for z in (recovered, wrong))
     assert right < 0.4 * float(target.std()) and wrong > 2.5 * right, (right, wrong, float(target.std()))
-    _run("diff-privacy-anonymize", src, tmp_path / "whole", tmp_path / "keys-whole", {**settings, "mode": "whole frame"})
+    _run("diff-privacy-anonymize", src, tmp_path / "whole", tmp_path / "keys-whole",
+         {**settings, "mode": "whole frame"})
     row = _rows(tmp_path / "whole")["pair.png"]                  # letterboxed to one square, never squashed
     assert _pixels(tmp_path / "whole" / row["output"]).shape == (360, 440, 3) and row["receipt_crop_sizes"] == [440]
     tensors, meta = read_key_file(tmp_path / "keys-whole" / row["key_file"])
