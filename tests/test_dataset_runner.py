@@ -285,8 +285,11 @@ def test_diff_privacy_anonymize_protects_each_face_at_the_photos_size_and_its_ke
     from diffprivacy.methods.pipeline import Plan
     from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
     src, out, keys = _two_faces(tmp_path / "in"), tmp_path / "out", tmp_path / "keys"
+    from PIL import Image
+    Image.new("RGB", (120, 90), (128, 128, 128)).save(src / "wall.png")  # no face: its line, and the run goes on
     settings = {"checkpoint": str(tiny_checkpoint_path), "steps": "4", "resolution": "64"}
-    assert _run("diff-privacy-anonymize", src, out, keys, settings)["status"] == {"ok": 1}, _rows(out)
+    assert _run("diff-privacy-anonymize", src, out, keys, settings)["status"] == {"ok": 1, "no_face": 1}, _rows(out)
+    (src / "wall.png").unlink()
     row = _rows(out)["pair.png"]
     original, delivered = _pixels(src / "pair.png"), _pixels(out / row["output"])
     assert delivered.shape == original.shape == (360, 440, 3)
