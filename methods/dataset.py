@@ -48,6 +48,8 @@ from typing import Callable
 
 import torch
 
+from .pipeline import DEFAULT_CROP_FACTOR, DEFAULT_FEATHER, DEFAULT_MASK_GROW, MODES, PipelineOptions
+
 MANIFEST = "manifest.jsonl"
 LOCK = ".diffprivacy-dataset.lock"
 KEY_SUFFIX = ".key.safetensors"
@@ -133,6 +135,32 @@ COMMON = {
 }
 
 
+# The face pipeline of the diffusion methods (methods/pipeline.py, as on the nodes): detect, choose, crop, protect at
+# the working resolution, paste back into the photo at its own size.
+PIPELINE = {
+    "mode": Setting(str, MODES[0], choices=MODES, help="face crops: each chosen face cut square around its box, "
+                    "protected at the working resolution and pasted back into the photo at its own size; whole frame: "
+                    "the photo letterboxed to one square (padded, never squashed), for photos that are portraits"),
+    "crop_factor": Setting(float, DEFAULT_CROP_FACTOR, 1.0, 10.0, help="a face crop's side in face-box sides "
+                           f"(FaceDetailer's default {DEFAULT_CROP_FACTOR:g})"),
+    "feather": Setting(int, DEFAULT_FEATHER, 0, 256, help="pixels over which the pasted mask fades in"),
+    "mask_grow": Setting(float, DEFAULT_MASK_GROW, 1.0, 10.0, help="the pasted mask: the face box grown by this "
+                         "factor, at most crop_factor"),
+    "faces": Setting(str, "all", choices=("all", "largest"), help="which detected faces are protected"),
+}
+
+
+def pipeline_options(method: str, settings: dict) -> PipelineOptions:
+    """The face pipeline's options from a diffusion method's typed settings (:data:`PIPELINE`), validated: the rules
+    across them (mask_grow <= crop_factor) are refused naming the method, before anything starts."""
+    try:
+        return PipelineOptions(mode=settings["mode"], crop_factor=float(settings["crop_factor"]),
+                               feather=int(settings["feather"]), mask_grow=float(settings["mask_grow"]),
+                               faces=settings["faces"]).validated()
+    except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
+
+
 @dataclass(frozen=True)
 class Method:
     """A dataset method: ``factory(settings) -> protect(image (H, W, 3), seed) -> Protected`` (or an object with
@@ -208,10 +236,13 @@ def pick_device(log=_log_default) -> str:
 # -- methods --------------------------------------------------------------------------------------
 @dataclass
 class Protected:
-    """One protected image: pixels (H, W, 3) in [0, 1], an optional key (tensors, metadata), extra facts."""
+    """One protected image: pixels (H, W, 3) in [0, 1] at the photo's size, an optional key (tensors, metadata),
+    extra facts, and the face pipeline's plan (:class:`.pipeline.Plan`) when the method cut the photo: the receipt
+    then measures the faces it protected, with their crop sizes (without one: every face dlib finds)."""
     image: torch.Tensor
     key: tuple[dict, dict] | None = None
     info: dict = field(default_factory=dict)
+    plan: object = None
 
 
 def load_face_model(spec: str, detect_size: int = 1600):
@@ -627,8 +658,10 @@ class Worker:
                                  "settings)")
             png, key = encode_png(out), result.key
             row.update(status="ok", **{k: v for k, v in result.info.items() if k not in row})
+            if result.plan is not None:  # where the photo was cut: each face's square, box and pasted mask
+                row["face_crops"] = result.plan.as_dict()
             if self.settings.get("receipt", True):
-                row.update(self.receipt(image, out))
+                row.update(self.receipt(image, out, result.plan))
         except NoFaceError as e:
             row.update(status="no_face", error=str(e))
         except Exception as e:  # noqa: BLE001  one image's failure, whatever it is, is that image's line
@@ -636,9 +669,10 @@ class Worker:
         row["seconds"] = round(time.monotonic() - started, 3)
         return {"row": row, "png": png, "key": key}
 
-    def receipt(self, image: torch.Tensor, out: torch.Tensor) -> dict:
-        """One output's receipt as manifest fields (:mod:`.receipt`): every face the receipt's recognizer (dlib, which
-        no method is guided by) finds in the original, judged on the delivered image after 8-bit rounding. A receipt
+    def receipt(self, image: torch.Tensor, out: torch.Tensor, plan=None) -> dict:
+        """One output's receipt as manifest fields (:mod:`.receipt`), judged by the receipt's recognizer (dlib, which
+        no method is guided by) on the delivered image after 8-bit rounding: the faces of the method's ``plan`` (the
+        faces it cut and protected, with their crop sizes), or every face dlib finds in the original. A receipt
         that cannot be measured says why in ``receipt_error``; it never fails the image."""
         from .pipeline import full_size_plan
         from .receipt import manifest_fields, measure_receipt, receipt_recognizer, unavailable_receipt
@@ -648,8 +682,10 @@ class Worker:
             h, w = image.shape[:2]
             if out.shape != image.shape:
                 raise ValueError(f"the output is {out.shape[1]}x{out.shape[0]}, not the photo's {w}x{h}")
-            faces = self.recognizer.detect(image)
-            receipt = measure_receipt(image, out, full_size_plan(faces, range(len(faces)), h, w), self.recognizer,
+            if plan is None:
+                faces = self.recognizer.detect(image)
+                plan = full_size_plan(faces, range(len(faces)), h, w)
+            receipt = measure_receipt(image, out, plan, self.recognizer,
                                       guided_by=getattr(self.impl, "guided_by", None), method=self.method.name)
         except Exception as e:  # noqa: BLE001  the image is protected; only its receipt is missing, and says why
             receipt = unavailable_receipt(f"{type(e).__name__}: {e}", self.method.name)

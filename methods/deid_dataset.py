@@ -1,12 +1,18 @@
 """Diffusion De-ID as a dataset-command method (``--method diffusion-de-id``): models, the run's fake pool, one image.
 
+Each photo goes through the face pipeline (:func:`.contract.protect`): every chosen face (``faces``) is cut square
+around its box (``crop_factor``; ``mode=whole frame``: the photo letterboxed), de-identified at ``resolution``
+(:data:`DEID_CROPS`, a small contract Method calling :func:`.diffusion_deid.anonymize` per crop) and pasted back
+into the photo at its own size.
+
 The pool and the pairing need the whole dataset. The pool is built once per run, in parallel by the workers: they
-embed the real images (one job per image) and render the fakes (one job per fake: fake i depends only on its
-identity and its seed, so the pool is the same whoever renders it); the driver fits the Gaussian, draws the
-identities, assembles the pool and writes it into the keys folder as ``diffusion-de-id.pool.safetensors`` under a
-temporary name of the run, renamed into place when complete: the file's presence is the completion marker (no file
-lock; one run per folder holds the folder's lock). No real image is in the pool, but it was drawn from the real
-set's identity statistics: it stays private with the keys. A rerun reuses it, so reruns pair as the first run did.
+embed the real faces (one job per image: each chosen face in its crop, as it will be protected) and render the fakes
+(one job per fake: fake i depends only on its identity and its seed, so the pool is the same whoever renders it); the
+driver draws the identities (each checked against every real face), assembles the pool and writes it into the keys
+folder as ``diffusion-de-id.pool.safetensors`` under a temporary name of the run, renamed into place when complete:
+the file's presence is the completion marker (no file lock; one run per folder holds the folder's lock). No real
+image is in the pool, but its fakes were checked against the real faces: it stays private with the keys. A rerun
+reuses it, so reruns pair as the first run did.
 
 Settings (``--set name=value``; the maths and the defaults are in ``methods/diffusion_deid.py``):
 
@@ -18,7 +24,10 @@ face_model         the differentiable recognizer of L_id, ``detector/recognizer`
                    the thesis used ArcFace: ``scrfd/arcface-r50``)
 identity_model     the face model whose embeddings drive FaceID (default ``scrfd/arcface-r50``, buffalo_l's)
 prompt, negative   text of the fakes and of every render (negative: the fakes' CFG only)
-resolution         working size (square), default 512
+resolution         working size of each face crop (square), default 512
+mode, crop_factor, feather, mask_grow, faces
+                   the face pipeline (:data:`.dataset.PIPELINE`): face crops (default) or whole frame, a crop's side
+                   in face-box sides (3.0), the pasted mask's fade (5 px) and growth (1.3), all faces or the largest
 pool, pool_factor  a pool file to use instead of building one; |X_F| = ceil(pool_factor * faces), default 1.5
 pool_steps, cfg    the fakes' DDIM steps and CFG (30, 5.0)
 objective, x_t, optimizer, lr, iterations, lambda_att, steps, render_steps, identity_weight
@@ -29,13 +38,15 @@ objective, x_t, optimizer, lr, iterations, lambda_att, steps, render_steps, iden
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
+from . import contract
 from . import diffusion_deid as deid
-from .dataset import FACE_SPEC, Failed, Job, Protected, Setting, load_checkpoint, load_face_model, pick_device, \
-    temp_name
+from .dataset import (FACE_SPEC, Failed, Job, Protected, Setting, load_checkpoint, load_face_model, pick_device,
+                      pipeline_options, temp_name)
 
 POOL_NAME = "diffusion-de-id.pool.safetensors"
 
@@ -74,6 +85,7 @@ def check_settings(settings: dict) -> None:
     if settings["resolution"] % 8:
         raise ValueError(f"setting resolution={settings['resolution']} must be a multiple of 8 (the VAE's factor)")
     params(settings)
+    pipeline_options("diffusion-de-id", settings)
 
 
 def _file(value: str | None, default: str, folder: str) -> Path:
@@ -113,44 +125,102 @@ def load_models(settings: dict) -> dict:
             "negative": negative, "face_model": face_model, "identity_model": identity_model}
 
 
-def real_embedding(identity_model, work: torch.Tensor) -> torch.Tensor | None:
-    """The largest face's FaceID-space embedding (1, D) of a working image (1, H, W, 3), None without a face."""
+def real_embedding(identity_model, work: torch.Tensor, near=None) -> torch.Tensor | None:
+    """A face's FaceID-space embedding (1, D) in a working image (1, H, W, 3), None without a face: the face nearest
+    the point ``near`` (x, y in working pixels: the face a crop was cut around), or the largest."""
     faces = identity_model.detect(work[0])
     if not faces:
         return None
-    face = max(faces, key=lambda f: f.area)
+    if near is None:
+        face = max(faces, key=lambda f: f.area)
+    else:
+        face = min(faces, key=lambda f: (float(f.box[0] + f.box[2]) / 2 - near[0]) ** 2
+                   + (float(f.box[1] + f.box[3]) / 2 - near[1]) ** 2)
     with torch.no_grad():
         return identity_model.embed(work.movedim(-1, 1), face.landmarks.float()[None]).float().cpu()
 
 
+def crop_centre(job) -> tuple[float, float] | None:
+    """Where, in a crop's working pixels, the face it was cut around is (None in whole-frame mode: the largest)."""
+    crop = job.crop
+    if crop.face_index < 0:
+        return None
+    scale = job.resolution / crop.side
+    x1, y1, x2, y2 = crop.face_box
+    return ((x1 + x2) / 2 - crop.x) * scale, ((y1 + y2) / 2 - crop.y) * scale
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """Diffusion De-ID per face crop behind the method contract (:mod:`.contract`), for the dataset command: its
+    optimisation's settings, validated when built."""
+    params: deid.DeIDSettings
+
+    def __post_init__(self):
+        self.params.validated()
+
+
+def run_crops(crops: list, models: contract.Models, settings: CropSettings, progress=None) -> contract.MethodResult:
+    """The contract's run: each crop de-identified on its own (x_T inverted under the FaceID embedding of the face
+    the crop was cut around, paired with the nearest fake of ``models.extra["pool"]``)."""
+    from ..guidance.face.base import NoFaceError
+    from ..guidance.progress import report
+    from ..inversion.ddim import ddim_invert
+    m = models.extra
+    faces = []
+    for n, job in enumerate(crops):
+        report(progress, n, len(crops), f"face {n + 1}/{len(crops)}")
+        e_real = real_embedding(m["identity_model"], job.image, crop_centre(job))
+        if e_real is None:
+            raise NoFaceError(job.photo, f"the identity model finds no face in the crop of face {job.crop.face_index}")
+        result = deid.anonymize(models.model, models.vae, m["positive"], models.adapter, models.face_model,
+                                m["appearance"], m["pool"], job.image, settings.params, invert=ddim_invert,
+                                real_embedding=e_real)
+        faces.append(contract.FaceResult(result.image, {"face": job.crop.face_index, **result.info()}))
+    report(progress, len(crops), len(crops), "done")
+    return contract.MethodResult(faces)
+
+
+DEID_CROPS = contract.Method("diffusion-de-id", run_crops, CropSettings)
+
+
 class DeIDWorker:
     """One worker's Diffusion De-ID: the models load once; the stages the driver calls are :meth:`embed` and
-    :meth:`render_fake` (building the pool), :meth:`use_pool` (broadcast), then :meth:`protect` per image."""
+    :meth:`render_fake` (building the pool), :meth:`use_pool` (broadcast), then :meth:`protect` per image. Both
+    :meth:`embed` and :meth:`protect` work on the face pipeline's crops of the photo (the same plan)."""
 
     def __init__(self, settings: dict):
         pick_device()
-        self.settings, self.params = settings, params(settings)
+        self.settings, self.params = settings, CropSettings(params(settings))
+        self.options = pipeline_options("diffusion-de-id", settings)
         self.m = load_models(settings)
         deid.check_face_model(self.m["face_model"])
+        self.guided_by = self.m["face_model"]
         self.resolution, self.pool = settings["resolution"], None
 
-    def _work(self, image: torch.Tensor) -> torch.Tensor:
-        from ..guidance.working_image import working_image
-        return working_image(image[None], self.m["vae"], self.resolution)
+    def _crops(self, image: torch.Tensor) -> list:
+        """The crop jobs of a photo (H, W, 3) as the pipeline cuts it; raises NoFaceError without a chosen face."""
+        planned = contract.plan_batch(image[None], DEID_CROPS, self.m["face_model"], self.options, self.resolution)
+        if planned.failures:
+            raise planned.failures[0][2]
+        _, photo, plan = planned.plans[0]
+        return [contract.CropJob(cut, crop, 0, n) for n, (cut, crop) in enumerate(zip(plan.cut(photo), plan.crops))]
 
     def embed(self, rel: str, data: bytes, max_pixels: int) -> dict | None:
-        """A real image's identity embedding (D,) with the identity model's metric and match threshold (what every
-        fake is checked against), None when it has no face or cannot be read (its own manifest line says why when it
-        is processed)."""
+        """The identity embeddings (k, D) of a real image's chosen faces, each in its crop, with the identity model's
+        metric and match threshold (what every fake is checked against), None when it has no face or cannot be read
+        (its own manifest line says why when it is processed)."""
         from ..guidance.image_files import decode_image
         try:
             with torch.inference_mode():
-                e = real_embedding(self.m["identity_model"],
-                                   self._work(decode_image(data, PurePosixPath(rel).name, max_pixels)))
+                jobs = self._crops(decode_image(data, PurePosixPath(rel).name, max_pixels))
+                found = [real_embedding(self.m["identity_model"], j.image, crop_centre(j)) for j in jobs]
         except Exception:  # noqa: BLE001  reported on the image's own line
             return None
+        found = [e for e in found if e is not None]
         im = self.m["identity_model"]
-        return None if e is None else {"embedding": e[0], "metric": im.metric, "threshold": float(im.threshold)}
+        return None if not found else {"embeddings": torch.cat(found), "metric": im.metric,
+                                       "threshold": float(im.threshold)}
 
     def render_fake(self, identities: torch.Tensor, index: int, seed: int) -> dict:
         s, m = self.settings, self.m
@@ -164,22 +234,17 @@ class DeIDWorker:
         self.pool = pool
 
     def protect(self, image: torch.Tensor, seed: int) -> Protected:
-        import torch.nn.functional as F
-
-        from ..guidance.face.base import NoFaceError
-        from ..inversion.ddim import ddim_invert
         m = self.m
+        models = contract.Models(model=m["model"], vae=m["vae"], face_model=m["face_model"], adapter=m["adapter"],
+                                 extra={"identity_model": m["identity_model"], "positive": m["positive"],
+                                        "appearance": m["appearance"], "pool": self.pool})
         with torch.inference_mode():
-            work = self._work(image)
-            e_real = real_embedding(m["identity_model"], work)
-            if e_real is None:
-                raise NoFaceError(0, "the identity model found no face")
-            result = deid.anonymize(m["model"], m["vae"], m["positive"], m["adapter"], m["face_model"],
-                                    m["appearance"], self.pool, work, self.params, invert=ddim_invert,
-                                    real_embedding=e_real)
-        out = F.interpolate(result.image.movedim(-1, 1), size=tuple(image.shape[:2]), mode="bicubic",
-                            antialias=True, align_corners=False).clamp(0, 1).movedim(1, -1)[0]
-        return Protected(out, info={**result.info(), "pool_size": len(self.pool)})
+            delivered = contract.protect(image[None], DEID_CROPS, models, self.params, self.options, self.resolution,
+                                         receipt=False).delivered[0]  # the Worker measures the receipt
+        faces = [f.report for f in delivered.result.faces]
+        return Protected(delivered.images[0], plan=delivered.plan,
+                         info={"faces_protected": len(faces), "pair": [f["pair"] for f in faces], "faces": faces,
+                               "pool_size": len(self.pool)})
 
 
 def build_pool(settings: dict, run, pool, log) -> deid.Pool:
@@ -190,13 +255,13 @@ def build_pool(settings: dict, run, pool, log) -> deid.Pool:
 
     def embedded(job, value) -> None:
         if value is not None and not isinstance(value, Failed):
-            embeddings[job.key] = value["embedding"]
+            embeddings[job.key] = value["embeddings"]
             space.update(metric=value["metric"], threshold=value["threshold"])
     pool.map([Job(rel, "embed", lambda rel=rel: (rel, run.read(rel), max_pixels)) for rel in run.files], embedded)
-    if len(embeddings) < 2:
-        raise ValueError(f"every fake is checked against the real set's identity embeddings: found faces in "
-                         f"{len(embeddings)} image(s) of the input folder; at least 2 are needed")
-    reals = torch.stack([embeddings[rel] for rel in sorted(embeddings)])
+    reals = torch.cat([embeddings[rel] for rel in sorted(embeddings)]) if embeddings else torch.zeros(0)
+    if len(reals) < 2:
+        raise ValueError(f"every fake is checked against the real set's identity embeddings: found {len(reals)} "
+                         f"face(s) in {len(embeddings)} image(s) of the input folder; at least 2 faces are needed")
     count = deid.pool_size(len(reals), settings["pool_factor"])
     log(f"Diffusion De-ID: {len(reals)} real face(s) embedded; rendering {count} fakes (|X_F| > |X_R|)")
     identities, check = deid.fake_identities(count, run.seed, reals, space["metric"], space["threshold"])

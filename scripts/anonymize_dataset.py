@@ -6,13 +6,17 @@
       --checkpoint models/checkpoints/v1-5-pruned-emaonly.safetensors --models ~/ComfyUI/models \\
       --input faces/ --output out/ --keys keys/ --password-env DP_KEY_PASSWORD --set steps=50 --set strength=0.6
 
-The output folder gets the same relative paths (as PNG) and manifest.jsonl (per image: method, parameters,
-seed, output and key names, status, error). Keys go to --keys, sealed with the password in the environment
-variable --password-env names (never on the command line). A rerun skips finished images and redoes cut ones;
-the command replaces or deletes only files its manifest proves it wrote. With Ray installed, images are spread
-over one actor per GPU (CPU actors without a GPU, --actors of them); --address (or RAY_ADDRESS) joins a cluster,
-whose nodes must read the same model folders (--models) and have this pack on the same path; this process reads
-every input and writes every output, so only this machine needs the folders. The engine is methods/dataset.py.
+The diffusion methods protect each chosen face in a square crop and paste it back: every output is its photo's size,
+the pixels outside the faces' masks the input's (--set mode="whole frame", crop_factor, feather, mask_grow, faces:
+the face pipeline's settings). The output folder gets the same relative paths (as PNG) and manifest.jsonl (per
+image: method, parameters, seed, output and key names, status, error, the output's receipt, where the photo was
+cut). Keys go to --keys (a diffusion key records the crops, so Recover returns the whole photo), sealed with the
+password in the environment variable --password-env names (never on the command line). A rerun skips finished images
+and redoes cut ones; the command replaces or deletes only files its manifest proves it wrote. With Ray installed,
+images are spread over one actor per GPU (CPU actors without a GPU, --actors of them); --address (or RAY_ADDRESS)
+joins a cluster, whose nodes must read the same model folders (--models) and have this pack on the same path; this
+process reads every input and writes every output, so only this machine needs the folders. The engine is
+methods/dataset.py.
 """
 from __future__ import annotations
 

@@ -70,10 +70,19 @@ def test_deid_through_two_ray_actors_equals_the_single_process_run(cluster, tmp_
     for name in ("identity", "appearance", "latents", "recognizer", "has_face"):  # the actors' pool is the process's
         assert torch.equal(getattr(local, name), getattr(ray_pool, name)), name
     assert local.meta == ray_pool.meta and len(local) == 3
+    import numpy
+    from PIL import Image
+    from diffprivacy.methods.pipeline import Plan
+    rows = {n: dr.Manifest(tmp_path / f"out-{n}").read() for n in ("local", "ray")}
     for rel in ("img1.png", "img10.png"):
         a, b = ((tmp_path / f"out-{n}" / rel).read_bytes() for n in ("local", "ray"))
         assert a == b, rel
-    rows = {n: dr.Manifest(tmp_path / f"out-{n}").read() for n in ("local", "ray")}
+        row = rows["local"][rel.replace(".png", ".jpg")]
+        with Image.open(src / rel.replace(".png", ".jpg")) as original, Image.open(tmp_path / "out-local" / rel) as out:
+            original, out = (torch.from_numpy(numpy.asarray(im.convert("RGB")).copy()) for im in (original, out))
+        outside = Plan.from_dict(row["face_crops"]).mask() == 0  # the face crops pasted back into the photo
+        assert out.shape == original.shape and torch.equal(out[outside], original[outside]), rel
+        assert row["receipt_error"] is None and row["receipt_crop_sizes"] and row["faces_protected"] >= 1, row
     assert {r: (v["pair"], v["seed"]) for r, v in rows["local"].items()} == \
         {r: (v["pair"], v["seed"]) for r, v in rows["ray"].items()}
 

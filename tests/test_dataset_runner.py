@@ -201,6 +201,10 @@ def test_settings_are_checked_before_anything_starts_naming_the_setting(tmp_path
              ("diff-privacy-anonymize", {**ckpt, "steps": "nan"}, "steps='nan' must be a finite number"),
              ("diff-privacy-anonymize", {**ckpt, "steps": "2.5"}, "steps='2.5' must be a whole number"),
              ("diff-privacy-anonymize", {**ckpt, "strength": "0"}, "strength='0' must be > 0"),
+             ("diff-privacy-anonymize", {**ckpt, "crop_factor": "0.5"}, "crop_factor='0.5' must be >= 1"),
+             ("diff-privacy-anonymize", {**ckpt, "mask_grow": "4"}, "mask_grow must be between 1 .* crop_factor"),
+             ("diffusion-de-id", {**ckpt, "mode": "squash"}, "mode='squash' must be one of face crops, whole frame"),
+             ("diffusion-de-id", {**ckpt, "faces": "3"}, "faces='3' must be one of all, largest"),
              ("diffusion-de-id", {**ckpt, "lr": "nan"}, "lr='nan' must be a finite number"),
              ("diffusion-de-id", {**ckpt, "steps": "4", "render_steps": "9"}, "render_steps \\(9\\) cannot exceed")]
     for method, settings, message in cases:
@@ -249,6 +253,82 @@ def test_the_diffusion_method_writes_sealed_keys_to_their_own_folder(tmp_path, t
     tensors, meta = read_key_file(key_files[0], "correct horse")
     assert tensors["key_i"].shape[-1] == 8 and meta["steps"] == "4"
     assert not list((tmp_path / "out").rglob("*" + dr.KEY_SUFFIX)), "no key next to the published images"
+
+
+def _two_faces(folder: Path) -> Path:
+    """Two people of group-6-faces.jpg as they stand (a 440x360 cut of the photo, not square), as a PNG: its pixels
+    are read back exactly."""
+    from PIL import Image
+    folder.mkdir(parents=True)
+    with Image.open(shared_path("data", "photos", "group-6-faces.jpg")) as im:
+        im.convert("RGB").crop((0, 120, 440, 480)).save(folder / "pair.png")
+    return folder
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_diff_privacy_anonymize_protects_each_face_at_the_photos_size_and_its_key_recovers_the_whole_photo(
+        tmp_path, tiny_checkpoint_path, tiny_sd):
+    """Through the face pipeline: each face cut, protected, pasted back; the output is the photo's size with every
+    pixel outside the plan's masks the input's, its receipt measured on it, its key records the plan (format 2) and
+    Recover returns the whole photo."""
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from diffprivacy.inversion.key_bundle import bundle_from_tensors
+    from diffprivacy.inversion.keyfile import read_key_file
+    from diffprivacy.methods.pipeline import Plan
+    from diffprivacy.nodes.recover_nodes import DiffPrivacyMakeKeyI, DiffPrivacyRecover
+    src, out, keys = _two_faces(tmp_path / "in"), tmp_path / "out", tmp_path / "keys"
+    from PIL import Image
+    Image.new("RGB", (120, 90), (128, 128, 128)).save(src / "wall.png")  # no face: its line, and the run goes on
+    settings = {"checkpoint": str(tiny_checkpoint_path), "steps": "4", "resolution": "64"}
+    assert _run("diff-privacy-anonymize", src, out, keys, settings)["status"] == {"ok": 1, "no_face": 1}, _rows(out)
+    (src / "wall.png").unlink()
+    row = _rows(out)["pair.png"]
+    original, delivered = _pixels(src / "pair.png"), _pixels(out / row["output"])
+    assert delivered.shape == original.shape == (360, 440, 3)
+    key_path = keys / row["key_file"]
+    with safe_open(str(key_path), "pt") as f:
+        assert f.metadata()["format_version"] == "2"             # a face-crop key, as the nodes write them
+    tensors, meta = read_key_file(key_path)
+    plan = Plan.from_json(meta["face_crops"])
+    assert Plan.from_dict(row["face_crops"]) == plan                # the manifest says where the photo was cut
+    assert (plan.width, plan.height, plan.resolution, len(plan.crops)) == (440, 360, 64, 2)
+    outside = (plan.mask() == 0).numpy()
+    assert np.array_equal(delivered[outside], original[outside]) and not np.array_equal(delivered, original)
+    assert row["faces_protected"] == 2 and row["receipt_error"] is None, row
+    assert row["receipt_recognizer"].startswith("dlib") and row["receipt_faces"] == 2
+    assert row["receipt_crop_sizes"] == sorted({c.side for c in plan.crops})
+    assert row["receipt_min_distance"] is not None
+    model, _, vae = tiny_sd
+    protected = torch.from_numpy(delivered.copy()).float()[None] / 255
+    latent, key_e = bundle_from_tensors(tensors, meta)
+    truth = torch.from_numpy(original.copy()).float() / 255
+    noise = {**latent, "samples": torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(3))
+             * latent["samples"].std()}                           # a wrong Key-I of the same size and spread
+    with torch.inference_mode():
+        (node_key_i,) = DiffPrivacyMakeKeyI().make_key_i(model, key_e, vae, truth[None], 4, crops=[plan])
+        recovered, photo = DiffPrivacyRecover().recover(model, key_e, latent, 4, vae=vae, protected=protected)
+        wrong, _ = DiffPrivacyRecover().recover(model, key_e, noise, 4)
+        target = vae.encode(torch.cat(plan.cut(truth)))
+    assert torch.allclose(node_key_i["samples"], latent["samples"], atol=1e-4)  # the node's Key-I of the same crops
+    assert photo.shape == (1, 360, 440, 3)
+    assert torch.equal(photo[0][torch.from_numpy(outside)], protected[0][torch.from_numpy(outside)])
+    # inside: the faces recovered, within Key-I's recovery error (in latent space: the tiny VAE's round trip is poor)
+    right, wrong = (float((z["samples"] - target).pow(2).mean().sqrt()) for z in (recovered, wrong))
+    assert right < 0.4 * float(target.std()) and wrong > 2.5 * right, (right, wrong, float(target.std()))
+    _run("diff-privacy-anonymize", src, tmp_path / "whole", tmp_path / "keys-whole",
+         {**settings, "mode": "whole frame"})
+    row = _rows(tmp_path / "whole")["pair.png"]                  # letterboxed to one square, never squashed
+    assert _pixels(tmp_path / "whole" / row["output"]).shape == (360, 440, 3) and row["receipt_crop_sizes"] == [440]
+    tensors, meta = read_key_file(tmp_path / "keys-whole" / row["key_file"])
+    assert Plan.from_json(meta["face_crops"]).mode == "whole frame" and tensors["key_i"].shape == (1, 4, 8, 8)
 
 
 def test_one_run_per_folder_at_a_time(tmp_path):
