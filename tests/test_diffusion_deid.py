@@ -54,8 +54,8 @@ def _anonymize(setup, gradient=None, **kw):
     options.update(kw)
     with torch.inference_mode():
         return deid.anonymize(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["face"],
-                              setup["appearance"], setup["pool"], setup["image"], deid.DeIDSettings(**options),
-                              invert=ddim_invert, gradient=gradient)
+                              setup["appearance"], setup["pool"], setup["image"],
+                              deid.DeIDSettings(**options, gradient=gradient), invert=ddim_invert)
 
 
 def _toward_real(setup):
@@ -233,7 +233,7 @@ def test_bad_settings_are_refused_with_the_name_of_the_setting():
     for kw, word in [({"objective": "swap"}, "objective"), ({"x_t": "noise"}, "x_t"), ({"lr": float("nan")}, "lr"),
                      ({"iterations": -1}, "iterations"), ({"render_steps": 9, "steps": 4}, "render_steps")]:
         with pytest.raises(ValueError, match=word):
-            deid.DeIDSettings(**kw).validated()
+            deid.DeIDSettings(**kw)
     s = deid.DeIDSettings.from_strings({"objective": "irs", "iterations": "3", "lr": "0.5", "checkpoint": "false"})
     assert (s.objective, s.iterations, s.lr, s.checkpoint) == ("irs", 3, 0.5, False)
 

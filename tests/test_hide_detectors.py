@@ -154,9 +154,9 @@ def test_robust_mode_hides_after_jpeg_and_rescale_too():
 
 def test_settings_refuse_a_step_larger_than_the_range():
     with pytest.raises(ValueError, match="larger than the range"):
-        dh.HideSettings(epsilon=4, max_range=3).validate()
+        dh.HideSettings(epsilon=4, max_range=3)
     with pytest.raises(ValueError, match="region must be 0"):   # a region smaller than the face box itself
-        dh.HideSettings(region=0.5).validate()
+        dh.HideSettings(region=0.5)
 
 
 # -- the node: bad input --------------------------------------------------------------------------
