@@ -539,7 +539,7 @@ class _Optimisation:
             if best is None or rec.loss < best.loss:
                 best, best_e = rec, e.detach().clone()
             report(job.get("progress"), it, s.iterations, f"iteration {it}/{s.iterations}: |cos| to the original "
-                   f"{abs(rec.cos):.4f} on the gradient render", history=history)
+                   f"{abs(rec.cos):.4f} on the gradient render", history=list(history))
             if it == s.iterations:
                 break
             (grad,) = torch.autograd.grad(loss.sum(), [e])
