@@ -30,6 +30,7 @@ from ..guidance import dp_identity as dpi
 from ..guidance import identity_streams as streams
 from ..guidance.progress import Progress, within
 from ..guidance.progress import report as step
+from ..guidance.weights import require_finite
 from ..guidance.working_image import cut_square, photo_mask
 from .contract import CropJob, FaceResult, Method, MethodResult, Models
 
@@ -164,7 +165,6 @@ class RenderSettings:
     mask: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        from ..guidance.weights import require_finite
         if self.mode not in dpi.RENDER_MODES:
             raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {self.mode!r}")
         if self.mode == dpi.STRICT and self.mask is not None:
