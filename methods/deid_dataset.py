@@ -77,7 +77,7 @@ SETTINGS = {
 def params(settings: dict) -> deid.DeIDSettings:
     names = ("objective", "x_t", "optimizer", "lr", "iterations", "lambda_att", "steps", "render_steps",
              "identity_weight")
-    return deid.DeIDSettings(**{n: settings[n] for n in names}, checkpoint=settings["grad_checkpoint"]).validated()
+    return deid.DeIDSettings(**{n: settings[n] for n in names}, checkpoint=settings["grad_checkpoint"])
 
 
 def check_settings(settings: dict) -> None:

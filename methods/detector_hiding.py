@@ -46,21 +46,31 @@ round trip at a random quality in [q_min, q_max]; JPEG is not differentiable, so
 the identity (BPDA: x + (jpeg(x) - x).detach()). The stop check then also requires the faces to stay
 hidden after JPEG at q_min and q_max and after rescaling by 1 - r and 1 + r. This needs a larger
 R_p: it trades visibility for survival.
+
+:data:`METHOD` is the attack behind the pack's one method contract (:mod:`.contract`), a *full-size* method: it gets
+the whole photo as its one crop (no resize) and returns, besides the photo, the plan of the private faces for the
+receipt; the detectors are ``models.extra["targets"]``, the face choice and attack settings one
+:class:`DetectorHidingSettings`.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
 from ..guidance.face.anchors import HIDDEN_IOU, KEPT_IOU, AttackTarget, box_iou, face_boxes, match_faces
 from ..guidance.face.base import SELECT_MODES, Face, select_faces
 from ..guidance.host import check_interrupt
+from ..guidance.progress import Progress, report
 from ..guidance.reupload import transform
+from ..guidance.working_image import photo_mask
+from .contract import FaceResult, Method, MethodResult, Models
+from .pipeline import full_size_plan
 
 PRIVATE_MODES = SELECT_MODES
 PRIVATE_ANCHOR_IOU = 0.15   # an anchor this close to a private face may produce it: push it to background
@@ -68,8 +78,9 @@ KEPT_ANCHOR_IOU = 0.5       # an anchor this close to a kept face and firing is 
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class HideSettings:
+    """The attack's settings, validated once when built."""
     epsilon: float = 0.5           # step per iteration, 0-255 scale
     max_range: float = 12.0        # R_p: |delta| <= R_p per pixel and channel, 0-255 scale (README: the thesis's
                                    # 3 hides few real faces from MTCNN; 8 misses some portraits' large faces)
@@ -84,7 +95,7 @@ class HideSettings:
     rescale: float = 0.1
     seed: int = 0
 
-    def validate(self):
+    def __post_init__(self):
         if not (self.region == 0 or self.region >= 1):
             raise ValueError(f"region must be 0 (anywhere) or at least 1 (the face boxes themselves), "
                              f"got {self.region}")
@@ -224,15 +235,13 @@ def _state(targets, x255, private_by, kept_by, checks) -> tuple[dict, dict]:
 
 def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], private: str = "all",
                         indices: Sequence[int] = (), mask: torch.Tensor | None = None,
-                        settings: HideSettings | None = None,
-                        progress: Callable[[int, int, str], None] | None = None) -> HideResult:
+                        settings: HideSettings | None = None, progress: Progress | None = None) -> HideResult:
     """Hide the private faces of one (H, W, 3) [0, 1] image from ``targets`` (the first one chooses the faces).
 
     Returns a :class:`HideResult` whose ``image`` is on the 8-bit grid. An image without faces, or whose
     choice leaves no private face, is returned rounded but otherwise unchanged, with a ``note``.
     """
     s = settings or HideSettings()
-    s.validate()
     if not targets:
         raise ValueError("no detector to hide from: give at least one target")
     if image.dim() != 3 or image.shape[-1] != 3:
@@ -295,9 +304,8 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
         log.append(f"iteration {it}: loss {loss_text}, private hidden {nh}, kept found {nk}")
         if (nh, nk, -l2) > (best[0], best[1], -best[2]):
             best = (nh, nk, l2, x.clone(), hidden, found)
-        if progress is not None:
-            progress(it, s.iterations, f"iteration {it}/{s.iterations}: {nh} of "
-                                       f"{len(priv_idx) * len(targets)} private face detections gone")
+        report(progress, it, s.iterations, f"iteration {it}/{s.iterations}: {nh} of "
+                                           f"{len(priv_idx) * len(targets)} private face detections gone")
         return all(all(v) for v in hidden.values())
 
     it = 0
@@ -328,8 +336,8 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
             if check(it):
                 first = it
                 break
-        elif it and progress is not None:
-            progress(it, s.iterations, f"iteration {it}/{s.iterations}")
+        elif it:
+            report(progress, it, s.iterations, f"iteration {it}/{s.iterations}")
         if s.lam:
             loss = loss + s.lam * delta.norm()
         if loss.requires_grad:
@@ -346,3 +354,70 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
         f"not every private face could be hidden within R_p = {s.max_range} and {s.iterations} iterations: "
         f"raise the range or the iterations")
     return result(xb, priv_idx, kept_idx, hidden, found, it, first, note, log)
+
+
+# -- behind the method contract ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DetectorHidingSettings:
+    """Hide from Detectors behind the pack's method contract (:mod:`.contract`), validated once when built: which
+    faces are private (the pack's face choice: all / largest / indices / the faces a MASK covers; the others are
+    kept detectable) and the attack's :class:`HideSettings`."""
+    private: str = "all"
+    indices: tuple = ()
+    mask: torch.Tensor | None = field(default=None, compare=False)   # MASK (H, W) or (B, H, W), the photos' size
+    attack: HideSettings = field(default_factory=HideSettings)
+
+    def __post_init__(self):
+        if self.private not in PRIVATE_MODES:
+            raise ValueError(f"private faces must be one of {PRIVATE_MODES}, got {self.private!r}")
+        if self.private == "mask" and self.mask is None:
+            raise ValueError("private_faces = mask needs a MASK connected (white over the faces to hide)")
+        if any(not isinstance(i, int) or i < 0 for i in self.indices):
+            raise ValueError(f"face indices must be whole numbers >= 0 (0 = the largest face), got {self.indices}")
+        if not isinstance(self.attack, HideSettings):
+            raise TypeError(f"attack must be HideSettings, got {type(self.attack).__name__}")
+
+    def mask_for(self, photo: int, height: int, width: int) -> torch.Tensor | None:
+        """Photo ``photo``'s MASK (H, W) (the last one of the batch serves every later photo), or None."""
+        m = photo_mask(self.mask, photo)
+        if m is not None and tuple(m.shape) != (height, width):
+            raise ValueError(f"the mask is {tuple(m.shape)} but the image is {(height, width)}: use a mask of the "
+                             f"image's size")
+        return m
+
+
+def _device(targets) -> torch.device:
+    for t in targets:
+        for module in t.modules():
+            for p in module.parameters():
+                return p.device
+    return torch.device("cpu")
+
+
+def run(crops: list, models: Models, settings: DetectorHidingSettings,
+        progress: Progress | None = None) -> MethodResult:
+    """The contract's run of a full-size method: the one crop is the whole photo, attacked at its own size against
+    the detectors ``models.extra["targets"]`` (:func:`load_attack_targets`). The result is the photo on the 8-bit
+    grid, its report (JSON-ready) and perturbation (``parts["delta"]``, 0-255 scale), and the plan of the private
+    faces, for the receipt."""
+    targets = models.extra["targets"]
+    (job,) = crops
+    photo = job.image[0]
+    h, w = int(photo.shape[0]), int(photo.shape[1])
+    mask = settings.mask_for(job.photo, h, w)
+    with gradients_enabled():
+        for t in targets:
+            for module in t.modules():
+                thaw_inference_tensors(module)
+        r = hide_from_detectors(thaw(photo).to(_device(targets)), targets, settings.private, settings.indices, mask,
+                                settings.attack, progress)
+    info = {"image": job.photo, "faces": len(r.faces), "private": r.private, "kept": r.kept,
+              "boxes": [[round(float(v), 1) for v in f.box] for f in r.faces],
+              "private_hidden": r.hidden, "kept_detected": r.kept_found,
+              "iterations": r.iterations, "iterations_to_hide": r.iterations_to_hide,
+              "max_change": float(r.delta.abs().max()), "note": r.note}
+    return MethodResult([FaceResult(r.image.cpu()[None], info, parts={"delta": r.delta})],
+                        plan=full_size_plan(r.faces, r.private, h, w))
+
+
+METHOD = Method("hide from detectors", run, DetectorHidingSettings, full_size=True)

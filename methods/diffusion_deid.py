@@ -6,8 +6,8 @@ The thesis decodes a DiffAE latent z = (z̄, x_T). Here, on the user's own SD 1.
   differentiable in the embedding, so it can be optimised;
 * the stochastic code x_T is the DDIM-inverted latent (cfg 1, the full S-step grid) of the real image under its own
   identity embedding (``x_t="real"``, the default, the issue's reading), or of the paired fake under the fake's
-  embedding (``x_t="fake"``, which also replaces the background: the thesis is unclear which it used). The inversion
-  sampler is passed in (``invert``: ``inversion.ddim.ddim_invert``), as FSAP does, so this module stays in guidance/.
+  embedding (``x_t="fake"``, which also replaces the background: the thesis is unclear which it used), inverted by
+  ``inversion.ddim.ddim_invert``.
 
 The algorithm:
 
@@ -52,12 +52,16 @@ Defaults (the thesis reports none; these are reasoned, not tuned on real weights
   direction as the thesis's L1, whose raw scale differs between CLIP-L, CLIP-H and FaRL), so L_att is a relative
   error of order 0.1-1 and L_id lies in [0, 1]: weight 1 lets neither term dominate from the start.
 * ``steps=50`` (inversion and final render: the grid Diff-Privacy's DDIM uses), pool ``cfg=5``, ``pool_steps=30``.
+
+:data:`METHOD` is step 3 behind the pack's one method contract (:mod:`.contract`): :func:`run` de-identifies each
+face crop against a pool built beforehand (the dataset command builds it: it needs the whole set), reporting a
+:class:`~..guidance.progress.Step` per iteration with the curve so far in ``detail["history"]``.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -66,10 +70,12 @@ import torch.nn.functional as F
 
 from ..guidance.autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
 from ..guidance.ddim import check_finite, ddim_sigmas, ddim_step
-from ..guidance.face.base import NoFaceError
+from ..guidance.face.base import NoFaceError, select_faces
 from ..guidance.gradient_path import whole_frame_gradient_decoder
 from ..guidance.gradient_path import GradientOptions
 from ..guidance.host import check_interrupt, resident_clone
+from ..guidance.progress import Progress, report, within
+from .contract import CropJob, FaceResult, Method, MethodResult, Models
 
 OBJECTIVES = ("iis", "irs")
 X_T_SOURCES = ("real", "fake")
@@ -77,8 +83,9 @@ OPTIMIZERS = ("adam", "sign")
 POOL_FORMAT = "diffprivacy-deid-pool/1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeIDSettings:
+    """The optimisation's settings, validated once when built."""
     objective: str = "iis"        # "iis": |cos| to the real -> 0; "irs": |cos| to the paired fake -> 1
     x_t: str = "real"             # x_T: DDIM inversion of the real image, or of the paired fake
     optimizer: str = "adam"
@@ -89,8 +96,9 @@ class DeIDSettings:
     render_steps: int = 4         # DDIM steps of the differentiable render (a subset of the grid)
     identity_weight: float = 1.0  # the identity stream's weight
     checkpoint: bool = True       # recompute each render step in the backward pass (memory of one UNet call)
+    gradient: GradientOptions | None = field(default=None, compare=False)  # the decoder x_A's render goes through
 
-    def validated(self) -> "DeIDSettings":
+    def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES} (IIS: identity indistinguishable, the thesis's "
                              f"default; IRS: identity replacement), got {self.objective!r}")
@@ -109,18 +117,17 @@ class DeIDSettings:
         if self.render_steps > self.steps:
             raise ValueError(f"render_steps ({self.render_steps}) cannot exceed steps ({self.steps}): the render "
                              "walks a subset of the inversion's grid")
-        return self
 
     @classmethod
     def from_strings(cls, values: dict) -> "DeIDSettings":
         """From a settings dict of strings (the dataset command's --set); unknown names are ignored."""
         out = {}
         for f in cls.__dataclass_fields__.values():
-            if f.name in values:
+            if f.name in values and f.name != "gradient":  # GradientOptions come from their node, not a string
                 v = values[f.name]
                 out[f.name] = (str(v).lower() in ("1", "true", "yes") if f.type == "bool" else
                                int(v) if f.type == "int" else float(v) if f.type == "float" else str(v))
-        return cls(**out).validated()
+        return cls(**out)
 
 
 # -- pool maths -----------------------------------------------------------------------------------------------------
@@ -357,15 +364,22 @@ def pool_size(real_count: int, factor: float = 1.5) -> int:
 
 
 def _largest_face(face_model, image_hwc: torch.Tensor):
+    return _chosen_face(face_model, image_hwc, None)
+
+
+def _chosen_face(face_model, image_hwc: torch.Tensor, face_mask: torch.Tensor | None):
+    """The largest face of ``image_hwc`` (H, W, 3) the face choice takes: the largest, or the largest ``face_mask``
+    (H, W) covers; None when there is none."""
     faces = face_model.detect(image_hwc)
-    return max(faces, key=lambda f: f.area) if faces else None
+    chosen, _ = select_faces(faces, "largest" if face_mask is None else "mask", (), face_mask)
+    return max((faces[i] for i in chosen), key=lambda f: f.area) if chosen else None
 
 
 def build_pool(model, vae, positive, negative, adapter, face_model, appearance: Appearance, real_embeddings,
                count: int, seed: int, resolution: int = 512, steps: int = 30, cfg: float = 5.0,
                sampler: str = "ddim", scheduler: str = "ddim_uniform", identity_weight: float = 1.0,
                identity_metric: str = "cosine", identity_threshold: float = 0.68,
-               progress: Callable | None = None) -> Pool:
+               progress: Progress | None = None) -> Pool:
     """Render ``count`` fakes with identities from the fixed prior (:func:`fake_identities`), each beyond the match
     threshold of every real embedding (N, D) in the identity model's space (``identity_metric``/``_threshold``)."""
     identities, check = fake_identities(count, seed, real_embeddings, identity_metric, identity_threshold)
@@ -387,7 +401,7 @@ def pool_meta(count: int, seed: int, resolution: int, steps: int, cfg: float, sa
 def render_fakes(model, vae, positive, negative, adapter, face_model, appearance: Appearance, identities, indices,
                  seed: int, resolution: int = 512, steps: int = 30, cfg: float = 5.0, sampler: str = "ddim",
                  scheduler: str = "ddim_uniform", identity_weight: float = 1.0,
-                 progress: Callable | None = None) -> list[tuple]:
+                 progress: Progress | None = None) -> list[tuple]:
     """The fakes ``indices`` of a pool: (latent, appearance embedding, recognizer embedding or None) each. Fake i
     depends only on ``identities[i]`` and its noise seed ``seed + 1 + i``, so fakes rendered apart (the dataset
     command's workers) assemble into the pool one process renders."""
@@ -414,8 +428,7 @@ def render_fakes(model, vae, positive, negative, adapter, face_model, appearance
             rec = (face_model.embed(image.movedim(-1, 1), face.landmarks.float()[None].to(image))[0].cpu()
                    if face is not None else None)
         fakes.append((lat[0].float().cpu(), app, rec))
-        if progress is not None:
-            progress(n + 1, len(indices))
+        report(progress, n + 1, len(indices), f"fake {n + 1}/{len(indices)}")
     return fakes
 
 
@@ -431,7 +444,8 @@ def assemble_pool(identities: torch.Tensor, fakes: list[tuple], meta: dict) -> P
 
 # -- anonymisation ----------------------------------------------------------------------------------------------------
 @dataclass
-class Step:
+class Record:
+    """One iteration of the optimisation (the curve a front end may draw: ``Step.detail["history"]``)."""
     iteration: int
     loss: float
     l_id: float
@@ -445,8 +459,8 @@ class DeIDResult:
     embedding: torch.Tensor         # (1, D) the best embedding found
     pair: int                       # the paired fake's index in the pool
     pair_distance: float
-    history: list[Step]
-    best: Step
+    history: list[Record]
+    best: Record
     settings: dict
     delivered: dict | None = None   # the identity check measured on the delivered render (None: not rendered)
     pool_check: dict = field(default_factory=dict)  # the pool's real-fake check (smallest distance, metric, ...)
@@ -506,7 +520,7 @@ class _Optimisation:
             l_att = torch.zeros_like(l_id)
         return l_id + self.s.lambda_att * l_att, l_id, l_att, cos
 
-    def run(self, model, x_t, sigmas, extra_args) -> tuple[torch.Tensor, list[Step]]:
+    def run(self, model, x_t, sigmas, extra_args) -> tuple[torch.Tensor, list[Record]]:
         s, job = self.s, self.job
         grid = render_grid(sigmas, s.render_steps)
         e0 = job["e0"].detach().float()
@@ -520,12 +534,12 @@ class _Optimisation:
             check_interrupt()
             loss, l_id, l_att, cos = self.losses(self.render(model, x_t, grid, extra_args, e))
             check_finite(loss.detach(), f"the De-ID loss at iteration {it}")
-            rec = Step(it, *(float(v.detach()) for v in (loss, l_id, l_att, cos)))
+            rec = Record(it, *(float(v.detach()) for v in (loss, l_id, l_att, cos)))
             history.append(rec)
             if best is None or rec.loss < best.loss:
                 best, best_e = rec, e.detach().clone()
-            if job.get("progress") is not None:
-                job["progress"](it, history)
+            report(job.get("progress"), it, s.iterations, f"iteration {it}/{s.iterations}: |cos| to the original "
+                   f"{abs(rec.cos):.4f} on the gradient render", history=list(history))
             if it == s.iterations:
                 break
             (grad,) = torch.autograd.grad(loss.sum(), [e])
@@ -575,30 +589,34 @@ def pair_image(pool: Pool, appearance: Appearance, work: torch.Tensor, objective
 
 
 def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appearance, pool: Pool,
-              work: torch.Tensor, settings: DeIDSettings, *, invert: Callable, real_embedding=None,
-              progress: Callable | None = None, render_final: bool = True,
-              gradient: GradientOptions | None = None) -> DeIDResult:
+              work: torch.Tensor, settings: DeIDSettings, *, invert: Callable | None = None, real_embedding=None,
+              progress: Progress | None = None, render_final: bool = True,
+              face_mask: torch.Tensor | None = None) -> DeIDResult:
     """Diffusion De-ID of one working image (1, H, W, 3) (square, the pool's resolution when ``x_t="fake"``).
 
     ``conditioning``: the prompt's CONDITIONING (cfg 1: inversion, render and final image all see it alone);
     ``adapter``: a FaceID adapter; ``face_model``: the differentiable recognizer of L_id with a detector;
     ``real_embedding`` (1, D): the real face's FaceID-space embedding, the condition x_T is inverted under (None: the
-    adapter's "off" embedding); ``invert``: ``inversion.ddim.ddim_invert``; ``gradient``: the decoder x_A's render
-    back-propagates through (None: the full VAE; De-ID has no face window, the whole frame is decoded).
+    adapter's "off" embedding); ``invert``: the inversion sampler (None: ``inversion.ddim.ddim_invert``);
+    ``settings.gradient``: the decoder x_A's render back-propagates through (None: the full VAE; De-ID has no face
+    window, the whole frame is decoded); ``face_mask`` (H, W): the face to replace (a face crop's, see
+    :meth:`.contract.CropJob.face_mask`; None: the largest face found); ``progress`` receives a Step per iteration
+    (``detail["history"]``: the :class:`Record` s so far).
     """
     import comfy.samplers
 
     from ..guidance import identity_streams as ids
     from ..guidance.guided_ddim import guided_ddim_sampler
     from ..guidance.sampling import sample_with_comfy
+    from ..inversion.ddim import ddim_invert
 
-    s = settings.validated()
+    s, invert = settings, invert or ddim_invert
     check_face_model(face_model)
     if adapter.spec.kind != "faceid":
         raise ValueError(f"Diffusion De-ID optimises the embedding of a FaceID adapter (ip-adapter-faceid_sd15.bin); "
                          f"{adapter.name} is a {adapter.spec.kind} adapter")
     work = work[..., :3].float()
-    face = _largest_face(face_model, work[0])
+    face = _chosen_face(face_model, work[0], face_mask)
     if face is None:
         raise NoFaceError(0, f"{work.shape[2]}x{work.shape[1]} working image; De-ID replaces a detected face")
     if pool.identity.shape[-1] != adapter.spec.id_dim:
@@ -615,7 +633,7 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     if s.x_t == "real" and real_embedding is None:
         on = off  # inversion under the "unconditional" identity
     patched, ss = ids.apply_identity_streams(model, [ids.Stream("identity", adapter, on, off, s.identity_weight)])
-    decode = whole_frame_gradient_decoder(vae, patched, gradient, "Diffusion De-ID")  # before the inversion: fails fast
+    decode = whole_frame_gradient_decoder(vae, patched, s.gradient, "Diffusion De-ID")  # before inverting: fail fast
     sigmas = ddim_sigmas(patched.get_model_object("model_sampling"), s.steps, 1.0)
     if s.x_t == "real":
         latent = vae.encode(work)
@@ -637,7 +655,8 @@ def anonymize(model, vae, conditioning, adapter, face_model, appearance: Appeara
     sampler = comfy.samplers.KSAMPLER(_deid_sampler, extra_options={"job": job})
     sample_with_comfy(patched, sampler, sigmas, conditioning, x_t)
     best_e, history = job["out"]
-    result = DeIDResult(None, best_e.float().cpu(), pair, distance, history, job["best_step"], asdict(s))
+    result = DeIDResult(None, best_e.float().cpu(), pair, distance, history, job["best_step"],
+                        {k: v for k, v in asdict(s).items() if k != "gradient"})
     result.pool_check = {k: pool.meta[k] for k in ("min_real_fake_distance", "identity_metric", "identity_threshold")
                          if k in pool.meta}
     if render_final:
@@ -686,3 +705,39 @@ def delivered_identity(face_model, delivered: torch.Tensor, original: torch.Tens
     return {"recognizer": getattr(face_model, "name", "?"), "face_found": face is not None, "cos": round(cos, 6),
             "distance": round(distance, 6), "metric": face_model.metric, "threshold": float(face_model.threshold),
             "recognised": distance < float(face_model.threshold)}
+
+
+# -- behind the method contract ---------------------------------------------------------------------------------------
+def appearance_of(clip_vision) -> Appearance:
+    """The appearance encoder of a CLIP_VISION model (one already wrapped is taken as it is: FaRL, the dataset's)."""
+    return clip_vision if isinstance(clip_vision, Appearance) else Appearance(clip_vision)
+
+
+def run(crops: list[CropJob], models: Models, settings: DeIDSettings, progress: Progress | None = None) -> MethodResult:
+    """The contract's run: each crop's face (the one the crop was cut around) de-identified against the pool.
+
+    ``models``: the MODEL, VAE, CLIP_VISION (the appearance encoder the pool was paired with), the FaceID adapter and
+    the differentiable FACE_MODEL of L_id; ``models.extra``: ``pool`` (:class:`Pool`), ``conditioning`` (the
+    prompt's CONDITIONING) and ``real_embedding`` ((1, D) the original's FaceID-space embedding, one face's: with it
+    the method protects one face at a time, :data:`ONE_FACE`; None: the adapter's "off" embedding). Each face's
+    report is :meth:`DeIDResult.info` with the face's index (``report_text`` writes it for people)."""
+    pool, conditioning = models.extra["pool"], models.extra["conditioning"]
+    real = models.extra.get("real_embedding")
+    if real is not None and len(crops) > 1:
+        raise ValueError(f"one real_embedding is one face's identity, and {len(crops)} faces are chosen: choose one "
+                         "face (the pipeline's faces: largest, or indices with one index)")
+    appearance = appearance_of(models.clip_vision)
+    faces = []
+    for n, job in enumerate(crops):
+        result = anonymize(models.model, models.vae, conditioning, models.adapter, models.face_model, appearance,
+                           pool, job.image, settings, real_embedding=real,
+                           face_mask=job.face_mask() if job.crop.face_index >= 0 else None,
+                           progress=within(progress, n, len(crops), f"face {n + 1}/{len(crops)}"
+                                           if len(crops) > 1 else ""))
+        faces.append(FaceResult(result.image, {"face": job.crop.face_index, "objective": settings.objective,
+                                               **result.info()}, key=None, parts={"embedding": result.embedding}))
+    return MethodResult(faces)
+
+
+METHOD = Method("Diffusion De-ID", run, DeIDSettings)
+ONE_FACE = replace(METHOD, max_faces=1)  # with the original's embedding (one face's identity): one face at a time

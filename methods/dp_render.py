@@ -15,13 +15,24 @@ Two renderings, labelled by :func:`guidance.dp_identity.release_label` wherever 
 
 The thesis's iterated form (T rounds) re-embeds each round's render and noises it again
 (:func:`guidance.dp_identity.iterate`); :func:`render_release` runs it and renders the final round.
+
+The photo mode is :data:`IN_PHOTO` behind the pack's one method contract (:mod:`.contract`): the face crop (or a
+crop around a MASK's region) is rendered and pasted back into the photo at its own size. Strict mode reads no photo,
+so it is :func:`render_release` alone. Both take one :class:`RenderSettings`, validated once when built.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from ..guidance import dp_identity as dpi
 from ..guidance import identity_streams as streams
+from ..guidance.progress import Progress, within
+from ..guidance.progress import report as step
+from ..guidance.weights import require_finite
+from ..guidance.working_image import cut_square, photo_mask
+from .contract import CropJob, FaceResult, Method, MethodResult, Models
 
 FACE_MARGIN = 0.25  # the inpainted region: the detected face box grown by this fraction of its size on every side
 
@@ -133,10 +144,43 @@ def encode_prompt(clip, text: str):
 
 
 # -- rendering -----------------------------------------------------------------------------------------------------
-def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mode: str, seed: int, steps: int,
-           cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
-           identity_weight: float = 1.0, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-           denoise: float = 1.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class RenderSettings:
+    """DP Render's settings, validated once when built. What goes in besides them (MODEL, CLIP, a connected
+    CONDITIONING, the prompt's words) is checked where it is used, :func:`render_release`: the label is computed from
+    it. ``mask`` (in the photo only; strict reads nothing of the photo): the region to render, (H, W) or (B, H, W) at
+    the photo's size; None: the detected face's box grown by :data:`FACE_MARGIN`."""
+    mode: str
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    identity_weight: float = 1.0
+    denoise: float = 1.0
+    mask: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.mode not in dpi.RENDER_MODES:
+            raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {self.mode!r}")
+        if self.mode == dpi.STRICT and self.mask is not None:
+            raise ValueError("strict rendering reads nothing of the photo: it takes no mask")
+        if self.mode == dpi.STRICT and (self.width % 8 or self.height % 8 or self.width < 64 or self.height < 64):
+            raise ValueError(f"width and height must be multiples of 8, at least 64; got {self.width} x {self.height}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
+        for name in ("cfg", "identity_weight", "denoise"):
+            require_finite(getattr(self, name), name)
+        if not 0.0 <= self.denoise <= 1.0:
+            raise ValueError(f"denoise must be in [0, 1], got {self.denoise}")
+
+
+def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, settings: RenderSettings, seed: int,
+           image: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Images (N, H, W, 3) of the N (noised) embeddings through the identity stream.
 
     ``strict``: from an empty ``width`` x ``height`` latent and noise from ``seed``; ``image`` / ``mask`` are
@@ -145,8 +189,7 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
     """
     from ..guidance.sampling import sample_text_guided
 
-    if mode not in dpi.RENDER_MODES:
-        raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {mode!r}")
+    s = settings
     if adapter.spec.kind != "faceid":
         raise ValueError(f"{adapter.name} is a {adapter.spec.kind} adapter; a DP identity release renders with the "
                          f"plain FaceID adapter (ip-adapter-faceid_sd15.bin), which reads only the embedding. FaceID "
@@ -155,12 +198,10 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
     on, off = streams.identity_tokens(adapter, embedding.float())
     sigmas = streams.sigma_range(model, 0.0, 1.0)
     patched, _ = streams.apply_identity_streams(
-        model, [streams.Stream("identity", adapter, on, off, identity_weight, None, *sigmas)])
-    noise_mask = None
-    if mode == dpi.STRICT:
-        if width % 8 or height % 8 or width < 64 or height < 64:
-            raise ValueError(f"width and height must be multiples of 8, at least 64; got {width} x {height}")
-        latent = torch.zeros(n, 4, height // 8, width // 8)
+        model, [streams.Stream("identity", adapter, on, off, s.identity_weight, None, *sigmas)])
+    noise_mask, denoise = None, s.denoise
+    if s.mode == dpi.STRICT:
+        latent = torch.zeros(n, 4, s.height // 8, s.width // 8)
         denoise = 1.0
     else:
         if image is None or mask is None:
@@ -176,37 +217,42 @@ def render(model, vae, positive, negative, adapter, embedding: torch.Tensor, mod
         m = mask.float()
         m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
         noise_mask = m[:, :hh, :ww].reshape(n, 1, hh, ww)
-    samples = sample_text_guided(patched, positive, negative, cfg, sampler_name, scheduler, steps, latent, seed,
-                                 denoise=denoise, noise_mask=noise_mask)
+    samples = sample_text_guided(patched, positive, negative, s.cfg, s.sampler_name, s.scheduler, s.steps, latent,
+                                 seed, denoise=denoise, noise_mask=noise_mask)
     return vae.decode(samples)[..., :3].float().cpu()
 
 
-def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt: str, adapter, mode: str, seed: int,
-                   steps: int, cfg: float, sampler_name: str, scheduler: str, width: int = 512, height: int = 512,
-                   identity_weight: float = 1.0, image: torch.Tensor | None = None, face_model=None,
-                   mask: torch.Tensor | None = None, denoise: float = 1.0, on_round=None, positive=None,
-                   negative=None):
-    """The final image of a release (``noised``: the FACE_EMBEDDING a DP Identity node made) and its label.
+def render_release(models: Models, settings: RenderSettings, image: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None, progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
+    """The final image of a release (``models.extra["release"]``: the FACE_EMBEDDING a DP Identity node made) and its
+    label: strict from fresh noise (``image`` and ``mask`` must be None: the photo is never handed on), in the photo
+    the face region ``mask`` (N, H, W) of ``image`` (N or 1, H, W, 3) rendered (None: the face ``models.face_model``
+    finds, its box grown by :data:`FACE_MARGIN`).
 
-    The conditioning is encoded here from ``prompt`` / ``negative_prompt`` with ``clip``; ``positive`` /
-    ``negative`` (a connected CONDITIONING) are taken only in the photo mode and refused in strict mode, as is a
-    MODEL or CLIP that carries anything beyond the checkpoint (:func:`check_strict_inputs`). The label is computed
-    from the record of what went in (:func:`inputs_provenance`).
+    The conditioning is encoded here from ``settings.prompt`` / ``negative_prompt`` with ``models.clip``;
+    ``models.extra["positive"]`` / ``["negative"]`` (a connected CONDITIONING) are taken only in the photo mode and
+    refused in strict mode, as is a MODEL or CLIP that carries anything beyond the checkpoint
+    (:func:`check_strict_inputs`). The label is computed from the record of what went in (:func:`inputs_provenance`).
 
     T = 1: render round 1's noised embedding. T > 1 (the thesis's Alg. 6): rounds 2..T render the previous round,
-    re-embed the rendered face with ``face_model`` (a render without a face stops with the no-face error, naming
-    the round) and noise it again with the release's C, σ and noise seed; the last round is rendered. Returns
-    (images, label dict, per-round cosine trace).
+    re-embed the rendered face with ``models.face_model`` (a render without a face stops with the no-face error,
+    naming the round) and noise it again with the release's C, σ and noise seed; the last round is rendered; the label
+    then holds each round's cosine to round 1. ``progress`` receives a Step per round.
     """
+    s = settings
+    noised = models.extra.get("release")
+    positive, negative = models.extra.get("positive"), models.extra.get("negative")
+    model, vae, clip, adapter, face_model = models.model, models.vae, models.clip, models.adapter, models.face_model
+    prompt, negative_prompt, mode = s.prompt, s.negative_prompt, s.mode
     release = noised.get("dp") if isinstance(noised, dict) else None
     if release is None:
         raise ValueError("this FACE_EMBEDDING is not a DP release: pass the face embedding through DP Identity "
                          "first (rendering the original embedding would publish the identity itself)")
     report = release["report"]
     rounds = int(report["rounds"])
-    if mode not in dpi.RENDER_MODES:
-        raise ValueError(f"render mode must be one of {dpi.RENDER_MODES}; got {mode!r}")
     if mode == dpi.STRICT:
+        if image is not None or mask is not None:
+            raise ValueError("strict rendering reads nothing of the photo: no image or mask is handed to it")
         check_strict_inputs(model, clip, prompt, negative_prompt, positive, negative)
     connected = positive is not None or negative is not None
     if connected and (positive is None or negative is None):
@@ -216,9 +262,7 @@ def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt:
     provenance = inputs_provenance(model, clip, mode, prompt, negative_prompt, connected)
     if not connected:
         positive, negative = encode_prompt(clip, prompt), encode_prompt(clip, negative_prompt)
-    kw = dict(model=model, vae=vae, positive=positive, negative=negative, adapter=adapter, mode=mode, steps=steps,
-              cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, width=width, height=height,
-              identity_weight=identity_weight, denoise=denoise)
+    kw = dict(model=model, vae=vae, positive=positive, negative=negative, adapter=adapter, settings=s)
     if mode == dpi.IN_PHOTO:
         if image is None:
             raise ValueError("'in the photo' rendering needs the photo: connect image")
@@ -232,7 +276,8 @@ def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt:
     def draw(z, t):
         # strict: image=None, the photo is never handed to the renderer
         photo = state["image"] if mode == dpi.IN_PHOTO else None
-        out = render(embedding=z, seed=int(seed) + t - 1, image=photo, mask=mask if photo is not None else None, **kw)
+        out = render(embedding=z, seed=int(s.seed) + t - 1, image=photo, mask=mask if photo is not None else None,
+                     **kw)
         if mode == dpi.IN_PHOTO:
             state["image"] = out
         return out
@@ -253,6 +298,42 @@ def render_release(noised: dict, model, vae, clip, prompt: str, negative_prompt:
             raise ValueError(f"T = {rounds} rounds re-embed each round's render: connect a face_model (the one that "
                              f"made the embedding: arcface-r50 of buffalo_l for FaceID)")
         z, trace = dpi.iterate(z, rounds, report["clip_radius"], report["sigma"], release["noise_seed"], draw, embed,
-                               report["renormalize"], on_round)
+                               report["renormalize"], lambda t: step(progress, t, rounds, f"round {t} of {rounds}"))
     images = draw(z, rounds)  # z_t is rendered with seed + t - 1
-    return images, dpi.release_label(report, mode, provenance), trace
+    step(progress, rounds, rounds, "rendered")
+    label = dpi.release_label(report, mode, provenance)
+    if rounds > 1:
+        label["rounds_cosine_to_round_1"] = [round(c, 4) for c in trace]
+    return images, label
+
+
+# -- in the photo, behind the method contract ---------------------------------------------------------------------
+def crop_mask(mask: torch.Tensor | None, job: CropJob) -> torch.Tensor | None:
+    """The part of photo ``job.photo``'s MASK (at the photo's size) that ``job``'s crop holds, (1, R, R); None for
+    none."""
+    m = photo_mask(mask, job.photo)
+    if m is None:
+        return None
+    c = job.crop
+    return cut_square(m[None, :, :, None], c.x, c.y, c.side, job.resolution)[..., 0]
+
+
+def run(crops: list[CropJob], models: Models, settings: RenderSettings, progress: Progress | None = None
+        ) -> MethodResult:
+    """The contract's run of the photo mode (NOT differentially private): each crop's face region (``settings.mask``
+    cut to the crop, or the face the crop holds) rendered with the release, :func:`render_release`. Each face's
+    report holds its label (``report["label"]``). Strict mode renders from noise and reads no photo: it is
+    :func:`render_release` without one, not a method on photos."""
+    if settings.mode != dpi.IN_PHOTO:
+        raise ValueError(f"only 'in the photo' rendering works on a photo's face crops; {settings.mode} rendering "
+                         "reads no photo")
+    faces = []
+    for n, job in enumerate(crops):
+        images, label = render_release(models, settings, job.image, crop_mask(settings.mask, job),
+                                       within(progress, n, len(crops), f"face {n + 1}/{len(crops)}"
+                                              if len(crops) > 1 else ""))
+        faces.append(FaceResult(images, {"face": job.crop.face_index, "label": label}))
+    return MethodResult(faces)
+
+
+IN_PHOTO = Method("DP render in the photo", run, RenderSettings, max_faces=1)  # one released identity

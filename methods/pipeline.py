@@ -269,16 +269,6 @@ def _resolution(resolution: int, side: int) -> int:
     return int(resolution) if resolution else max(64, side // 8 * 8)
 
 
-def protect_photo(photo: torch.Tensor, plan: Plan, protect_crop) -> tuple[torch.Tensor, list, list]:
-    """Run a method on each crop of ``plan`` and paste the results into ``photo`` (H, W, 3).
-
-    ``protect_crop(crop_image (1, R, R, 3), crop, i)`` returns crop i's protected image(s), (k, R, R, 3).
-    Returns (delivered (k, H, W, 3), the crops cut, their protected images)."""
-    cut = plan.cut(photo)
-    protected = [protect_crop(image, crop, i) for i, (image, crop) in enumerate(zip(cut, plan.crops))]
-    return plan.paste(photo, protected), cut, protected
-
-
 def full_size_plan(faces: list, indices, height: int, width: int) -> Plan:
     """The plan of a method that changes the photo at its own size (no crop, no resize): one entry per chosen face
     (``indices`` into ``faces``), so that its receipt measures the same faces as the other methods'."""

@@ -3,15 +3,16 @@
 The pool (|X_F| > |X_R| fakes from identities drawn uniformly on the identity sphere, each beyond the match threshold
 of every real face, ``diffusion-de-id.pool.safetensors``
 in the dataset command's keys folder) needs the whole dataset, so it is made by
-``scripts/anonymize_dataset.py --method diffusion-de-id``; this node de-identifies a further image against it.
+``scripts/anonymize_dataset.py --method diffusion-de-id``; this node de-identifies a further image against it, through
+the pack's one pipeline (``methods.contract.protect`` with ``methods.diffusion_deid.METHOD``): it only adapts.
 """
 from __future__ import annotations
 
-from ..methods import diffusion_deid as deid
-from ..inversion.ddim import ddim_invert
+from ..guidance.working_image import single_image
 from ..inversion.key_e import encode_text
-from ..methods.pipeline import one_photo_plan, protect_photo
-from ..methods.receipt import receipt_for, receipt_text
+from ..methods import contract
+from ..methods import diffusion_deid as deid
+from ..methods.receipt import receipt_text
 from .common import (CATEGORY, StepProgress, pipeline_input, receipt_outputs, resolution_input, resolve_key_path,
                      rgb_batch, tip, whole_frame_gradient_options)
 
@@ -73,32 +74,23 @@ class DiffPrivacyDiffusionDeID:
         # the differentiable render walks at most render_steps of the grid: fewer when steps is smaller
         render_steps = min(deid.DeIDSettings.render_steps, int(steps))
         settings = deid.DeIDSettings(objective=objective, x_t=x_t, iterations=int(iterations),
-                                     lambda_att=float(lambda_att), steps=int(steps),
-                                     render_steps=render_steps).validated()
+                                     lambda_att=float(lambda_att), steps=int(steps), render_steps=render_steps,
+                                     gradient=gradient_options)
         if not pool_path.strip():
             raise ValueError("pool_path is empty: build the pool with scripts/anonymize_dataset.py --method "
                              "diffusion-de-id (it lands in the keys folder), then give its path")
         pool = deid.Pool.load(resolve_key_path("", pool_path))
-        photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution, "Diffusion De-ID with a "
-                                     "face_embedding", max_faces=1 if face_embedding is not None else None)
         real = face_embedding["embedding"][:1] if face_embedding is not None else None
-        bar = StepProgress(max(settings.iterations, 1) * len(plan.crops), unique_id)
-        reports = []
-
-        def one(work, crop, i):
-            result = deid.anonymize(model, vae, [encode_text(clip, prompt)], identity_adapter, face_model,
-                                    deid.Appearance(clip_vision), pool, work, settings, invert=ddim_invert,
-                                    real_embedding=real, gradient=gradient_options,
-                                    progress=lambda step, *_: bar(i * max(settings.iterations, 1) + step))
-            info = result.info()
-            reports.append(f"face {crop.face_index}: {deid.report_text(info, objective)}")
-            return result.image
-
-        delivered, _, _ = protect_photo(photo, plan, one)
-        report = "\n".join(reports)
-        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, guided_by=face_model,
-                                                     method="Diffusion De-ID")], [report], receipt_text)
-        return {"ui": {"text": text}, "result": (delivered, report, receipt)}
+        models = contract.Models(model=model, clip=clip, vae=vae, clip_vision=clip_vision, face_model=face_model,
+                                 adapter=identity_adapter, extra={"pool": pool, "real_embedding": real,
+                                                                  "conditioning": [encode_text(clip, prompt)]})
+        delivery = contract.protect(single_image(rgb_batch(image)), deid.METHOD if real is None else deid.ONE_FACE,
+                                    models, settings, pipeline, resolution,
+                                    progress=StepProgress(max(settings.iterations, 1), unique_id))
+        report = "\n".join(f"face {f.report['face']}: {deid.report_text(f.report, objective)}"
+                           for f in delivery.faces)
+        receipt, text = receipt_outputs(delivery.receipts, [report], receipt_text)
+        return {"ui": {"text": text}, "result": (delivery.images, report, receipt)}
 
 
 NODE_CLASS_MAPPINGS = {"DiffPrivacyDiffusionDeID": DiffPrivacyDiffusionDeID}

@@ -1,8 +1,9 @@
 """Hide faces from face detectors with an invisible perturbation (Xue thesis ch. 3) as a node.
 
-The node only adapts: it validates the inputs, calls ``methods.detector_hiding.hide_from_detectors``
-once per image and shapes the outputs (the protected images, the perturbation made visible, a JSON
-report).
+The node only adapts: it validates the inputs, builds the settings and the detectors, runs
+``methods.detector_hiding.METHOD`` through the pack's one pipeline (``methods.contract.protect``: each photo of the
+batch on its own, at its own size, with its receipt) and shapes the outputs (the protected images, the
+perturbation made visible, a JSON report).
 """
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import json
 
 import torch
 
-from ..guidance.autograd import gradients_enabled, thaw, thaw_inference_tensors
-from ..methods.detector_hiding import (PRIVATE_MODES, HideSettings, estimate_memory, hide_from_detectors,
+from ..guidance.autograd import gradients_enabled
+from ..methods import contract
+from ..methods.detector_hiding import (METHOD, PRIVATE_MODES, DetectorHidingSettings, HideSettings, estimate_memory,
                                        load_attack_targets)
-from ..methods.pipeline import full_size_plan
-from ..methods.receipt import receipt_for, receipt_text
+from ..methods.receipt import receipt_text
 from .common import CATEGORY, StepProgress, pipeline_input, receipt_outputs, rgb_batch, tip
 
 TARGET_SETS = ("mtcnn", "mtcnn + retinaface", "mtcnn + scrfd", "retinaface", "scrfd", "mtcnn + retinaface + scrfd",
@@ -104,54 +105,33 @@ class DiffPrivacyHideFromDetectors:
              max_megapixels, region=1.2, mask=None, insightface_pack="auto", pipeline=None, unique_id=None):
         import comfy.model_management as mm
         images = rgb_batch(image)
-        b, h, w, _ = images.shape
+        _, h, w, _ = images.shape
         if h * w > max_megapixels * 1e6:
             raise ValueError(f"the image is {w}x{h} ({h * w / 1e6:.1f} MP), above max_megapixels = {max_megapixels}: "
                              f"the attack would need about {estimate_memory(detectors.split(' + '), h, w) / 2**30:.1f} "
                              f"GiB and time in proportion. Downscale it first (faces are found from ~20 px), or raise "
                              f"max_megapixels if you have the memory.")
-        indices = _indices(face_indices) if private_faces == "indices" else []
-        if private_faces == "mask" and mask is None:
-            raise ValueError("private_faces = mask needs a MASK connected (white over the faces to hide)")
-        settings = HideSettings(epsilon=epsilon, max_range=range_rp, iterations=iterations, robust=robust,
-                                region=region)
-        settings.validate()
-        device = mm.get_torch_device()
-        progress = StepProgress(b * iterations, unique_id)
-        outs, deltas, report, receipts = [], [], [], []
+        settings = DetectorHidingSettings(
+            private_faces, tuple(_indices(face_indices)) if private_faces == "indices" else (), mask,
+            HideSettings(epsilon=epsilon, max_range=range_rp, iterations=iterations, robust=robust, region=region))
         with gradients_enabled():
-            targets = load_attack_targets(detectors.split(" + "), insightface_pack, device)
-            for t in targets:
-                for module in t.modules():
-                    thaw_inference_tensors(module)
-            for i in range(b):
-                m = None
-                if mask is not None:
-                    m = mask[min(i, mask.shape[0] - 1)] if mask.dim() == 3 else mask
-                    if m.shape != (h, w):
-                        raise ValueError(f"the mask is {tuple(m.shape[-2:])} but the image is {(h, w)}: "
-                                         f"use a mask of the image's size")
-                r = hide_from_detectors(thaw(images[i]).to(device), targets, private_faces, indices, m, settings,
-                                        lambda done, total, text, i=i: progress(i * iterations + done,
-                                                                                f"image {i + 1}/{b}: {text}"))
-                outs.append(r.image.cpu())
-                deltas.append((0.5 + r.delta / (2 * range_rp)).clamp(0, 1))
-                report.append({"image": i, "faces": len(r.faces), "private": r.private, "kept": r.kept,
-                               "boxes": [[round(float(v), 1) for v in f.box] for f in r.faces],
-                               "private_hidden": r.hidden, "kept_detected": r.kept_found,
-                               "iterations": r.iterations, "iterations_to_hide": r.iterations_to_hide,
-                               "max_change": float(r.delta.abs().max()), "note": r.note})
-                receipts.append(receipt_for(images[i], r.image, full_size_plan(r.faces, r.private, h, w), pipeline,
-                                            method="hide from detectors"))
-        summary = _summary(report)
+            targets = load_attack_targets(detectors.split(" + "), insightface_pack, mm.get_torch_device())
+        progress = StepProgress(iterations, unique_id)
+        delivery = contract.protect(images, METHOD, contract.Models(extra={"targets": targets}), settings, pipeline,
+                                    resolution=0, progress=progress)
+        faces = delivery.faces
+        report = [f.report for f in faces]
+        summary = _summary(report, delivery.failures)
         progress.finish(summary)
-        receipt, text = receipt_outputs(receipts, [summary], receipt_text)
-        return {"ui": {"text": text}, "result": (torch.stack(outs), torch.stack(deltas), json.dumps(report, indent=1),
+        receipt, text = receipt_outputs(delivery.receipts, [summary], receipt_text)
+        deltas = [(0.5 + f.parts["delta"] / (2 * range_rp)).clamp(0, 1) for f in faces]
+        return {"ui": {"text": text}, "result": (delivery.images, torch.stack(deltas), json.dumps(report, indent=1),
                                                  receipt)}
 
 
-def _summary(report: list[dict]) -> str:
-    """One line per run: finished, how many private faces are hidden, the largest change (the report has the rest)."""
+def _summary(report: list[dict], failures: list = ()) -> str:
+    """One line per run: finished, how many private faces are hidden, the largest change (the report has the rest),
+    and the photos of the batch that could not be protected."""
     private = sum(len(r["private"]) for r in report)
     hidden = sum(sum(all(per_face) for per_face in zip(*r["private_hidden"].values())) for r in report
                  if r["private_hidden"])
@@ -159,7 +139,7 @@ def _summary(report: list[dict]) -> str:
     iterations = max((r["iterations"] for r in report), default=0)
     text = (f"finished: {hidden} of {private} private face(s) hidden from every detector after {iterations} "
             f"iteration(s), largest change {change:.1f}/255")
-    notes = [r["note"] for r in report if r.get("note")]
+    notes = [r["note"] for r in report if r.get("note")] + [f"image {i}: not protected: {why}" for i, why in failures]
     return text + (f"; {'; '.join(notes)}" if notes else "")
 
 

@@ -13,10 +13,10 @@ import logging
 import numpy as np
 
 from ..guidance import dp_identity as dpi
-from ..methods import dp_render
-from ..guidance.working_image import cut_square, photo_mask, single_image
-from ..methods.pipeline import mask_plan, one_photo_plan
-from ..methods.receipt import receipt_for, receipt_json, receipt_text, unavailable_receipt
+from ..guidance.working_image import photo_mask, single_image
+from ..methods import contract, dp_render
+from ..methods.pipeline import mask_plan
+from ..methods.receipt import receipt_json, receipt_text, unavailable_receipt
 from .common import (CATEGORY, StepProgress, pipeline_input, receipt_outputs, resolution_input, rgb_batch, tip,
                      write_new_output_file)
 
@@ -174,43 +174,34 @@ class DiffPrivacyDPRender:
     def render(self, model, vae, clip, prompt, negative_prompt, identity_adapter, noised_embedding, mode, seed, steps,
                cfg, sampler_name, scheduler, width, height, identity_weight, denoise, positive=None, negative=None,
                image=None, face_model=None, mask=None, resolution=512, pipeline=None):
-        rounds = int((noised_embedding.get("dp") or {}).get("report", {}).get("rounds", 1))
-        progress = StepProgress(rounds)
-        photo = plan = None
-        if mode == dpi.IN_PHOTO and image is not None:
-            if face_model is None and mask is None:
-                raise ValueError("'in the photo' rendering needs face_model (its detector finds the face to crop) or "
-                                 "a mask over the region to render")
-            if face_model is None:  # the crop goes around the mask's region
-                photo = single_image(rgb_batch(image))[0]
-                plan = mask_plan(photo, mask, pipeline, resolution)
-            else:
-                photo, plan = one_photo_plan(rgb_batch(image), face_model, pipeline, resolution,
-                                             "DP render in the photo", max_faces=1)
-            (crop,) = plan.crops
-            image = plan.cut(photo)[0]
-            if mask is not None:
-                m = photo_mask(mask, 0)
-                if tuple(m.shape) != tuple(photo.shape[:2]):
-                    raise ValueError(f"the mask is {m.shape[1]}x{m.shape[0]} but the photo is {photo.shape[1]}x"
-                                     f"{photo.shape[0]}: use a mask of the photo's size")
-                mask = cut_square(m[None, :, :, None], crop.x, crop.y, crop.side, image.shape[1])[..., 0]
-        images, label, trace = dp_render.render_release(
-            noised_embedding, model, vae, clip, prompt, negative_prompt, identity_adapter, mode, seed, steps, cfg,
-            sampler_name, scheduler, width, height, identity_weight, None if image is None else rgb_batch(image),
-            face_model, mask, denoise, on_round=lambda t: progress(t, f"round {t} of {rounds}"), positive=positive,
-            negative=negative)
-        if rounds > 1:
-            label["rounds_cosine_to_round_1"] = [round(c, 4) for c in trace]
-        progress(rounds)
-        if plan is None:
+        in_photo = mode == dpi.IN_PHOTO and image is not None
+        settings = dp_render.RenderSettings(mode, seed, steps, cfg, sampler_name, scheduler, prompt, negative_prompt,
+                                            width, height, identity_weight, denoise, mask if in_photo else None)
+        models = contract.Models(model=model, clip=clip, vae=vae, face_model=face_model, adapter=identity_adapter,
+                                 extra={"release": noised_embedding, "positive": positive, "negative": negative})
+        progress = StepProgress(int((noised_embedding.get("dp") or {}).get("report", {}).get("rounds", 1)))
+        if not in_photo:  # strict (or the photo mode without a photo, which render_release refuses by name)
+            images, label = dp_render.render_release(models, settings, progress=progress)
             receipt = unavailable_receipt("strict: no photo was read, nothing to compare", "DP render (strict)")
             return {"ui": {"text": [receipt_text(receipt)]},
                     "result": (images, dpi.label_text(label), receipt_json(receipt))}
-        delivered = plan.paste(photo, [images])
-        receipt, text = receipt_outputs([receipt_for(photo, delivered, plan, pipeline, method="DP render in the "
-                                                     "photo")], [], receipt_text)
-        return {"ui": {"text": text}, "result": (delivered, dpi.label_text(label), receipt)}
+        if face_model is None and mask is None:
+            raise ValueError("'in the photo' rendering needs face_model (its detector finds the face to crop) or "
+                             "a mask over the region to render")
+        photo = single_image(rgb_batch(image))
+        if mask is not None:
+            m = photo_mask(mask, 0)
+            if tuple(m.shape) != tuple(photo.shape[1:3]):
+                raise ValueError(f"the mask is {m.shape[1]}x{m.shape[0]} but the photo is {photo.shape[2]}x"
+                                 f"{photo.shape[1]}: use a mask of the photo's size")
+        planned = None
+        if face_model is None:  # the crop goes around the mask's region
+            planned = contract.Planned([(0, photo[0], mask_plan(photo[0], mask, pipeline, resolution))], [], 1)
+        delivery = contract.protect(photo, dp_render.IN_PHOTO, models, settings, pipeline, resolution,
+                                    progress=progress, planned=planned)
+        receipt, text = receipt_outputs(delivery.receipts, [], receipt_text)
+        return {"ui": {"text": text}, "result": (delivery.images, dpi.label_text(delivery.faces[0].report["label"]),
+                                                 receipt)}
 
 
 class DiffPrivacySaveDPImage:

@@ -54,8 +54,8 @@ def _anonymize(setup, gradient=None, **kw):
     options.update(kw)
     with torch.inference_mode():
         return deid.anonymize(setup["model"], setup["vae"], setup["cond"], setup["adapter"], setup["face"],
-                              setup["appearance"], setup["pool"], setup["image"], deid.DeIDSettings(**options),
-                              invert=ddim_invert, gradient=gradient)
+                              setup["appearance"], setup["pool"], setup["image"],
+                              deid.DeIDSettings(**options, gradient=gradient), invert=ddim_invert)
 
 
 def _toward_real(setup):
@@ -233,7 +233,7 @@ def test_bad_settings_are_refused_with_the_name_of_the_setting():
     for kw, word in [({"objective": "swap"}, "objective"), ({"x_t": "noise"}, "x_t"), ({"lr": float("nan")}, "lr"),
                      ({"iterations": -1}, "iterations"), ({"render_steps": 9, "steps": 4}, "render_steps")]:
         with pytest.raises(ValueError, match=word):
-            deid.DeIDSettings(**kw).validated()
+            deid.DeIDSettings(**kw)
     s = deid.DeIDSettings.from_strings({"objective": "irs", "iterations": "3", "lr": "0.5", "checkpoint": "false"})
     assert (s.objective, s.iterations, s.lr, s.checkpoint) == ("irs", 3, 0.5, False)
 
@@ -335,3 +335,61 @@ def test_the_node_de_identifies_chosen_faces_of_a_group_photo_at_its_size_with_a
     assert not torch.equal(image, group) and report.count("paired with fake") == 2
     faces = json.loads(receipt)["outputs"][0]["faces"]
     assert [f["crop_size"] for f in faces] == [c.side for c in plan.crops]
+
+
+# -- behind the method contract ---------------------------------------------------------------------------------------
+def test_the_method_runs_behind_the_contract_with_one_step_per_iteration_and_the_curve_in_its_detail(setup):
+    """Through contract.protect, what the node calls: progress arrives as Steps only, one per iteration (0..N of N),
+    each with the curve so far; the face's report is the optimisation's info with the face's index."""
+    from diffprivacy.guidance.progress import Step
+    from diffprivacy.methods import contract
+    steps = []
+    settings = deid.DeIDSettings(steps=STEPS, render_steps=2, iterations=2, lambda_att=0.0, lr=1.0, checkpoint=False)
+    models = contract.Models(model=setup["model"], vae=setup["vae"], clip_vision=setup["appearance"],
+                             face_model=setup["face"], adapter=setup["adapter"],
+                             extra={"pool": setup["pool"], "conditioning": setup["cond"]})
+    with torch.inference_mode():
+        delivery = contract.protect(setup["image"], deid.METHOD, models, settings, resolution=SIZE,
+                                    progress=steps.append, receipt=False)
+    assert all(type(s) is Step for s in steps) and [(s.done, s.total) for s in steps] == [(0, 2), (1, 2), (2, 2)]
+    assert [[r.iteration for r in s.detail["history"]] for s in steps] == [[0], [0, 1], [0, 1, 2]]
+    (face,) = delivery.faces
+    assert face.report["face"] == 0 and face.report["delivered"]["recognizer"] == setup["face"].name
+    assert 0 <= face.report["pair"] < len(setup["pool"]) and json.dumps(face.report)   # JSON-ready
+    assert delivery.images.shape == setup["image"].shape
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.iterations = 5   # validated once, when built
+
+
+def test_in_a_face_crop_the_method_replaces_the_face_the_crop_was_cut_around_not_the_largest():
+    from diffprivacy.guidance.face.base import Face
+
+    class Two:
+        def detect(self, image):
+            return [Face(torch.tensor([0.0, 0.0, 40.0, 40.0]), torch.zeros(5, 2), 0.9),
+                    Face(torch.tensor([44.0, 44.0, 64.0, 64.0]), torch.zeros(5, 2), 0.9)]
+    image = torch.zeros(64, 64, 3)
+    mask = torch.zeros(64, 64)
+    mask[40:64, 40:64] = 1.0
+    assert deid._chosen_face(Two(), image, None).box[0] == 0.0       # no crop: the largest
+    assert deid._chosen_face(Two(), image, mask).box[0] == 44.0      # the crop's own face
+    assert deid._chosen_face(Two(), image, torch.zeros(64, 64)) is None
+
+
+def test_with_a_face_embedding_the_node_refuses_two_chosen_faces_before_any_work(setup, tiny_sd, tmp_path,
+                                                                                monkeypatch):
+    import folder_paths
+    from face_fixtures import load_photo
+    from diffprivacy.methods.pipeline import PipelineOptions
+    from diffprivacy.nodes.deid_nodes import DiffPrivacyDiffusionDeID
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    setup["pool"].save(tmp_path / "pool.safetensors")
+    group = load_photo(shared_path("data", "photos", "group-6-faces.jpg"), max_side=4000)[None]
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"Diffusion De-ID protects 1 face\(s\) at a time "
+                                                                 r"and 2 are chosen"):
+        DiffPrivacyDiffusionDeID().deidentify(setup["model"], setup["vae"], tiny_sd[1], setup["appearance"].cv,
+                                              setup["adapter"], setup["face"], group, "pool.safetensors", "a photo",
+                                              "iis", "real", 1, 0.0, STEPS, resolution=128,
+                                              face_embedding={"embedding": torch.zeros(1, 512)},
+                                              pipeline=PipelineOptions(faces="indices", face_indices="0, 1"))

@@ -451,3 +451,38 @@ def test_in_the_photo_a_group_photo_keeps_its_size_and_its_pixels_outside_the_fa
     assert image.shape == (1, 886, 1280, 3) and torch.equal(image[0][outside], group[0][outside])
     assert not torch.equal(image, group)
     assert [f["crop_size"] for f in json.loads(receipt)["outputs"][0]["faces"]] == [plan.crops[0].side]
+
+
+# -- behind the method contract ---------------------------------------------------------------------------------------
+def test_render_settings_are_validated_once_and_strict_takes_nothing_of_the_photo():
+    import dataclasses
+
+    from diffprivacy.methods import contract, dp_render
+    args = (0, 2, 3.0, "euler", "normal")
+    with pytest.raises(ValueError, match="render mode must be one of"):
+        dp_render.RenderSettings("somewhere", *args)
+    with pytest.raises(ValueError, match="width and height must be multiples of 8"):
+        dp_render.RenderSettings("strict", *args, width=60)
+    with pytest.raises(ValueError, match="denoise must be in"):
+        dp_render.RenderSettings("in the photo", *args, denoise=1.5)
+    with pytest.raises(ValueError, match="strict rendering reads nothing of the photo"):
+        dp_render.RenderSettings("strict", *args, mask=torch.ones(1, 64, 64))
+    strict = dp_render.RenderSettings("strict", *args)
+    with pytest.raises(ValueError, match="only 'in the photo' rendering works on a photo's face crops"):
+        dp_render.run([], contract.Models(), strict)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        strict.mode = "in the photo"
+
+
+def test_the_rounds_arrive_as_steps_and_the_label_carries_each_rounds_cosine(tiny_sd, faceid):
+    from diffprivacy.guidance.progress import Step
+    from diffprivacy.methods import contract, dp_render
+    steps = []
+    models = contract.Models(model=tiny_sd[0], clip=tiny_sd[1], vae=tiny_sd[2], face_model=_PixelEmbedder(),
+                             adapter=faceid["adapter"], extra={"release": _release(rounds=3)})
+    settings = dp_render.RenderSettings("strict", 4, 2, 3.0, "euler", "normal", "a portrait photo", "blurry", 64, 64)
+    with torch.inference_mode():
+        images, label = dp_render.render_release(models, settings, progress=steps.append)
+    assert images.shape == (1, 64, 64, 3) and len(label["rounds_cosine_to_round_1"]) == 3
+    assert steps and all(type(s) is Step and s.total == 3 for s in steps) and steps[-1].done == 3
+    assert label["differentially_private"] is False  # the noise seed is fixed: reproducible, so not private

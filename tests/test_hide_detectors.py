@@ -154,9 +154,9 @@ def test_robust_mode_hides_after_jpeg_and_rescale_too():
 
 def test_settings_refuse_a_step_larger_than_the_range():
     with pytest.raises(ValueError, match="larger than the range"):
-        dh.HideSettings(epsilon=4, max_range=3).validate()
+        dh.HideSettings(epsilon=4, max_range=3)
     with pytest.raises(ValueError, match="region must be 0"):   # a region smaller than the face box itself
-        dh.HideSettings(region=0.5).validate()
+        dh.HideSettings(region=0.5)
 
 
 # -- the node: bad input --------------------------------------------------------------------------
@@ -276,3 +276,42 @@ def test_region_keeps_every_change_near_the_private_faces_and_they_still_hide():
     assert near.delta[outside].abs().max() == 0 and near.delta[~outside].abs().max() > 0
     anywhere = dh.hide_from_detectors(img, [target], "all", settings=dh.HideSettings(region=0))
     assert anywhere.delta[outside].abs().amax(-1).gt(0).float().mean() > 0.2   # a fifth of the far pixels moved
+
+
+# -- behind the method contract ---------------------------------------------------------------------------------
+
+def test_the_method_contract_runs_each_photo_of_a_batch_at_its_size_with_steps_and_the_private_faces_plan():
+    """Hide from Detectors is a full-size Method: contract.protect gives it each photo whole, and it returns the photo
+    on the 8-bit grid, its report, its perturbation and the plan of its private faces (the receipt's faces); progress
+    arrives as Steps only, one photo after the other."""
+    import dataclasses
+
+    from diffprivacy.guidance.progress import Step
+    from diffprivacy.methods import contract
+    photos = torch.stack([_scene(), _scene(((48, 32, 205.0),))])
+    steps = []
+    settings = dh.DetectorHidingSettings(attack=dh.HideSettings(max_range=20.0, epsilon=0.5, iterations=40,
+                                                                check_every=1))
+    delivery = contract.protect(photos, dh.METHOD, contract.Models(extra={"targets": [ToyDetector()]}), settings,
+                                resolution=0, progress=steps.append, receipt=False)
+    assert delivery.images.shape == photos.shape and not delivery.failures
+    for i, d in enumerate(delivery.delivered):
+        report = d.result.faces[0].report
+        assert report["image"] == i and report["private_hidden"]["toy"] and all(report["private_hidden"]["toy"])
+        assert [c.face_index for c in d.plan.crops] == report["private"] and d.plan.mode == "full size"
+        assert torch.equal(d.images[0], (d.images[0] * 255).round() / 255)   # as saved
+        assert torch.equal(d.result.faces[0].parts["delta"], ((d.images[0] - (photos[i] * 255).round() / 255)
+                                                               * 255).round())
+    assert steps and all(type(s) is Step and s.total == 2 * 40 for s in steps)
+    assert max(s.done for s in steps) > 40   # the second photo's steps come after the first's
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.attack.max_range = 3.0      # validated once, when built: nothing changes it afterwards
+
+
+def test_detector_hiding_settings_refuse_a_mask_choice_without_a_mask_and_a_mask_of_another_size():
+    with pytest.raises(ValueError, match="needs a MASK"):
+        dh.DetectorHidingSettings("mask")
+    with pytest.raises(ValueError, match="face indices must be whole numbers"):
+        dh.DetectorHidingSettings("indices", (-1,))
+    with pytest.raises(ValueError, match=r"the mask is \(32, 32\) but the image is \(96, 96\)"):
+        dh.DetectorHidingSettings("mask", mask=torch.ones(1, 32, 32)).mask_for(0, 96, 96)
