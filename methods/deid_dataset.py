@@ -2,8 +2,8 @@
 
 Each photo goes through the face pipeline (:func:`.contract.protect`): every chosen face (``faces``) is cut square
 around its box (``crop_factor``; ``mode=whole frame``: the photo letterboxed), de-identified at ``resolution``
-(:data:`DEID_CROPS`, a small contract Method calling :func:`.diffusion_deid.anonymize` per crop) and pasted back
-into the photo at its own size.
+(:data:`.diffusion_deid.METHOD`, what the node runs; each crop's real embedding is its own face's under
+``identity_model``) and pasted back into the photo at its own size.
 
 The pool and the pairing need the whole dataset. The pool is built once per run, in parallel by the workers: they
 embed the real faces (one job per image: each chosen face in its crop, as it will be protected) and render the fakes
@@ -38,7 +38,6 @@ objective, x_t, optimizer, lr, iterations, lambda_att, steps, render_steps, iden
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -125,65 +124,6 @@ def load_models(settings: dict) -> dict:
             "negative": negative, "face_model": face_model, "identity_model": identity_model}
 
 
-def real_embedding(identity_model, work: torch.Tensor, near=None) -> torch.Tensor | None:
-    """A face's FaceID-space embedding (1, D) in a working image (1, H, W, 3), None without a face: the face nearest
-    the point ``near`` (x, y in working pixels: the face a crop was cut around), or the largest."""
-    faces = identity_model.detect(work[0])
-    if not faces:
-        return None
-    if near is None:
-        face = max(faces, key=lambda f: f.area)
-    else:
-        face = min(faces, key=lambda f: (float(f.box[0] + f.box[2]) / 2 - near[0]) ** 2
-                   + (float(f.box[1] + f.box[3]) / 2 - near[1]) ** 2)
-    with torch.no_grad():
-        return identity_model.embed(work.movedim(-1, 1), face.landmarks.float()[None]).float().cpu()
-
-
-def crop_centre(job) -> tuple[float, float] | None:
-    """Where, in a crop's working pixels, the face it was cut around is (None in whole-frame mode: the largest)."""
-    crop = job.crop
-    if crop.face_index < 0:
-        return None
-    scale = job.resolution / crop.side
-    x1, y1, x2, y2 = crop.face_box
-    return ((x1 + x2) / 2 - crop.x) * scale, ((y1 + y2) / 2 - crop.y) * scale
-
-
-@dataclass(frozen=True)
-class CropSettings:
-    """Diffusion De-ID per face crop behind the method contract (:mod:`.contract`), for the dataset command: its
-    optimisation's settings, validated when built."""
-    params: deid.DeIDSettings
-
-    def __post_init__(self):
-        self.params.validated()
-
-
-def run_crops(crops: list, models: contract.Models, settings: CropSettings, progress=None) -> contract.MethodResult:
-    """The contract's run: each crop de-identified on its own (x_T inverted under the FaceID embedding of the face
-    the crop was cut around, paired with the nearest fake of ``models.extra["pool"]``)."""
-    from ..guidance.face.base import NoFaceError
-    from ..guidance.progress import report
-    from ..inversion.ddim import ddim_invert
-    m = models.extra
-    faces = []
-    for n, job in enumerate(crops):
-        report(progress, n, len(crops), f"face {n + 1}/{len(crops)}")
-        e_real = real_embedding(m["identity_model"], job.image, crop_centre(job))
-        if e_real is None:
-            raise NoFaceError(job.photo, f"the identity model finds no face in the crop of face {job.crop.face_index}")
-        result = deid.anonymize(models.model, models.vae, m["positive"], models.adapter, models.face_model,
-                                m["appearance"], m["pool"], job.image, settings.params, invert=ddim_invert,
-                                real_embedding=e_real)
-        faces.append(contract.FaceResult(result.image, {"face": job.crop.face_index, **result.info()}))
-    report(progress, len(crops), len(crops), "done")
-    return contract.MethodResult(faces)
-
-
-DEID_CROPS = contract.Method("diffusion-de-id", run_crops, CropSettings)
-
-
 class DeIDWorker:
     """One worker's Diffusion De-ID: the models load once; the stages the driver calls are :meth:`embed` and
     :meth:`render_fake` (building the pool), :meth:`use_pool` (broadcast), then :meth:`protect` per image. Both
@@ -191,7 +131,7 @@ class DeIDWorker:
 
     def __init__(self, settings: dict):
         pick_device()
-        self.settings, self.params = settings, CropSettings(params(settings))
+        self.settings, self.params = settings, params(settings)
         self.options = pipeline_options("diffusion-de-id", settings)
         self.m = load_models(settings)
         deid.check_face_model(self.m["face_model"])
@@ -200,7 +140,7 @@ class DeIDWorker:
 
     def _crops(self, image: torch.Tensor) -> list:
         """The crop jobs of a photo (H, W, 3) as the pipeline cuts it; raises NoFaceError without a chosen face."""
-        planned = contract.plan_batch(image[None], DEID_CROPS, self.m["face_model"], self.options, self.resolution)
+        planned = contract.plan_batch(image[None], deid.METHOD, self.m["face_model"], self.options, self.resolution)
         if planned.failures:
             raise planned.failures[0][2]
         _, photo, plan = planned.plans[0]
@@ -214,7 +154,8 @@ class DeIDWorker:
         try:
             with torch.inference_mode():
                 jobs = self._crops(decode_image(data, PurePosixPath(rel).name, max_pixels))
-                found = [real_embedding(self.m["identity_model"], j.image, crop_centre(j)) for j in jobs]
+                found = [deid.crop_embedding(self.m["identity_model"], j.image, j.face_mask() if j.crop.face_index >= 0
+                                             else None) for j in jobs]
         except Exception:  # noqa: BLE001  reported on the image's own line
             return None
         found = [e for e in found if e is not None]
@@ -236,10 +177,11 @@ class DeIDWorker:
     def protect(self, image: torch.Tensor, seed: int) -> Protected:
         m = self.m
         models = contract.Models(model=m["model"], vae=m["vae"], face_model=m["face_model"], adapter=m["adapter"],
-                                 extra={"identity_model": m["identity_model"], "positive": m["positive"],
-                                        "appearance": m["appearance"], "pool": self.pool})
+                                 clip_vision=m["appearance"],
+                                 extra={"identity_model": m["identity_model"], "conditioning": m["positive"],
+                                        "pool": self.pool})
         with torch.inference_mode():
-            delivered = contract.protect(image[None], DEID_CROPS, models, self.params, self.options, self.resolution,
+            delivered = contract.protect(image[None], deid.METHOD, models, self.params, self.options, self.resolution,
                                          receipt=False).delivered[0]  # the Worker measures the receipt
         faces = [f.report for f in delivered.result.faces]
         return Protected(delivered.images[0], plan=delivered.plan,

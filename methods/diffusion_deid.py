@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from ..guidance.autograd import gradients_enabled, thaw, thaw_diffusion_model, thaw_inference_tensors
 from ..guidance.ddim import check_finite, ddim_sigmas, ddim_step
-from ..guidance.face.base import NoFaceError, select_faces
+from ..guidance.face.base import NoFaceError, crop_faces
 from ..guidance.gradient_path import whole_frame_gradient_decoder
 from ..guidance.gradient_path import GradientOptions
 from ..guidance.host import check_interrupt, resident_clone
@@ -368,11 +368,21 @@ def _largest_face(face_model, image_hwc: torch.Tensor):
 
 
 def _chosen_face(face_model, image_hwc: torch.Tensor, face_mask: torch.Tensor | None):
-    """The largest face of ``image_hwc`` (H, W, 3) the face choice takes: the largest, or the largest ``face_mask``
-    (H, W) covers; None when there is none."""
-    faces = face_model.detect(image_hwc)
-    chosen, _ = select_faces(faces, "largest" if face_mask is None else "mask", (), face_mask)
-    return max((faces[i] for i in chosen), key=lambda f: f.area) if chosen else None
+    """The face of ``image_hwc`` (H, W, 3) De-ID works on: the largest ``face_mask`` (H, W) covers (a crop's own
+    face: :func:`~..guidance.face.base.crop_faces`), the largest without one; None when there is none."""
+    faces = crop_faces(face_model.detect(image_hwc), face_mask)
+    return faces[0] if faces else None
+
+
+def crop_embedding(identity_model, work: torch.Tensor, face_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The FaceID-space embedding (1, D) of a crop's face in a working image (1, H, W, 3) under ``identity_model``
+    (the face ``face_mask`` covers, the largest without one), None without a face: the real embedding x_T is
+    inverted under when no FACE_EMBEDDING is given (the dataset command)."""
+    face = _chosen_face(identity_model, work[0], face_mask)
+    if face is None:
+        return None
+    with torch.no_grad():
+        return identity_model.embed(work.movedim(-1, 1), face.landmarks.float()[None]).float().cpu()
 
 
 def build_pool(model, vae, positive, negative, adapter, face_model, appearance: Appearance, real_embeddings,
@@ -719,19 +729,27 @@ def run(crops: list[CropJob], models: Models, settings: DeIDSettings, progress: 
     ``models``: the MODEL, VAE, CLIP_VISION (the appearance encoder the pool was paired with), the FaceID adapter and
     the differentiable FACE_MODEL of L_id; ``models.extra``: ``pool`` (:class:`Pool`), ``conditioning`` (the
     prompt's CONDITIONING) and ``real_embedding`` ((1, D) the original's FaceID-space embedding, one face's: with it
-    the method protects one face at a time, :data:`ONE_FACE`; None: the adapter's "off" embedding). Each face's
-    report is :meth:`DeIDResult.info` with the face's index (``report_text`` writes it for people)."""
+    the method protects one face at a time, :data:`ONE_FACE`) or ``identity_model`` (a FACE_MODEL in FaceID's
+    embedding space: each crop's own face embedded with it, :func:`crop_embedding`; the dataset command); with
+    neither, the adapter's "off" embedding. Each face's report is :meth:`DeIDResult.info` with the face's index
+    (``report_text`` writes it for people)."""
     pool, conditioning = models.extra["pool"], models.extra["conditioning"]
-    real = models.extra.get("real_embedding")
+    real, identity_model = models.extra.get("real_embedding"), models.extra.get("identity_model")
     if real is not None and len(crops) > 1:
         raise ValueError(f"one real_embedding is one face's identity, and {len(crops)} faces are chosen: choose one "
                          "face (the pipeline's faces: largest, or indices with one index)")
     appearance = appearance_of(models.clip_vision)
     faces = []
     for n, job in enumerate(crops):
+        face_mask = job.face_mask() if job.crop.face_index >= 0 else None
+        e_real = real
+        if e_real is None and identity_model is not None:
+            e_real = crop_embedding(identity_model, job.image, face_mask)
+            if e_real is None:
+                raise NoFaceError(job.photo, f"the identity model finds no face in the crop of face "
+                                             f"{job.crop.face_index}")
         result = anonymize(models.model, models.vae, conditioning, models.adapter, models.face_model, appearance,
-                           pool, job.image, settings, real_embedding=real,
-                           face_mask=job.face_mask() if job.crop.face_index >= 0 else None,
+                           pool, job.image, settings, real_embedding=e_real, face_mask=face_mask,
                            progress=within(progress, n, len(crops), f"face {n + 1}/{len(crops)}"
                                            if len(crops) > 1 else ""))
         faces.append(FaceResult(result.image, {"face": job.crop.face_index, "objective": settings.objective,

@@ -259,7 +259,8 @@ def test_the_dataset_command_runs_diffusion_de_id_over_a_folder(setup, tmp_path,
                      progress=False, log=lambda m: None)
     rows = list(dr.Manifest(tmp_path / "out").read().values())
     assert summary["status"] == {"ok": 3}, rows
-    assert all(0 <= r["pair"] < r["pool_size"] and r["pool_size"] > 3 for r in rows)
+    assert all(r["faces_protected"] == len(r["pair"]) >= 1 for r in rows)          # one pair per protected face
+    assert all(0 <= p < r["pool_size"] and r["pool_size"] > 3 for r in rows for p in r["pair"])
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == \
         sorted(str((src / "x").parent.joinpath(f.name).relative_to(src).with_suffix(".png").as_posix())
                if i != 2 else f"sub/{f.stem}.png" for i, f in enumerate(faces))
