@@ -44,7 +44,8 @@ def _fixed_loss(model, state, data):
         return float(dt.epsilon_loss(patched, ss, state, data, idx, t, noise, keep))
 
 
-def test_training_lowers_the_loss_changes_only_the_adapters_and_writes_loadable_files(tiny_checkpoint_path, tmp_path):
+def test_training_lowers_the_loss_reports_each_step_changes_only_the_adapters_and_writes_loadable_files(
+        tiny_checkpoint_path, tmp_path):
     import comfy.sd
     with torch.inference_mode():
         model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=False, output_clip=False)[0]
@@ -54,9 +55,13 @@ def test_training_lowers_the_loss_changes_only_the_adapters_and_writes_loadable_
     start = dt.train_difp_adapters(model, data, dt.DIFPTrainingOptions(steps=1, learning_rate=1e-12, batch_size=1))
     start_sd = _both(start)
     before = _fixed_loss(model, start, data)
-    state = dt.train_difp_adapters(model, data, opts)
+    steps = []
+    state = dt.train_difp_adapters(model, data, opts, progress=steps.append)
     after = _fixed_loss(model, state, data)
     assert after < 0.995 * before, (before, after)  # fixed draws: deterministic; the random tiny UNet limits the gain
+    # one Step per optimisation step, in the pack's one progress shape, carrying that step's loss
+    assert [(s.done, s.total) for s in steps] == [(i, 60) for i in range(1, 61)]
+    assert [s.detail["loss"] for s in steps] == state.losses and steps[-1].text.startswith("step 60/60, loss ")
     for k, v in model.model.diffusion_model.state_dict().items():
         assert torch.equal(v, unet_before[k]), f"the UNet changed: {k}"
     end_sd = _both(state)
