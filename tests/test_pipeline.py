@@ -72,6 +72,42 @@ def test_pasting_keeps_the_photo_size_and_every_pixel_outside_the_masks_bit_iden
     assert (out[:, inside] - photo[inside]).abs().mean() > 0.1     # ... and there they do
 
 
+class _SeenBy:
+    """A face model that records the size of every image its detector is given."""
+
+    def __init__(self, model):
+        self.model, self.work_size, self.sizes = model, model.work_size, []
+
+    def detect(self, image):
+        self.sizes.append(tuple(image.shape[:2]))
+        return self.model.detect(image)
+
+
+def test_a_large_photo_is_detected_shrunk_to_the_detectors_size_and_finds_the_full_size_faces(shared):
+    """dlib looks at a photo at 1600 px on its long side: a larger photo is shrunk to that before detection, and its
+    faces (boxes, landmarks) come back in the photo's pixels where the full-size detection puts them, the group's
+    smallest face (83 px at 1280) included."""
+    import torch.nn.functional as F
+    from face_fixtures import dlib_model, load_photo
+    group = load_photo(shared(*GROUP), max_side=4000)
+    group = F.interpolate(group.permute(2, 0, 1)[None], scale_factor=2.0, mode="bilinear")[0].permute(1, 2, 0)
+    photos = [load_photo(shared("data", "photos", name), max_side=4000) for name in ("obama3.jpg", "biden.jpg")]
+    for photo in photos + [group.clamp(0, 1)]:
+        model = _SeenBy(dlib_model())
+        full = model.model.detect(photo)
+        plan = plan_photo(photo, model, PipelineOptions(), 128)
+        assert max(photo.shape[:2]) > 2000 and model.sizes == [(round(photo.shape[0] * 1600 / max(photo.shape[:2])),
+                                                                 round(photo.shape[1] * 1600 / max(photo.shape[:2])))]
+        assert len(plan.crops) == len(full) >= 1
+        for face in full:
+            side = float(face.box[2] - face.box[0])
+            near = min(plan.crops, key=lambda c: float((torch.tensor(c.face_box) - face.box).abs().max()))
+            # measured: boxes within 0.8 px, landmarks (dlib's 68 points on the smaller copy) within 2.6 px
+            assert (torch.tensor(near.face_box) - face.box).abs().max() <= 1 + 0.01 * side, (near.face_box, face.box)
+            assert (torch.tensor(near.landmarks) - face.landmarks).abs().max() <= 1 + 0.02 * side
+    assert len(full) == 6
+
+
 def test_the_pasted_mask_is_feathered_over_feather_pixels_and_zero_outside_the_grown_box():
     face = Face(torch.tensor([40.0, 40, 60, 60]), torch.zeros(5, 2), 0.9)
     crop = face_crop(face, 0, 100, 100, PipelineOptions(feather=5, mask_grow=1.5).validated())
