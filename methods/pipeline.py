@@ -132,6 +132,16 @@ class Crop:
         half = SELECT_GROW * max(x2 - x1, y2 - y1) * scale / 2  # grown: the crop's detector boxes it a little apart
         return feathered_box(size, size, (cx - half, cy - half, cx + half, cy + half), 0)
 
+    def working_landmarks(self, size: int) -> torch.Tensor | None:
+        """The detected landmarks of the face this crop was built around, (5, 2) in the pixels of the crop resized to
+        ``size`` (the working resolution): a method need not detect that face again. None where the crop knows none
+        (the whole frame, a MASK's region, a plan read back from a key)."""
+        if self.face_index < 0 or len(self.landmarks) != 5:
+            return None
+        scale = size / self.side  # pixel centres: photo (x + 0.5) lands at crop ((x + 0.5 - self.x) * scale)
+        return ((torch.tensor(self.landmarks, dtype=torch.float32) - torch.tensor([float(self.x), float(self.y)])
+                 + 0.5) * scale - 0.5)
+
     def work_size(self, resolution: int) -> int:
         """The working resolution of this crop: ``resolution``, or its own side (a multiple of 8) for 0."""
         return resolution if resolution else max(64, self.side // 8 * 8)

@@ -108,6 +108,29 @@ def test_a_large_photo_is_detected_shrunk_to_the_detectors_size_and_finds_the_fu
     assert len(full) == 6
 
 
+def test_a_crops_known_landmarks_land_on_the_same_pixels_of_the_crop_at_the_working_resolution():
+    """Where a face's landmarks sit in the photo, there they sit in its crop at the working resolution (a method
+    given them need not detect the face again): bright dots at each landmark, found again in the cut crop."""
+    photo = torch.zeros(120, 200, 3)
+    points = [(93, 45), (106, 45), (100, 50), (95, 55), (105, 56)]
+    for x, y in points:
+        photo[y - 1:y + 2, x - 1:x + 2] = 1.0                      # a 3x3 dot centred on pixel (x, y)
+    face = Face(torch.tensor([90.0, 40.0, 110.0, 60.0]), torch.tensor(points, dtype=torch.float32), 0.9)
+    detector = _Faces()
+    detector.faces = [face]
+    plan = plan_photo(photo, detector, PipelineOptions(crop_factor=3.0), 96)
+    crop = plan.crops[0]
+    cut = plan.cut(photo)[0][0].mean(-1)                           # 60 px square at 96: dots 4.8 px wide
+    mapped = crop.working_landmarks(96)
+    ys, xs = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    for (mx, my) in mapped.tolist():
+        window = (xs - mx).abs().le(4) & (ys - my).abs().le(4)
+        w = cut * window
+        assert abs(float((w * xs).sum() / w.sum()) - mx) < 0.1 and abs(float((w * ys).sum() / w.sum()) - my) < 0.1
+    whole = plan_photo(photo, detector, PipelineOptions(mode="whole frame"), 96).crops[0]
+    assert whole.working_landmarks(96) is None and Plan.from_dict(plan.as_dict()).crops[0].working_landmarks(96) is None
+
+
 def test_the_pasted_mask_is_feathered_over_feather_pixels_and_zero_outside_the_grown_box():
     face = Face(torch.tensor([40.0, 40, 60, 60]), torch.zeros(5, 2), 0.9)
     crop = face_crop(face, 0, 100, 100, PipelineOptions(feather=5, mask_grow=1.5).validated())
@@ -165,7 +188,16 @@ def anonymized(tiny, group):
     from diffprivacy.nodes.encrypt_nodes import DiffPrivacyAnonymize
     from toy_models import PhotoToyFaceModel
     model, clip, vae, key_e, uc = tiny
-    face_model = PhotoToyFaceModel()
+
+    class Recording(PhotoToyFaceModel):
+        """Records the size of every image it is asked to detect faces in."""
+        sizes: list = []
+
+        def detect(self, image):
+            self.sizes.append(tuple(image.shape[:2]))
+            return super().detect(image)
+
+    face_model = Recording()
     with torch.inference_mode():
         out = DiffPrivacyAnonymize().anonymize(model, vae, face_model, group, key_e, uc, 1, 4, 0.5, 0.4, 1, 1.0,
                                                1.0, resolution=64)
@@ -191,6 +223,13 @@ def test_anonymize_protects_each_face_of_a_group_photo_at_its_size_with_a_receip
     assert all(f["working_resolution"] == 64 and f["verdict"] in ("still recognised", "not recognised")
                for f in faces)
     assert any("crop" in line for line in out["ui"]["text"])
+
+
+def test_anonymize_detects_the_faces_once_on_the_photo_and_never_again_in_a_crop(anonymized):
+    """The crop path's one detection is the photo's: each crop's guidance starts from the landmarks it found
+    (mapped into the crop), not from a detection in the crop."""
+    face_model, _ = anonymized
+    assert face_model.sizes == [(886, 1280)]
 
 
 def test_hide_keeps_the_photo_size_and_the_pixels_outside_the_masks_and_its_key_recovers_the_photo(tiny, group):
