@@ -189,3 +189,30 @@ def test_the_cli_trains_from_a_folder_of_faces_and_resumes(tiny_checkpoint_path,
     assert "step 3/3" in resumed and "step 1/" not in resumed  # resumed, not restarted
     assert ipa.load_adapter(out / "difp-identity.safetensors").spec.kind == "faceid"
     assert ipa.load_adapter(out / "difp-style.safetensors").spec.kind == "ip-adapter"
+
+
+def test_the_training_node_hands_its_progress_bar_the_trainings_steps(monkeypatch):
+    """The node passes a StepProgress as ``progress``: the Steps training sends move its bar (glue, no training)."""
+    from diffprivacy.guidance.progress import Step
+    from diffprivacy.nodes import difp_nodes
+    bars = []
+
+    class Bar:
+        def __init__(self, total, node_id=None):
+            self.total, self.seen = total, []
+            bars.append(self)
+
+        def __call__(self, step):
+            self.seen.append(step)
+
+    def fake_train(*args, progress=None, **kw):
+        progress(Step(1, 7, "step 1/7, loss 0.5000", {"loss": 0.5}))
+        return dt.DIFPTrainingResult("a-identity.safetensors", "a-style.safetensors", dt.DIFPTrainingState(None, None),
+                                     2)
+
+    monkeypatch.setattr(difp_nodes, "StepProgress", Bar)
+    monkeypatch.setattr(dt, "train_from_folder", fake_train)
+    out = difp_nodes.DiffPrivacyTrainDIFPAdapters().train(None, None, None, None, None, "faces", "a", 7, 0.5, 0.4, 1,
+                                                          1e-4, 1e-3, True, 0, unique_id="5")
+    assert out["result"] == ("a-identity.safetensors", "a-style.safetensors")
+    assert [b.total for b in bars] == [7] and [s.done for s in bars[0].seen] == [1]
