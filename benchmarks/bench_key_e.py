@@ -56,7 +56,8 @@ def run(models, image, opts, eval_every, target=None):
             state.msi.train(was)
         return sum(losses) / len(losses)
 
-    def on_step(step, total, loss):
+    def on_step(s):  # a guidance.progress.Step
+        step, total = s.done, s.total
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -71,7 +72,7 @@ def run(models, image, opts, eval_every, target=None):
     with torch.inference_mode():
         start = evaluate()
         clock["mark"] = time.perf_counter()
-        train_key_e(m, c, v, cv, image, opts, state=state, on_step=on_step)
+        train_key_e(m, c, v, cv, image, opts, state=state, progress=on_step)
     return start, clock
 
 

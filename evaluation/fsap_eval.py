@@ -18,10 +18,9 @@ One row per method, the thesis's columns:
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
+from ..guidance.progress import Progress, report
 from .analysis import analyse_face
 from .identity import identity_distance
 from .images import match_size
@@ -50,7 +49,7 @@ def _mean(values) -> float:
 
 
 def fsap_comparison(originals: torch.Tensor, protected: torch.Tensor, dlib_model, recognizers: dict,
-                    progress: Callable[[int], None] | None = None) -> dict:
+                    progress: Progress | None = None) -> dict:
     """The thesis's row for ``protected`` against ``originals`` ((B, H, W, 3), compared image by image).
 
     ``dlib_model``: the dlib FACE_MODEL (68 points, detection); ``recognizers``: column name -> FACE_MODEL for
@@ -88,8 +87,7 @@ def fsap_comparison(originals: torch.Tensor, protected: torch.Tensor, dlib_model
             row[f"distance_{name}"] = d
             row[f"spr_{name}"] = bool(d > model.threshold)
         rows.append(row)
-        if progress is not None:
-            progress(i + 1)
+        report(progress, i + 1, len(originals), f"image {i + 1}/{len(originals)}")
     spr = {}
     for name in recognizers:
         flags = [r[f"spr_{name}"] for r in rows if r.get(f"spr_{name}") is not None]

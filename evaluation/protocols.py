@@ -1,17 +1,17 @@
 """The papers' evaluation protocols over IMAGE batches (what the evaluation nodes show).
 
 Each function takes batches compared image by image ((B, H, W, 3) in [0, 1], equally long), a
-FACE_MODEL where identities matter, and an optional ``progress(done)`` callback (which may raise
-to cancel); it returns a plain dict of every number, per image and summarised. The folder report
+FACE_MODEL where identities matter, and an optional :data:`~..guidance.progress.Progress` (it gets a
+:class:`~..guidance.progress.Step` per image, and may raise to cancel); it returns a plain dict of every
+number, per image and summarised. The folder report
 (:mod:`.run`) computes the same metrics from the same helpers, streaming files instead.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 
+from ..guidance.progress import Progress, report
 from .analysis import analyse_face, embed_at
 from .identity import (UNDETECTED_CONVENTIONS, UNDETECTED_SEPARATE, cos_ie, diversity_summary, identity_distance,
                        leave_one_out_identification, protection_outcome, protection_success_rate, rate_thresholds)
@@ -19,13 +19,11 @@ from .images import match_size
 from .pixel_metrics import all_pixel_metrics
 from .utility import utility_pair
 
-Progress = Callable[[int], None] | None
 ALIGNMENTS = ("own detection", "original landmarks")
 
 
-def _tick(progress: Progress, done: int) -> None:
-    if progress is not None:
-        progress(done)
+def _tick(progress: Progress | None, done: int, total: int) -> None:
+    report(progress, done, total, f"image {done}/{total}")
 
 
 def _mean(values) -> float:
@@ -34,7 +32,7 @@ def _mean(values) -> float:
 
 
 def protection_rate(face_model, originals: torch.Tensor, protected: torch.Tensor, alignment: str = ALIGNMENTS[0],
-                    progress: Progress = None, undetected: str = UNDETECTED_SEPARATE) -> dict:
+                    progress: Progress | None = None, undetected: str = UNDETECTED_SEPARATE) -> dict:
     """Protection success rate (paper Table 1): the share of faces the recognizer no longer matches to their
     original (distance >= its threshold; for the ArcFace family also at the paper's 0.8, ``at_thresholds``).
 
@@ -61,7 +59,7 @@ def protection_rate(face_model, originals: torch.Tensor, protected: torch.Tensor
             pairs.append((ao.embedding, e))
             rows.append({"index": i, "distance": d, "protected": ok,
                          **({"note": "no face detected in the protected image"} if d is None else {})})
-        _tick(progress, i + 1)
+        _tick(progress, i + 1, len(originals))
     at = {label: protection_success_rate([protection_outcome(face_model, a, b, undetected, t) for a, b in pairs])
           for label, t in rate_thresholds(face_model).items()}
     return {"success_rate": next(iter(at.values())), "convention": UNDETECTED_CONVENTIONS[undetected],
@@ -70,7 +68,7 @@ def protection_rate(face_model, originals: torch.Tensor, protected: torch.Tensor
 
 
 def identification_accuracy(face_model, originals: torch.Tensor, evaluated: torch.Tensor, labels: list,
-                            progress: Progress = None, distractors: torch.Tensor | None = None) -> dict:
+                            progress: Progress | None = None, distractors: torch.Tensor | None = None) -> dict:
     """Identification accuracy (paper §3.2.1, Table 3) with every original as the probe in turn, and the
     originals' own accuracy (the paper's 'Original' column). An evaluated image in which no face is detected
     counts as not identified. ``distractors``: images of other people added to the different-identity set
@@ -84,7 +82,7 @@ def identification_accuracy(face_model, originals: torch.Tensor, evaluated: torc
             orig[i] = ao.embedding
             ae = analyse_face(face_model, match_size(e, o))
             ev[i] = ae.embedding if ae.detected else None  # not identified: no landmarks to align it with
-        _tick(progress, i + 1)
+        _tick(progress, i + 1, len(originals))
     gallery, without_face = [], 0
     for img in (distractors if distractors is not None else []):
         a = analyse_face(face_model, img)
@@ -105,7 +103,7 @@ def identification_accuracy(face_model, originals: torch.Tensor, evaluated: torc
 
 
 def image_quality(originals: torch.Tensor, others: torch.Tensor, face_model=None, lpips_model=None,
-                  progress: Progress = None) -> dict:
+                  progress: Progress | None = None) -> dict:
     """Recovery quality (paper Table 2): MSE, RMSE, MAE, PSNR, SSIM per pair, LPIPS with ``lpips_model``,
     Cos-IE and re-identification with ``face_model``; means over the pairs (PSNR inf when all identical)."""
     rows = []
@@ -124,7 +122,7 @@ def image_quality(originals: torch.Tensor, others: torch.Tensor, face_model=None
                 row["cos_ie"] = None
                 row["note"] = "no face detected in the original"
         rows.append(row)
-        _tick(progress, i + 1)
+        _tick(progress, i + 1, len(originals))
     means = {}
     for k in ("mse", "rmse", "mae", "psnr", "ssim", "lpips", "cos_ie"):
         vals = [r[k] for r in rows if r.get(k) is not None]
@@ -133,14 +131,15 @@ def image_quality(originals: torch.Tensor, others: torch.Tensor, face_model=None
     return {"mean": means, "images": rows}
 
 
-def face_utility(face_model, originals: torch.Tensor, protected: torch.Tensor, progress: Progress = None) -> dict:
+def face_utility(face_model, originals: torch.Tensor, protected: torch.Tensor,
+                 progress: Progress | None = None) -> dict:
     """Face utility (paper Table 4): is the original's face found again in the protected image, and how far
     did its box and landmarks move (pixels; 68 points with the dlib model, else 5)?"""
     rows = []
     for i, (o, p) in enumerate(zip(originals, protected)):
         rows.append({"index": i, **utility_pair(analyse_face(face_model, o, embed=False),
                                                 analyse_face(face_model, match_size(p, o), embed=False))})
-        _tick(progress, i + 1)
+        _tick(progress, i + 1, len(originals))
     det = [r["detected"] for r in rows if r["detected"] is not None]
     if not det:
         raise ValueError("no face was detected in any original image, so detection cannot be compared")
@@ -148,7 +147,7 @@ def face_utility(face_model, originals: torch.Tensor, protected: torch.Tensor, p
             "landmark_distance": _mean(r["landmark_distance"] for r in rows), "images": rows}
 
 
-def identity_diversity(face_model, images: torch.Tensor, labels: list, progress: Progress = None) -> dict:
+def identity_diversity(face_model, images: torch.Tensor, labels: list, progress: Progress | None = None) -> dict:
     """Diversity of identities (paper Fig. 9): pairwise identity distances among outputs with a face.
     ``_embeddings`` and ``_labels`` (left out of JSON) feed the t-SNE plot."""
     embs, labs, skipped = [], [], []
@@ -159,7 +158,7 @@ def identity_diversity(face_model, images: torch.Tensor, labels: list, progress:
             labs.append(labels[i])
         else:
             skipped.append(i)
-        _tick(progress, i + 1)
+        _tick(progress, i + 1, len(images))
     if len(embs) < 2:
         raise ValueError(f"diversity needs at least two images with a detected face; {len(embs)} had one")
     e = torch.stack(embs)

@@ -216,8 +216,9 @@ def batch_report(originals: torch.Tensor, protected: torch.Tensor, models: dict,
                  undetected: str = UNDETECTED_SEPARATE) -> tuple[dict, list]:
     """The folder report's metrics over IMAGE batches (what the report node shows): (report, figures).
 
-    ``models``: name -> FACE_MODEL; ``labels``: one identity per image or None; ``progress(done, total,
-    name)`` as :func:`.run.evaluate` calls it. Figures: the summary tables, the plots, and the problems.
+    ``models``: name -> FACE_MODEL; ``labels``: one identity per image or None; ``progress``: gets a
+    :class:`~..guidance.progress.Step` per image, as :func:`.run.evaluate` sends them. Figures: the summary tables,
+    the plots, and the problems.
     """
     from .plots import table_figure
     n = originals.shape[0]

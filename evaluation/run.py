@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..guidance.progress import Progress
+from ..guidance.progress import report as report_progress
 from .analysis import FaceAnalysis, analyse_face, embed_at
 from .identity import (UNDETECTED_CONVENTIONS, UNDETECTED_SEPARATE, cos_ie, diversity_summary, identity_distance,
                        leave_one_out_identification, protection_outcome, rate_thresholds)
@@ -60,7 +62,7 @@ def _load(loader: Loader | None, what: str, name: str, problems: list) -> torch.
 
 
 def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
-             progress: Callable[[int, int, str], None] | None = None, lpips: str = "auto",
+             progress: Progress | None = None, lpips: str = "auto",
              keep_embeddings: bool = True, undetected: str = UNDETECTED_SEPARATE,
              distractors: list[tuple[str, Loader]] | None = None, facemesh: str = "auto") -> dict:
     """Every metric over ``items`` for every FACE_MODEL in ``models`` (name -> model).
@@ -71,7 +73,8 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
     without a detected face (:data:`.identity.UNDETECTED_CONVENTIONS`; both rates are always
     reported). ``distractors``: (name, loader) of an external gallery of other people, added to the
     identification protocol's different-identity set. ``facemesh``: "auto" (landmark preservation with MediaPipe's
-    FaceMesh, ``mesh.py``, when its files are found), "off". Returns the report dict (see evaluation/README.md).
+    FaceMesh, ``mesh.py``, when its files are found), "off". ``progress``: a Step per image (its name as the text).
+    Returns the report dict (see evaluation/README.md).
     """
     if undetected not in UNDETECTED_CONVENTIONS:
         raise ValueError(f"undetected must be one of {list(UNDETECTED_CONVENTIONS)}, got {undetected!r}")
@@ -98,8 +101,7 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
     distractors = distractors or []
     total = len(items) + len(distractors)
     for k, item in enumerate(items):
-        if progress:
-            progress(k, total, item.name)
+        report_progress(progress, k, total, item.name)
         rec = {"file": item.name, "label": item.label}
         per_file.append(rec)
         original = _load(item.original, "originals", item.name, problems)
@@ -135,8 +137,7 @@ def evaluate(items: list[Item], models: dict, *, problems: list | None = None,
                 r["error"] = f"{type(e).__name__}: {e}"
                 problems.append({"file": item.name, "folder": "originals", "problem": f"{mname}: {r['error']}"})
     gallery = _gallery_embeddings(distractors, models, problems, progress, len(items), total)
-    if progress:
-        progress(total, total, "")
+    report_progress(progress, total, total, "done")
 
     report = {"n_items": total, "recognizers": {}, "protected_pixels": _pixel_summary(per_file, "protected_pixels"),
               "recovered_pixels": _pixel_summary(per_file, "recovered_pixels"), "lpips": lp_status,
@@ -185,8 +186,7 @@ def _gallery_embeddings(distractors, models: dict, problems: list, progress, don
     found = {m: [] for m in models}
     missed = {m: 0 for m in models}
     for k, (name, loader) in enumerate(distractors):
-        if progress:
-            progress(done + k, total, name)
+        report_progress(progress, done + k, total, name)
         image = _load(loader, "distractors", name, problems)
         if image is None:
             continue

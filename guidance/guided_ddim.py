@@ -159,8 +159,17 @@ class IdentityGuidance:
             raise ValueError(f"none of the {len(faces)} detected face(s) is chosen ({choice}): draw the mask over "
                              "the faces to protect, or choose all faces")
         lms = torch.stack([faces[i].landmarks.float() for i in chosen])
+        return cls.from_landmarks(face_model, decode, image, lms, energy, chunk, redetect_every, **speed)
+
+    @classmethod
+    def from_landmarks(cls, face_model, decode: Callable, image: torch.Tensor, landmarks: torch.Tensor,
+                       energy: Energy, chunk: int = 0, redetect_every: int = 0, **speed) -> "IdentityGuidance":
+        """The faces of ``image`` ((H, W, 3) or (1, H, W, 3)) at known ``landmarks`` ((F, 5, 2) or (5, 2), its
+        pixels; e.g. a face crop's, from the detection on the photo) embedded as the references: no detection."""
+        image = (image[0] if image.dim() == 4 else image)[..., :3].float()
+        lms = landmarks.detach().float().reshape(-1, 5, 2)
         with torch.no_grad():
-            ref = face_model.embed(image.permute(2, 0, 1)[None].expand(len(chosen), -1, -1, -1).contiguous(), lms)
+            ref = face_model.embed(image.permute(2, 0, 1)[None].expand(len(lms), -1, -1, -1).contiguous(), lms)
         return cls(face_model, decode, ref, lms, energy, tuple(image.shape[:2]), chunk, redetect_every, **speed)
 
     def _prepare(self):

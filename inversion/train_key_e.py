@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..guidance.autograd import gradients_enabled, thaw_inference_tensors
 from ..guidance.host import interrupt_exceptions, resident_clone
+from ..guidance.progress import Progress, report
 from ..guidance.working_image import resize_for_training
 from .clip_features import DEFAULT_LAYERS, clip_layer_features, parse_layers, vision_width
 from ..guidance.schedule import NUM_STAGES, stage_of
@@ -166,10 +167,12 @@ def _draw(step: int, options: KeyETrainingOptions, num_timesteps: int, latent_sh
 
 
 def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, options: KeyETrainingOptions, *,
-                state: KeyETrainingState | None = None, on_step=None, check_interrupt=None, on_checkpoint=None):
+                state: KeyETrainingState | None = None, progress: Progress | None = None, check_interrupt=None,
+                on_checkpoint=None):
     """Train (or continue training) the MSI for one image. Returns (state, key_e_cond, key_e_pooled, encoder).
 
-    ``on_step(step, total, loss)`` after every step; ``check_interrupt()`` may raise ComfyUI's
+    ``progress`` gets a :class:`~..guidance.progress.Step` after every step (``detail["loss"]``: that step's
+    loss); ``check_interrupt()`` may raise ComfyUI's
     interrupt exception; ``on_checkpoint(state, cond, pooled)`` is called every
     ``checkpoint_every`` steps, at the end, and on interrupt (with the best weights) before re-raising.
     Runs under ComfyUI's inference mode: autograd is switched on inside, and the frozen models'
@@ -212,7 +215,7 @@ def train_key_e(model_patcher, clip, vae, clip_vision, image: torch.Tensor, opti
             return state, cond, pooled, encoder
         torch.manual_seed(options.seed + state.steps_done)  # dropout draws, reproducible across resumes
         try:
-            cond, pooled = _optimise(model, clip, msi, encoder, data, options, state, on_step, check_interrupt,
+            cond, pooled = _optimise(model, clip, msi, encoder, data, options, state, progress, check_interrupt,
                                      on_checkpoint)
         finally:
             for m in (model, clip.cond_stage_model):
@@ -239,7 +242,7 @@ def unet_compute_dtype(model) -> torch.dtype:
     return getattr(model, "manual_cast_dtype", None) or model.get_dtype()
 
 
-def _optimise(model, clip, msi, encoder, data, options, state, on_step, check_interrupt, on_checkpoint):
+def _optimise(model, clip, msi, encoder, data, options, state, progress, check_interrupt, on_checkpoint):
     """The training loop proper (inside gradients_enabled). Returns the final Key-E."""
     for m in (model, clip.cond_stage_model):
         m.requires_grad_(False)
@@ -280,8 +283,8 @@ def _optimise(model, clip, msi, encoder, data, options, state, on_step, check_in
             if smoothed < state.best_smoothed_loss:
                 state.best_smoothed_loss = smoothed
                 best = {k: v.detach().clone() for k, v in msi.state_dict().items()}
-            if on_step is not None:
-                on_step(state.steps_done, options.steps, value)
+            report(progress, state.steps_done, options.steps,
+                   f"step {state.steps_done}/{options.steps}  loss {value:.4f}", loss=value)
             if (on_checkpoint is not None and options.checkpoint_every
                     and state.steps_done % options.checkpoint_every == 0 and state.steps_done < options.steps):
                 on_checkpoint(state, *compute_key_e(msi, data.features, encoder))

@@ -57,6 +57,7 @@ class FaceChoice:
     mode: str = "all"
     indices: str = ""
     mask: torch.Tensor | None = None  # (h, w) at the working image's size
+    landmarks: torch.Tensor | None = None  # (F, 5, 2) the chosen faces, known (a face crop's): not detected again
 
 
 def build_guidance(model, vae, face_model, image: torch.Tensor, energy: Energy, gradient_chunk: int = 0,
@@ -73,11 +74,14 @@ def build_guidance(model, vae, face_model, image: torch.Tensor, energy: Energy, 
     if options.channels_last:
         to_channels_last(getattr(face_model, "recognizer", None), "the face recognizer")
     device = getattr(vae, "device", None) or torch.device("cpu")
+    speed = dict(checkpointing=options.checkpointing, precision=resolve_precision(options.precision, device),
+                 window_margin=options.window_margin if options.face_window else None)
+    if faces.landmarks is not None:
+        return IdentityGuidance.from_landmarks(face_model, decode, image[0], faces.landmarks, energy,
+                                               chunk=options.chunk, redetect_every=redetect_every, **speed)
     return IdentityGuidance.from_image(face_model, decode, image[0], energy, chunk=options.chunk,
                                        redetect_every=redetect_every, choice=faces.mode, indices=faces.indices,
-                                       mask=faces.mask, checkpointing=options.checkpointing,
-                                       window_margin=options.window_margin if options.face_window else None,
-                                       precision=resolve_precision(options.precision, device))
+                                       mask=faces.mask, **speed)
 
 
 def guided_sampler(model, vae, face_model, image: torch.Tensor, task: str, tau: float, lambda_above: float,
@@ -198,8 +202,8 @@ class ProtectionSettings:
             raise ValueError(f"redetect_every must be >= 0, got {self.redetect_every}")
 
     def face_choice(self, job: CropJob) -> FaceChoice:
-        if job.crop.face_index >= 0:  # a face crop: the face it was cut around
-            return FaceChoice("mask", "", job.face_mask())
+        if job.crop.face_index >= 0:  # a face crop: the face it was cut around, where the photo's detection put it
+            return FaceChoice("mask", "", job.face_mask(), job.crop.working_landmarks(job.resolution))
         return FaceChoice(self.faces, self.face_indices, working_mask(self.face_mask, job.photo,
                                                                       tuple(job.image.shape[1:3])))
 

@@ -30,6 +30,7 @@ from ..guidance.host import check_interrupt as host_check_interrupt
 from ..guidance.host import interrupt_exceptions, resident_clone
 from ..guidance.identity_streams import COND_KEY, Stream, apply_identity_streams, cross_attention_layers
 from ..guidance.ip_adapter import adapter_from_state_dict
+from ..guidance.progress import Progress, report
 from ..guidance.weights import read_tensor_file
 
 log = logging.getLogger("diffprivacy")
@@ -187,10 +188,11 @@ def epsilon_prediction(patched, streams, state: DIFPTrainingState, data: DIFPDat
 
 
 def train_difp_adapters(model_patcher, data: DIFPDataset, options: DIFPTrainingOptions,
-                        state: DIFPTrainingState | None = None, *, on_step=None, check_interrupt=None,
-                        on_checkpoint=None) -> DIFPTrainingState:
+                        state: DIFPTrainingState | None = None, *, progress: Progress | None = None,
+                        check_interrupt=None, on_checkpoint=None) -> DIFPTrainingState:
     """Train (or continue) both adapters. ``state`` None: fresh adapters for this model. Returns the state
-    (adapters, steps done, losses, optimizer state). On interrupt the state so far is checkpointed and re-raised."""
+    (adapters, steps done, losses, optimizer state). On interrupt the state so far is checkpointed and re-raised.
+    ``progress`` gets a :class:`~..guidance.progress.Step` after every step (``detail["loss"]``: that step's loss)."""
     options = options.validated()
     check_interrupt = check_interrupt or host_check_interrupt
     model_patcher = resident_clone(model_patcher, "the MODEL")
@@ -230,8 +232,8 @@ def train_difp_adapters(model_patcher, data: DIFPDataset, options: DIFPTrainingO
                 optimizer.step()
                 state.steps_done = step + 1
                 state.losses.append(float(loss.detach()))
-                if on_step is not None:
-                    on_step(state.steps_done, options.steps, state.losses[-1])
+                report(progress, state.steps_done, options.steps,
+                       f"step {state.steps_done}/{options.steps}, loss {state.losses[-1]:.4f}", loss=state.losses[-1])
                 if on_checkpoint is not None and options.checkpoint_every and \
                         state.steps_done % options.checkpoint_every == 0:
                     state.optimizer = optimizer.state_dict()
@@ -332,7 +334,8 @@ class DIFPTrainingResult:
 
 
 def train_from_folder(model, clip, vae, clip_vision, face_model, folder, name: str, options: DIFPTrainingOptions,
-                      *, out_dir=None, resume: bool = True, resolution: int = 512, on_step=None) -> DIFPTrainingResult:
+                      *, out_dir=None, resume: bool = True, resolution: int = 512, progress: Progress | None = None
+                      ) -> DIFPTrainingResult:
     """Node and CLI entry: ``folder`` (relative: under ComfyUI's input folder) -> two adapter files in ``out_dir``
     (default models/ipadapter) named <name>-identity / <name>-style, checkpointing <name>.train.pt."""
     from ..guidance.ip_adapter import register_model_folder
@@ -355,7 +358,7 @@ def train_from_folder(model, clip, vae, clip_vision, face_model, folder, name: s
         save_adapter(s.identity, id_path)
         save_adapter(s.style, sty_path)
 
-    state = train_difp_adapters(model, data, options, state, on_step=on_step, on_checkpoint=checkpoint)
+    state = train_difp_adapters(model, data, options, state, progress=progress, on_checkpoint=checkpoint)
     checkpoint(state)
     (out / f"{name}.losses.json").write_text(json.dumps(state.losses))
     return DIFPTrainingResult(id_path.name, sty_path.name, state, data.latents.shape[0])

@@ -3,7 +3,9 @@
 What ComfyUI users know from Impact Pack's FaceDetailer, for every method of the pack:
 
 1. **detect** the faces with the method's face model and **choose** them with the one face choice
-   (:func:`guidance.face.base.select_faces`: all / largest / indices / the faces a MASK covers);
+   (:func:`guidance.face.base.select_faces`: all / largest / indices / the faces a MASK covers). A photo larger
+   than the detector looks at (:func:`detection_side`) is shrunk to that size first and the boxes and landmarks
+   scaled back: the detector would shrink it itself, so it finds the same faces, without the full-size copy;
 2. **crop** each chosen face: the square of side ``crop_factor`` x the longer side of its box, centred on the
    box (FaceDetailer's default factor 3.0), at most the photo's letterbox square (a face filling a portrait gets
    the whole portrait, not a square of padding) and moved inside that square. Where the square runs past the
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..guidance.face.base import SELECT_MODES, NoFaceError, select_faces
+from ..guidance.face.base import SELECT_MODES, Face, NoFaceError, select_faces
 from ..guidance.working_image import (MIN_SIDE, cut_square, photo_mask, resize_square, square_region,
                                       uncut_square)
 
@@ -129,6 +131,16 @@ class Crop:
         cx, cy = ((x1 + x2) / 2 - self.x) * scale, ((y1 + y2) / 2 - self.y) * scale
         half = SELECT_GROW * max(x2 - x1, y2 - y1) * scale / 2  # grown: the crop's detector boxes it a little apart
         return feathered_box(size, size, (cx - half, cy - half, cx + half, cy + half), 0)
+
+    def working_landmarks(self, size: int) -> torch.Tensor | None:
+        """The detected landmarks of the face this crop was built around, (5, 2) in the pixels of the crop resized to
+        ``size`` (the working resolution): a method need not detect that face again. None where the crop knows none
+        (the whole frame, a MASK's region, a plan read back from a key)."""
+        if self.face_index < 0 or len(self.landmarks) != 5:
+            return None
+        scale = size / self.side  # pixel centres: photo (x + 0.5) lands at crop ((x + 0.5 - self.x) * scale)
+        return ((torch.tensor(self.landmarks, dtype=torch.float32) - torch.tensor([float(self.x), float(self.y)])
+                 + 0.5) * scale - 0.5)
 
     def work_size(self, resolution: int) -> int:
         """The working resolution of this crop: ``resolution``, or its own side (a multiple of 8) for 0."""
@@ -241,6 +253,41 @@ def face_crop(face, index: int, height: int, width: int, options: PipelineOption
                 tuple(tuple(float(v) for v in p) for p in face.landmarks.tolist()))
 
 
+def detection_side(face_model) -> int | None:
+    """The longest side at which ``face_model``'s detector looks at a photo: it shrinks a larger photo to this side
+    itself (dlib's ``work_size``, MTCNN's and RetinaFace's ``max_side``, SCRFD's input size). A copy shrunk to it
+    beforehand shows the detector the same faces: the smallest face it can find in the photo stays findable. None
+    when the model declares no such size (its photos are then analysed at their own size)."""
+    for part in (face_model, getattr(face_model, "detector", None)):
+        for obj in (part, getattr(part, "model", None)):  # DlibDetector holds the dlib FACE_MODEL as .model
+            if obj is None:
+                continue
+            for name in ("work_size", "max_side"):
+                side = getattr(obj, name, None)
+                if isinstance(side, int) and not isinstance(side, bool) and side > 0:
+                    return side
+            hw = getattr(obj, "input_hw", None)
+            if isinstance(hw, tuple) and len(hw) == 2 and all(isinstance(v, int) and v > 0 for v in hw):
+                return max(hw)
+    return None
+
+
+def detect_faces(face_model, photo: torch.Tensor) -> list:
+    """``face_model.detect(photo)`` ((H, W, 3)), on a copy shrunk to :func:`detection_side` when the photo is larger
+    (antialiased), with the boxes and landmarks scaled back to the photo's pixels."""
+    side = detection_side(face_model)
+    h, w = int(photo.shape[0]), int(photo.shape[1])
+    if side is None or max(h, w) <= side:
+        return face_model.detect(photo)
+    scale = side / max(h, w)
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = torch.nn.functional.interpolate(photo.permute(2, 0, 1)[None], size=(sh, sw), mode="bilinear",
+                                            align_corners=False, antialias=True)[0].permute(1, 2, 0).clamp(0, 1)
+    back = torch.tensor([w / sw, h / sh])
+    return [Face(box=f.box.float() * back.repeat(2), landmarks=f.landmarks.float() * back, score=f.score)
+            for f in face_model.detect(small)]
+
+
 def plan_photo(photo: torch.Tensor, face_model, options: PipelineOptions | None, resolution: int,
                index: int = 0) -> Plan:
     """Detect and choose the faces of one photo ((H, W, 3) or (1, H, W, 3)) and plan their crops; in whole-frame
@@ -254,7 +301,7 @@ def plan_photo(photo: torch.Tensor, face_model, options: PipelineOptions | None,
     if options.mode == "whole frame":
         x, y, side = square_region(h, w)
         return Plan(h, w, _resolution(resolution, side), options.mode, (Crop(x, y, side, (0, 0, w, h), 0, -1),))
-    faces = face_model.detect(photo[..., :3].float())
+    faces = detect_faces(face_model, photo[..., :3].float())
     if not faces:
         raise NoFaceError(index, f"{w}x{h} pixels")
     chosen, _ = select_faces(faces, options.faces, options.face_indices, photo_mask(options.face_mask, index))

@@ -399,10 +399,8 @@ class DiffPrivacyTrainDIFPAdapters:
         options = difp_training.DIFPTrainingOptions(steps=steps, stage1_fraction=stage1_fraction,
                                                     drop_probability=drop_probability, batch_size=batch_size,
                                                     learning_rate=learning_rate, weight_decay=weight_decay, seed=seed)
-        progress = StepProgress(steps, unique_id)
         result = difp_training.train_from_folder(model, clip, vae, clip_vision, face_model, folder, name, options,
-                                                 resume=resume, on_step=lambda s, n, loss: progress(
-                                                     s, f"step {s}/{n}, loss {loss:.4f}"))
+                                                 resume=resume, progress=StepProgress(steps, unique_id))
         return {"ui": {"text": [result.summary()]}, "result": (result.identity_file, result.style_file)}
 
 

@@ -12,6 +12,7 @@ from ..evaluation.formatting import to_json
 from ..evaluation.key_security import key_security_figure, key_security_table
 from ..evaluation import protocols
 from ..evaluation.identity import UNDETECTED_PROTECTED, UNDETECTED_SEPARATE
+from ..guidance.progress import Step
 from .common import StepProgress, paired_batches, parse_labels, rgb_batch
 
 CATEGORY = "Diff-Privacy/evaluation"
@@ -234,7 +235,7 @@ class DiffPrivacyLandmarkPreservation:
         rows = []
         for i in range(len(original)):
             rows.append({"image": i, **ev.pair(original[i], protected[i])})
-            bar(i + 1)
+            bar(Step(i + 1, len(original), f"image {i + 1}/{len(original)}"))
         summary = summarize_mesh(rows)
         pose = [max(r["pose_change"].values()) for r in rows if r.get("face")]
         mean_pose = sum(pose) / len(pose) if pose else float("nan")
@@ -354,9 +355,7 @@ class DiffPrivacyEvaluationReport:
             if m is not None:
                 name = m.name if m.name not in models else f"{m.name} ({len(models) + 1})"
                 models[name] = m
-        bar = StepProgress(n)
-        rep, figs = batch_report(originals, protected, models, labels, recovered,
-                                 progress=lambda done, total, name: bar(done),
+        rep, figs = batch_report(originals, protected, models, labels, recovered, progress=StepProgress(n),
                                  undetected=UNDETECTED_CHOICES[undetected_faces])
         return stack_figures(figs), to_json(rep)
 

@@ -13,6 +13,7 @@ import time
 
 
 from ..guidance.host import check_interrupt
+from ..guidance.progress import Step
 from ..inversion.clip_features import DEFAULT_LAYERS, parse_layers
 from ..inversion.fingerprint import clip_fingerprint, model_fingerprint
 from ..inversion.key_e import KeyE
@@ -43,14 +44,14 @@ class _LossProgress:
         self.last_preview = 0.0
         self.losses = []
 
-    def __call__(self, step: int, total: int, loss: float):
-        self.losses.append(loss)
+    def __call__(self, step: Step):
+        self.losses.append(step.detail["loss"])
         now = time.monotonic()
         preview = None
         if now - self.last_preview > _PREVIEW_EVERY_S and len(self.losses) > 1:
             preview = ("PNG", loss_curve_pil(self.losses), 512)
             self.last_preview = now
-        self.steps(step, f"step {step}/{total}  loss {loss:.4f}", preview)
+        self.steps(step, preview=preview)
 
 
 class DiffPrivacyLearnKeyE:
@@ -157,7 +158,7 @@ class DiffPrivacyLearnKeyE:
             progress.losses = list(state.losses)
         try:
             state, cond, pooled, encoder = train_key_e(
-                model, clip, vae, clip_vision, image, options, state=state, on_step=progress,
+                model, clip, vae, clip_vision, image, options, state=state, progress=progress,
                 check_interrupt=check_interrupt, on_checkpoint=save)
         except KeyFileExistsError:
             raise ValueError(f"a file appeared at {path} while training; choose another filename_prefix") from None

@@ -76,10 +76,10 @@ def main(argv=None) -> int:
         from tqdm import tqdm
         bar = tqdm(unit="image")
 
-        def progress(done, total, name):
-            bar.total = total
-            bar.n = done
-            bar.set_postfix_str(name)  # redraws the bar
+        def progress(step):  # a guidance.progress.Step: done of total images, the image's name as its text
+            bar.total = step.total
+            bar.n = step.done
+            bar.set_postfix_str(step.text)  # redraws the bar
     except ImportError:
         bar, progress = None, None
     try:

@@ -58,15 +58,16 @@ def main() -> int:
                                      checkpoint_every=args.checkpoint_every)
     started = time.monotonic()
 
-    def progress(step, total, loss):
-        if step == 1 or step % 10 == 0 or step == total:
-            print(f"step {step}/{total} loss {loss:.5f} ({time.monotonic() - started:.0f} s)", flush=True)
+    def progress(step):  # a guidance.progress.Step
+        if step.done == 1 or step.done % 10 == 0 or step.done == step.total:
+            print(f"step {step.done}/{step.total} loss {step.detail['loss']:.5f} ({time.monotonic() - started:.0f} s)",
+                  flush=True)
 
     try:
         with torch.inference_mode():
             result = dt.train_from_folder(model, clip, vae, vision, face_model, args.faces, args.name, options,
                                           out_dir=args.out, resume=not args.no_resume, resolution=args.resolution,
-                                          on_step=progress)
+                                          progress=progress)
     except KeyboardInterrupt:
         print("interrupted: the state so far is checkpointed; run again to resume", file=sys.stderr)
         return 130

@@ -44,7 +44,8 @@ def _fixed_loss(model, state, data):
         return float(dt.epsilon_loss(patched, ss, state, data, idx, t, noise, keep))
 
 
-def test_training_lowers_the_loss_changes_only_the_adapters_and_writes_loadable_files(tiny_checkpoint_path, tmp_path):
+def test_training_lowers_the_loss_reports_each_step_changes_only_the_adapters_and_writes_loadable_files(
+        tiny_checkpoint_path, tmp_path):
     import comfy.sd
     with torch.inference_mode():
         model = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint_path), output_vae=False, output_clip=False)[0]
@@ -54,9 +55,13 @@ def test_training_lowers_the_loss_changes_only_the_adapters_and_writes_loadable_
     start = dt.train_difp_adapters(model, data, dt.DIFPTrainingOptions(steps=1, learning_rate=1e-12, batch_size=1))
     start_sd = _both(start)
     before = _fixed_loss(model, start, data)
-    state = dt.train_difp_adapters(model, data, opts)
+    steps = []
+    state = dt.train_difp_adapters(model, data, opts, progress=steps.append)
     after = _fixed_loss(model, state, data)
     assert after < 0.995 * before, (before, after)  # fixed draws: deterministic; the random tiny UNet limits the gain
+    # one Step per optimisation step, in the pack's one progress shape, carrying that step's loss
+    assert [(s.done, s.total) for s in steps] == [(i, 60) for i in range(1, 61)]
+    assert [s.detail["loss"] for s in steps] == state.losses and steps[-1].text.startswith("step 60/60, loss ")
     for k, v in model.model.diffusion_model.state_dict().items():
         assert torch.equal(v, unet_before[k]), f"the UNet changed: {k}"
     end_sd = _both(state)
@@ -184,3 +189,30 @@ def test_the_cli_trains_from_a_folder_of_faces_and_resumes(tiny_checkpoint_path,
     assert "step 3/3" in resumed and "step 1/" not in resumed  # resumed, not restarted
     assert ipa.load_adapter(out / "difp-identity.safetensors").spec.kind == "faceid"
     assert ipa.load_adapter(out / "difp-style.safetensors").spec.kind == "ip-adapter"
+
+
+def test_the_training_node_hands_its_progress_bar_the_trainings_steps(monkeypatch):
+    """The node passes a StepProgress as ``progress``: the Steps training sends move its bar (glue, no training)."""
+    from diffprivacy.guidance.progress import Step
+    from diffprivacy.nodes import difp_nodes
+    bars = []
+
+    class Bar:
+        def __init__(self, total, node_id=None):
+            self.total, self.seen = total, []
+            bars.append(self)
+
+        def __call__(self, step):
+            self.seen.append(step)
+
+    def fake_train(*args, progress=None, **kw):
+        progress(Step(1, 7, "step 1/7, loss 0.5000", {"loss": 0.5}))
+        return dt.DIFPTrainingResult("a-identity.safetensors", "a-style.safetensors", dt.DIFPTrainingState(None, None),
+                                     2)
+
+    monkeypatch.setattr(difp_nodes, "StepProgress", Bar)
+    monkeypatch.setattr(dt, "train_from_folder", fake_train)
+    out = difp_nodes.DiffPrivacyTrainDIFPAdapters().train(None, None, None, None, None, "faces", "a", 7, 0.5, 0.4, 1,
+                                                          1e-4, 1e-3, True, 0, unique_id="5")
+    assert out["result"] == ("a-identity.safetensors", "a-style.safetensors")
+    assert [b.total for b in bars] == [7] and [s.done for s in bars[0].seen] == [1]

@@ -135,12 +135,18 @@ def test_metric_nodes_on_a_copy_a_blur_and_noise():
             eval_nodes.DiffPrivacyProtectionRate().measure(model, orig, prot[:1], "own detection")
 
 
-def test_report_node_shows_tables_and_plots():
+def test_report_node_shows_tables_and_plots_and_reports_a_step_per_image(monkeypatch):
     model = dlib_model()
     names = ["img12.jpg", "img3.jpg", "img8.jpg", "img9.jpg"]
     batch = torch.stack([square(n, 256) for n in names])
+    steps = []
+    monkeypatch.setattr(eval_nodes, "StepProgress", lambda total: steps.append)  # what the node's bar receives
     with torch.inference_mode():
         images, text = eval_nodes.DiffPrivacyEvaluationReport().report(model, batch, batch.flip(0), "a, a, b, b")
+        eval_nodes.DiffPrivacyFaceUtility().measure(model, batch[:2], batch[:2])
+    assert [(s.done, s.total, s.text) for s in steps] == [(0, 4, "image 0"), (1, 4, "image 1"), (2, 4, "image 2"),
+                                                          (3, 4, "image 3"), (4, 4, "done"),
+                                                          (1, 2, "image 1/2"), (2, 2, "image 2/2")]
     rep = json.loads(text)
     assert images.dim() == 4 and images.shape[0] >= 4 and images.shape[-1] == 3
     s = rep["recognizers"][model.name]

@@ -78,15 +78,19 @@ def test_identity_distance_same_and_different_people(models_dir):
     assert "same identity" in same["ui"]["text"][0] and "different identity" in diff["ui"]["text"][0]
 
 
-def test_no_face_errors_name_the_image_or_pass_through(models_dir):
+def test_no_face_errors_name_the_image_or_pass_through_reporting_a_step_per_image(models_dir, monkeypatch):
+    from diffprivacy.nodes import face_nodes
     model = _load()
     face = load_photo(shared_path("data", "photos", "one-face-astronaut.png"))
     blank = torch.full_like(face, 0.5)
     batch = torch.stack([face, blank])
     with pytest.raises(NoFaceError, match="image 1 of the batch"):
         DiffPrivacyFaceAnalyze().analyze(model, batch, "largest", 0, "error")
+    steps = []
+    monkeypatch.setattr(face_nodes, "StepProgress", lambda total: steps.append)  # what the node's bar receives
     preview, crops, emb = DiffPrivacyFaceAnalyze().analyze(model, batch, "largest", 0, "pass through")
     assert preview.shape == batch.shape and emb["batch_index"] == [0] and crops.shape[0] == 1
+    assert [(s.done, s.total, s.text) for s in steps] == [(1, 2, "image 1/2"), (2, 2, "image 2/2")]
     out = DiffPrivacyIdentityDistance().compare(model, batch, face[None], "pass through")
     assert "no face in image_a" in out["result"][2]
 

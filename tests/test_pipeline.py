@@ -72,6 +72,65 @@ def test_pasting_keeps_the_photo_size_and_every_pixel_outside_the_masks_bit_iden
     assert (out[:, inside] - photo[inside]).abs().mean() > 0.1     # ... and there they do
 
 
+class _SeenBy:
+    """A face model that records the size of every image its detector is given."""
+
+    def __init__(self, model):
+        self.model, self.work_size, self.sizes = model, model.work_size, []
+
+    def detect(self, image):
+        self.sizes.append(tuple(image.shape[:2]))
+        return self.model.detect(image)
+
+
+def test_a_large_photo_is_detected_shrunk_to_the_detectors_size_and_finds_the_full_size_faces(shared):
+    """dlib looks at a photo at 1600 px on its long side: a larger photo is shrunk to that before detection, and its
+    faces (boxes, landmarks) come back in the photo's pixels where the full-size detection puts them, the group's
+    smallest face (83 px at 1280) included."""
+    import torch.nn.functional as F
+    from face_fixtures import dlib_model, load_photo
+    group = load_photo(shared(*GROUP), max_side=4000)
+    group = F.interpolate(group.permute(2, 0, 1)[None], scale_factor=2.0, mode="bilinear")[0].permute(1, 2, 0)
+    photos = [load_photo(shared("data", "photos", name), max_side=4000) for name in ("obama3.jpg", "biden.jpg")]
+    for photo in photos + [group.clamp(0, 1)]:
+        model = _SeenBy(dlib_model())
+        full = model.model.detect(photo)
+        plan = plan_photo(photo, model, PipelineOptions(), 128)
+        assert max(photo.shape[:2]) > 2000 and model.sizes == [(round(photo.shape[0] * 1600 / max(photo.shape[:2])),
+                                                                 round(photo.shape[1] * 1600 / max(photo.shape[:2])))]
+        assert len(plan.crops) == len(full) >= 1
+        for face in full:
+            side = float(face.box[2] - face.box[0])
+            near = min(plan.crops, key=lambda c: float((torch.tensor(c.face_box) - face.box).abs().max()))
+            # measured: boxes within 0.8 px, landmarks (dlib's 68 points on the smaller copy) within 2.6 px
+            assert (torch.tensor(near.face_box) - face.box).abs().max() <= 1 + 0.01 * side, (near.face_box, face.box)
+            assert (torch.tensor(near.landmarks) - face.landmarks).abs().max() <= 1 + 0.02 * side
+    assert len(full) == 6
+
+
+def test_a_crops_known_landmarks_land_on_the_same_pixels_of_the_crop_at_the_working_resolution():
+    """Where a face's landmarks sit in the photo, there they sit in its crop at the working resolution (a method
+    given them need not detect the face again): bright dots at each landmark, found again in the cut crop."""
+    photo = torch.zeros(120, 200, 3)
+    points = [(93, 45), (106, 45), (100, 50), (95, 55), (105, 56)]
+    for x, y in points:
+        photo[y - 1:y + 2, x - 1:x + 2] = 1.0                      # a 3x3 dot centred on pixel (x, y)
+    face = Face(torch.tensor([90.0, 40.0, 110.0, 60.0]), torch.tensor(points, dtype=torch.float32), 0.9)
+    detector = _Faces()
+    detector.faces = [face]
+    plan = plan_photo(photo, detector, PipelineOptions(crop_factor=3.0), 96)
+    crop = plan.crops[0]
+    cut = plan.cut(photo)[0][0].mean(-1)                           # 60 px square at 96: dots 4.8 px wide
+    mapped = crop.working_landmarks(96)
+    ys, xs = torch.meshgrid(torch.arange(96.0), torch.arange(96.0), indexing="ij")
+    for (mx, my) in mapped.tolist():
+        window = (xs - mx).abs().le(4) & (ys - my).abs().le(4)
+        w = cut * window
+        assert abs(float((w * xs).sum() / w.sum()) - mx) < 0.1 and abs(float((w * ys).sum() / w.sum()) - my) < 0.1
+    whole = plan_photo(photo, detector, PipelineOptions(mode="whole frame"), 96).crops[0]
+    assert whole.working_landmarks(96) is None and Plan.from_dict(plan.as_dict()).crops[0].working_landmarks(96) is None
+
+
 def test_the_pasted_mask_is_feathered_over_feather_pixels_and_zero_outside_the_grown_box():
     face = Face(torch.tensor([40.0, 40, 60, 60]), torch.zeros(5, 2), 0.9)
     crop = face_crop(face, 0, 100, 100, PipelineOptions(feather=5, mask_grow=1.5).validated())
@@ -129,7 +188,16 @@ def anonymized(tiny, group):
     from diffprivacy.nodes.encrypt_nodes import DiffPrivacyAnonymize
     from toy_models import PhotoToyFaceModel
     model, clip, vae, key_e, uc = tiny
-    face_model = PhotoToyFaceModel()
+
+    class Recording(PhotoToyFaceModel):
+        """Records the size of every image it is asked to detect faces in."""
+        sizes: list = []
+
+        def detect(self, image):
+            self.sizes.append(tuple(image.shape[:2]))
+            return super().detect(image)
+
+    face_model = Recording()
     with torch.inference_mode():
         out = DiffPrivacyAnonymize().anonymize(model, vae, face_model, group, key_e, uc, 1, 4, 0.5, 0.4, 1, 1.0,
                                                1.0, resolution=64)
@@ -155,6 +223,13 @@ def test_anonymize_protects_each_face_of_a_group_photo_at_its_size_with_a_receip
     assert all(f["working_resolution"] == 64 and f["verdict"] in ("still recognised", "not recognised")
                for f in faces)
     assert any("crop" in line for line in out["ui"]["text"])
+
+
+def test_anonymize_detects_the_faces_once_on_the_photo_and_never_again_in_a_crop(anonymized):
+    """The crop path's one detection is the photo's: each crop's guidance starts from the landmarks it found
+    (mapped into the crop), not from a detection in the crop."""
+    face_model, _ = anonymized
+    assert face_model.sizes == [(886, 1280)]
 
 
 def test_hide_keeps_the_photo_size_and_the_pixels_outside_the_masks_and_its_key_recovers_the_photo(tiny, group):

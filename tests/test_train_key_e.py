@@ -101,11 +101,12 @@ def test_loss_falls_and_only_the_msi_learns(models, image):
         before = fixed_eval_loss(models, initial, image, opts)
         seen = []
         state, cond, pooled, _ = train_key_e(m, c, v, cv, image, opts, state=state,
-                                             on_step=lambda s, n, loss: seen.append((s, n, loss)))
+                                             progress=lambda s: seen.append((s.done, s.total, s.detail["loss"])))
         after = fixed_eval_loss(models, state.msi, image, opts)
     # re-initialising the MSI moves this loss by ~5e-5; 40 steps must do far better than chance
     assert after < before - 1e-3, (before, after)
-    assert [s for s, _, _ in seen] == list(range(1, 41)) and state.steps_done == 40 and len(state.losses) == 40
+    assert [(s, n) for s, n, _ in seen] == [(i, 40) for i in range(1, 41)] and state.steps_done == 40
+    assert [loss for _, _, loss in seen] == state.losses
     assert cond.shape == (10, 77, 64) and pooled.shape == (10, 64)
     assert (cond[0] - cond[9]).abs().max() > 1e-3  # one conditioning per stage
     after_weights = host_weights(models)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..host import check_interrupt
+from ..progress import Progress, report
 from .align import align_faces, arcface_template
 from .base import FaceModel, NoFaceError, choose_faces
 
@@ -47,7 +48,7 @@ def draw_faces(image: torch.Tensor, faces, chosen) -> torch.Tensor:
 
 
 def analyze_faces(model: FaceModel, images: torch.Tensor, mode: str = "largest", index: int = 0,
-                  if_no_face: str = "error", progress=None):
+                  if_no_face: str = "error", progress: Progress | None = None):
     """Detect, choose, align and embed the faces of an IMAGE batch.
 
     Returns (preview IMAGE, crops IMAGE (N, S, S, 3), FACE_EMBEDDINGS dict). With
@@ -65,8 +66,7 @@ def analyze_faces(model: FaceModel, images: torch.Tensor, mode: str = "largest",
             chosen = choose_faces(faces, mode, index, batch_index=b)
         previews.append(draw_faces(img, faces, chosen))
         rows.extend((b, f) for f in chosen)
-        if progress is not None:
-            progress(b + 1)
+        report(progress, b + 1, len(images), f"image {b + 1}/{len(images)}")
     size = getattr(getattr(model, "recognizer", None), "crop_size", 112)
     if not rows:
         empty = {"embeddings": torch.zeros(0, 0), "batch_index": [], "boxes": torch.zeros(0, 4),
