@@ -360,13 +360,15 @@ def label_text(label: dict) -> str:
 
 # -- the thesis's iterated form ----------------------------------------------------------------------------------------
 def iterate(first_release: torch.Tensor, rounds: int, clip_radius: float, sigma: float, seed: int,
-            render, embed, renormalize: bool = True, on_round=None):
+            render, embed, renormalize: bool = True, progress=None):
     """Rounds 2..T of Alg. 6: render the previous round's noised embedding, re-embed the rendered face, noise again.
 
     ``first_release`` is round 1's output z_1 (N, D) (from :func:`release` with ``seeded(seed, 0)``); ``render(z,
     t)`` -> images, ``embed(images, t)`` -> (N, D) embeddings (raising the no-face error when a render has no
     face). Returns (z_T, [cosine of z_t to z_1 for t = 1..T]); the caller renders z_T for the final image.
+    ``progress`` gets a :class:`~.progress.Step` after each round (``detail["cosine"]``: the trace so far).
     """
+    from .progress import report
     check_parameters(clip_radius, sigma, 0.5, rounds)
     z, trace = first_release, [1.0]
     for t in range(1, rounds):
@@ -374,6 +376,5 @@ def iterate(first_release: torch.Tensor, rounds: int, clip_radius: float, sigma:
         e = embed(images, t)
         z = release(e, clip_radius, sigma, seeded(seed, t), renormalize)
         trace.append(float(torch.nn.functional.cosine_similarity(z, first_release, dim=1).mean()))
-        if on_round is not None:
-            on_round(t + 1)
+        report(progress, t + 1, rounds, f"round {t + 1} of {rounds}", cosine=list(trace))
     return z, trace

@@ -298,7 +298,7 @@ def render_release(models: Models, settings: RenderSettings, image: torch.Tensor
             raise ValueError(f"T = {rounds} rounds re-embed each round's render: connect a face_model (the one that "
                              f"made the embedding: arcface-r50 of buffalo_l for FaceID)")
         z, trace = dpi.iterate(z, rounds, report["clip_radius"], report["sigma"], release["noise_seed"], draw, embed,
-                               report["renormalize"], lambda t: step(progress, t, rounds, f"round {t} of {rounds}"))
+                               report["renormalize"], progress)
     images = draw(z, rounds)  # z_t is rendered with seed + t - 1
     step(progress, rounds, rounds, "rendered")
     label = dpi.release_label(report, mode, provenance)

@@ -168,10 +168,11 @@ def resolution_input(what: str):
 
 
 class StepProgress:
-    """ComfyUI's progress bar for ``total`` steps, with an optional text line (throttled) and a Cancel check.
+    """ComfyUI's progress bar, the text under the node (throttled) and a Cancel check: the nodes' receiver of the
+    pack's one progress shape.
 
-    Call it with the number of steps done; it raises ComfyUI's interrupt exception when the user
-    pressed Cancel. Works without a server (then it only counts).
+    Call it with a :class:`~..guidance.progress.Step` (what every method, training run and evaluation sends); it
+    raises ComfyUI's interrupt exception when the user pressed Cancel. Works without a server (then it only counts).
     """
 
     def __init__(self, total: int, node_id=None, text_every_s: float = 0.5):
@@ -181,13 +182,12 @@ class StepProgress:
         self.text_every_s = text_every_s
         self._last_text = 0.0
 
-    def __call__(self, done, text: str | None = None, preview=None) -> None:
-        """``done`` steps (an int), or a :class:`~..guidance.progress.Step` (the pack's one progress shape: its
-        own total, its text)."""
-        if isinstance(done, Step):
-            self.total = max(int(done.total), 1)
-            text = done.text or text
-            done = done.done
+    def __call__(self, step: Step, preview=None) -> None:
+        """One :class:`~..guidance.progress.Step` (the pack's one progress shape: its own total, its text)."""
+        if not isinstance(step, Step):
+            raise TypeError(f"progress takes a guidance.progress.Step, got {type(step).__name__}")
+        self.total = max(int(step.total), 1)
+        done, text = step.done, step.text or None
         if self.bar is not None:
             self.bar.update_absolute(done, self.total, preview)
         if text is not None:

@@ -167,3 +167,14 @@ def test_diff_privacy_settings_are_checked_once_when_built():
     with pytest.raises(ValueError, match="given settings for anonymize"):
         HIDE.run([], contract.Models(), ProtectionSettings("anonymize", 0, 50, 0.6, 0.4))
     assert ANONYMIZE.settings_type is ProtectionSettings
+
+
+def test_the_nodes_progress_bar_takes_steps_only_and_follows_their_total(monkeypatch):
+    from diffprivacy.nodes import common
+    lines = []
+    monkeypatch.setattr(common, "send_progress_text", lambda text, node_id: lines.append(text))
+    bar = common.StepProgress(3, node_id="7", text_every_s=0.0)
+    bar(Step(2, 8, "iteration 2/8"))
+    assert bar.total == 8 and lines == ["iteration 2/8"]
+    with pytest.raises(TypeError, match="Step"):
+        bar(2)  # an old-shape call is an error, not a silently wrong bar
