@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import hide_from_detectors  # scripts/, on the path through scripts/dev.sh
-import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEASURED = ("mtcnn", "blazeface-short", "blazeface-full", "dlib-hog", "dlib-cnn")
@@ -70,8 +69,6 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-limit", type=int, default=0, help="dlib CNN on the first N photos per run (0: not run)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import comfy.cli_args   # the attack checks ComfyUI's Cancel; as ComfyUI's --cpu, it must not look for a GPU
-    comfy.cli_args.args.cpu = not torch.cuda.is_available()
     out = Path(args.out)
     head = ["attack", "R_p", "photos"] + [f"hidden from {LABEL[d]}" for d in MEASURED] + \
         ["kept found (attacked)", "SSIM", "s / photo"]
