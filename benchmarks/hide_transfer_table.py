@@ -7,9 +7,10 @@
 Runs ``scripts/hide_from_detectors.py`` once per (attack set, R_p, folder) into ``<out>/<attack>/rp<R>/<folder>/``
 (a run whose ``report.json`` exists is not repeated), with ``--evaluate --no-baselines`` and every other detector
 measured (MTCNN, BlazeFace short, BlazeFace full, dlib HOG, and dlib CNN on the first ``--cnn-limit`` photos), then
-prints the Markdown table (``--print-only``: only the cells already measured, nothing run): per row the private faces hidden from each detector (among the faces that detector found
-on the original), kept faces still found by the attacked ones, SSIM, and seconds per photo. The photos folder runs
-with faces 0, 2, 4... private (``--private alternate``), faces-13id with every face private.
+prints the Markdown table (``--print-only``: only the cells already measured, nothing run): per row the private
+faces hidden from each detector (among the faces that detector found on the original), kept faces still found by the
+attacked ones, SSIM (min-max, and how many photos reach 0.98), and seconds per photo. The photos folder runs with
+faces 0, 2, 4... private (``--private alternate``), faces-13id with every face private.
 """
 from __future__ import annotations
 
