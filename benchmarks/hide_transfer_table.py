@@ -7,9 +7,10 @@
 Runs ``scripts/hide_from_detectors.py`` once per (attack set, R_p, folder) into ``<out>/<attack>/rp<R>/<folder>/``
 (a run whose ``report.json`` exists is not repeated), with ``--evaluate --no-baselines`` and every other detector
 measured (MTCNN, BlazeFace short, BlazeFace full, dlib HOG, and dlib CNN on the first ``--cnn-limit`` photos), then
-prints the Markdown table: per row the private faces hidden from each detector (among the faces that detector found
-on the original), kept faces still found by the attacked ones, SSIM, and seconds per photo. The photos folder runs
-with faces 0, 2, 4... private (``--private alternate``), faces-13id with every face private.
+prints the Markdown table (``--print-only``: only the cells already measured, nothing run): per row the private
+faces hidden from each detector (among the faces that detector found on the original), kept faces still found by the
+attacked ones, SSIM (min-max, and how many photos reach 0.98), and seconds per photo. The photos folder runs with
+faces 0, 2, 4... private (``--private alternate``), faces-13id with every face private.
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ LABEL = {"mtcnn": "MTCNN", "blazeface-short": "BF short", "blazeface-full": "BF 
          "dlib-cnn": "dlib CNN"}
 
 
-def run(out: Path, attack: str, rp: float, folder: Path, args) -> dict:
+def run(out: Path, attack: str, rp: float, folder: Path, args) -> dict | None:
     dst = out / attack.replace(",", "+") / f"rp{rp:g}" / folder.name
     report = dst / "report.json"
+    if not report.is_file() and args.print_only:
+        return None
     if not report.is_file():
         argv = ["--input", str(folder), "--out", str(dst), "--detectors", attack, "--range", str(rp),
                 "--evaluate", "--no-baselines", "--transfer", ",".join(MEASURED), "--max-side", str(args.max_side),
@@ -52,6 +55,7 @@ def cells(rep: dict, attacked: list[str]) -> list[str]:
     out.append(f"{sum(kept)}/{len(kept)}" if kept else "–")
     ssim = [r["distortion"]["ssim"] for r in rows]
     out.append(f"{min(ssim):.3f}–{max(ssim):.3f}" if ssim else "–")
+    out.append(f"{sum(v >= 0.98 for v in ssim)}/{len(ssim)}" if ssim else "–")
     secs = [r["seconds"] for r in rows]
     out.append(f"{sum(secs) / len(secs):.1f}" if secs else "–")
     return out
@@ -68,16 +72,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-side", type=int, default=640)
     ap.add_argument("--cnn-limit", type=int, default=0, help="dlib CNN on the first N photos per run (0: not run)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--print-only", action="store_true",
+                    help="run nothing: print the cells already measured (a partial table while others still run)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     head = ["attack", "R_p", "photos"] + [f"hidden from {LABEL[d]}" for d in MEASURED] + \
-        ["kept found (attacked)", "SSIM", "s / photo"]
+        ["kept found (attacked)", "SSIM", "SSIM ≥ 0.98", "s / photo"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for attack in args.attacks.split(";"):
         attacked = attack.split(",")
         for rp in (float(v) for v in args.ranges.split(",")):
             for folder in args.folders.split(","):
                 rep = run(out, attack, rp, SHARED / folder, args)
+                if rep is None:
+                    continue
                 label = " + ".join(LABEL[a] for a in attacked)
                 lines.append("| " + " | ".join([label, f"{rp:g}", folder] + cells(rep, attacked)) + " |")
                 (out / "table.md").write_text("\n".join(lines) + "\n")

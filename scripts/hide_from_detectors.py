@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epsilon", type=float, default=HideSettings.epsilon)
     ap.add_argument("--iterations", type=int, default=HideSettings.iterations)
     ap.add_argument("--robust", action="store_true")
+    ap.add_argument("--step", default=HideSettings.step, choices=["ssim", "sign"],
+                    help="ssim: the SSIM-shaped step (default); sign: the thesis's FGSM step")
     ap.add_argument("--region", type=float, default=HideSettings.region,
                     help="change only pixels within this many times each private face's box (0: anywhere)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many photos per folder (0: all)")
@@ -69,12 +71,14 @@ def main(argv=None) -> int:
                     help="also run the first detector after JPEG q75 / q95 and rescaling x0.9 / x1.1 of the PNG")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    import comfy.cli_args   # the attack checks ComfyUI's Cancel; as ComfyUI's --cpu, it must not look for a GPU
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targets = load_attack_targets(args.detectors.split(","))
     settings = HideSettings(epsilon=args.epsilon, max_range=args.range, iterations=args.iterations, robust=args.robust,
-                            region=args.region)
+                            region=args.region, step=args.step)
     attacked = {t.name for t in targets}
     transfer = transfer_detectors([t for t in args.transfer.split(",") if t and t not in attacked]) \
         if args.evaluate else {}

@@ -134,7 +134,7 @@ def hiding_figure(photo: Path, out: Path, max_side: int = 768) -> str:
     with torch.inference_mode():
         out_ = DiffPrivacyHideFromDetectors().hide(image[None], **defaults)
     receipt = out_["ui"]["text"][0]
-    hidden, delta, _ = out_["result"]
+    hidden, delta = out_["result"][:2]   # image, perturbation (then the report and what else the node returns)
     with tempfile.TemporaryDirectory() as tmp:  # judged as saved: the PNG read back
         save_image(hidden[0], Path(tmp) / "hidden.png")
         saved = load_image(Path(tmp) / "hidden.png")
