@@ -75,8 +75,11 @@ class DiffPrivacyHideFromDetectors:
                                       "soon as the faces are gone, so a larger range often ends with a smaller "
                                       "change.",
                                       default=12.0, min=0.5, max=32.0, step=0.5)),
-            "epsilon": ("FLOAT", tip("Step per iteration (0-255 scale). Smaller steps with more iterations hide "
-                                     "better at the same range (thesis Fig. 3.6).",
+            "epsilon": ("FLOAT", tip("The largest step a pixel takes per iteration (0-255 scale): textured pixels "
+                                     "move up to epsilon, flat skin less (the SSIM-shaped step; a face still found "
+                                     "after half the iterations switches to the thesis's sign steps, every pixel by "
+                                     "epsilon). Smaller steps with more iterations hide better at the same range "
+                                     "(thesis Fig. 3.6).",
                                      default=0.5, min=0.05, max=8.0, step=0.05)),
             "iterations": ("INT", tip("At most this many steps; stops as soon as every private face is gone "
                                       "(large faces can need 60 or more).",
