@@ -113,6 +113,8 @@ class HideSettings:
     region: float = 1.2            # change only pixels within this many times each private face's box (centred);
                                    # 0: anywhere (the thesis). Unrestricted, the attack changed 65-100 % of the
                                    # pixels of a portrait; restricted, SSIM rose from ~0.95 to ~0.98 (README).
+    region_other: float = 2.0      # a face gone from the first target but still found by another may change pixels
+                                   # within this many times its box (BlazeFace reads more context than MTCNN's box)
     lam: float = 0.0               # lambda of Eq. 3.8 (the thesis does not report it)
     check_every: int = 2           # run the detectors on the rounded image every k iterations
     robust: bool = False           # expectation over JPEG + rescale (see module doc)
@@ -129,6 +131,8 @@ class HideSettings:
                                    # pixel the loss reads moves by epsilon (the thesis's FGSM)
 
     def __post_init__(self):
+        if not (self.region_other >= 1):
+            raise ValueError(f"region_other must be at least 1 (the face box itself), got {self.region_other}")
         if not (self.region == 0 or self.region >= 1):
             raise ValueError(f"region must be 0 (anywhere) or at least 1 (the face boxes themselves), "
                              f"got {self.region}")
@@ -351,7 +355,7 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
     delta = torch.zeros_like(x0)
     allowed = region_mask(ref_private, s.region, *x0.shape[2:]).to(x0) if s.region else None
     tex = texture_scale(x0)
-    face_masks = [region_mask(ref_private[i:i + 1], s.region, *x0.shape[2:]).to(x0.device) > 0
+    face_masks = [region_mask(ref_private[i:i + 1], max(s.region, s.region_other), *x0.shape[2:]).to(x0.device) > 0
                   for i in range(len(ref_private))] if s.region else [torch.ones_like(x0[:, :1], dtype=torch.bool)]
     # Visibility of an iterate: sum (delta / texture)^2, the SSIM loss each window takes to first order.
     best = (-1, -1, math.inf, x0, None, None)   # (hidden count, kept count, visibility, x, hidden, found)
@@ -377,8 +381,17 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
             for o, h in zip(owner_by[t.name], hidden[t.name]):
                 gone[o] = gone[o] and h
         if allowed is not None:
-            left = [i for i, g in enumerate(gone) if not g]
-            active = region_mask(ref_private[left], s.region, *x0.shape[2:]).to(x0) if left else allowed * 0
+            # A face the reference no longer finds but another target still does may also change pixels within
+            # ``region_other`` x its box: that detector reads the face with more context around it.
+            by_ref = hidden.get(ref.name, [False] * len(ref_private))[:len(ref_private)]
+            left = [i for i, g in enumerate(gone) if not g and not by_ref[i]]
+            others = [i for i, g in enumerate(gone) if not g and by_ref[i]]
+            active = allowed * 0
+            if left:
+                active = torch.maximum(active, region_mask(ref_private[left], s.region, *x0.shape[2:]).to(x0))
+            if others:
+                active = torch.maximum(active, region_mask(ref_private[others], max(s.region, s.region_other),
+                                                           *x0.shape[2:]).to(x0))
         last_hidden = all(all(v) for v in hidden.values())
         report(progress, it, s.iterations, f"iteration {it}/{s.iterations}: {nh} of "
                                            f"{len(priv_idx) * len(targets)} private face detections gone")

@@ -369,3 +369,41 @@ def test_ssim_step_hides_a_real_face_from_mtcnn_with_a_higher_ssim_than_sign_ste
         assert r.hidden == {"mtcnn": [True]}, (step, r.log[-2:])
         out[step] = float(ssim(img, r.image)[0])
     assert 1 - out["ssim"] < 0.6 * (1 - out["sign"]), out   # measured: 0.9987 vs 0.9971
+
+
+class WideToy(ToyDetector):
+    """A second detector that reads a face with context: its face logit per 16-px cell is the mean of the 48x48
+    window centred on that cell (minus a threshold), so a face it finds is hidden from it only by changing pixels
+    well outside the face box."""
+    name = "wide"
+    THRESHOLD = 152.67
+
+    def _logits(self, x255):
+        m = F.avg_pool2d(x255.mean(1, keepdim=True), 48, 16, padding=16, count_include_pad=False)[0, 0]
+        ys, xs = torch.meshgrid(torch.arange(m.shape[0]), torch.arange(m.shape[1]), indexing="ij")
+        boxes = torch.stack([xs, ys, xs + 1, ys + 1], -1).reshape(-1, 4).float() * 16
+        return boxes, (m - self.THRESHOLD).reshape(-1)
+
+    def anchor_scores(self, x255, focus=None):
+        boxes, z = self._logits(x255)
+        return [AnchorScores("wide", boxes, z, 0.5)]
+
+
+def test_a_face_the_first_detector_lost_but_another_still_finds_may_change_pixels_beyond_its_box():
+    """The face (16 px, value 201) in a band of 150: the toy loses it at once, the wide detector (window mean 155.7,
+    threshold 152.7) only when the band changes too. Within 1.2x the box (region_other = region) R_p 12 moves the
+    window's mean by 1.3 at most: still found. With region_other 2 it hides from both; nothing beyond 2x moves."""
+    img = torch.full((96, 96, 3), 100.0)
+    img[16:64, 16:64] = 150.0
+    img[32:48, 32:48] = 201.0
+    img = img / 255.0
+    targets = [ToyDetector(), WideToy()]
+    assert [len(t.detect(img)) for t in targets] == [1, 1]
+    s = dict(max_range=12.0, epsilon=0.5, iterations=120, check_every=1, step="sign")
+    tight = dh.hide_from_detectors(img, targets, "all", settings=dh.HideSettings(region_other=1.2, **s))
+    assert tight.hidden["toy"] == [True] and not all(tight.hidden["wide"])   # wide: the toy's box and its own
+    wide = dh.hide_from_detectors(img, targets, "all", settings=dh.HideSettings(**s))
+    assert wide.hidden["toy"] == [True] and all(wide.hidden["wide"])
+    d = wide.delta.abs().amax(-1)
+    assert d[24:56, 24:56].amax() > 0 and d[:24].amax() == 0 and d[56:].amax() == 0   # within 2x the box only
+    assert d[:, :24].amax() == 0 and d[:, 56:].amax() == 0
