@@ -131,7 +131,7 @@ class HideSettings:
                                    # pixel the loss reads moves by epsilon (the thesis's FGSM)
 
     def __post_init__(self):
-        if not (self.region_other >= 1):
+        if not (math.isfinite(self.region_other) and self.region_other >= 1):
             raise ValueError(f"region_other must be at least 1 (the face box itself), got {self.region_other}")
         if not (self.region == 0 or self.region >= 1):
             raise ValueError(f"region must be 0 (anywhere) or at least 1 (the face boxes themselves), "

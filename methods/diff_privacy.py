@@ -19,9 +19,7 @@ each crop is protected with its own Key-E (``models.extra["key_es"][(photo, posi
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -34,8 +32,6 @@ from ..guidance.sampling import sample_with_comfy
 from ..guidance.weights import require_finite
 from ..guidance.working_image import working_mask
 from .contract import CropJob, FaceResult, Method, MethodResult, Models
-
-log = logging.getLogger("diffprivacy")
 
 
 @dataclass
@@ -133,36 +129,6 @@ def hide(model, vae, face_model, image: torch.Tensor, schedule, *, seed: int, ta
     return run_protection(model, vae, image, guidance, scale, schedule, steps, strength, seed, num_outputs)
 
 
-@dataclass
-class BatchOutcome:
-    """Per-image results of a batch: what succeeded (image index, result) and what failed (index, reason)."""
-    results: list = field(default_factory=list)
-    failures: list = field(default_factory=list)
-
-    def report(self, total: int) -> str:
-        lines = [f"protected {len(self.results)} of {total} image(s)"]
-        lines += [f"image {i}: not protected: {why}" for i, why in self.failures]
-        return "\n".join(lines)
-
-
-def protect_each(count: int, protect_one: Callable[[int], object]) -> BatchOutcome:
-    """Run ``protect_one(i)`` for every image of a batch. An image that cannot be protected (no face, too
-    small: a ValueError) is reported and the others still run; when none succeeds the first error is raised,
-    so a failed run saves nothing."""
-    outcome, first_error = BatchOutcome(), None
-    for i in range(count):
-        try:
-            outcome.results.append((i, protect_one(i)))
-        except ValueError as e:  # NoFaceError is one
-            first_error = first_error or e
-            outcome.failures.append((i, str(e)))
-            log.warning("[Diff-Privacy] image %d of the batch not protected: %s", i, e)
-    if not outcome.results:
-        raise first_error if count == 1 else ValueError(
-            f"no image of the batch could be protected. {outcome.report(count)}") from first_error
-    return outcome
-
-
 @dataclass(frozen=True)
 class ProtectionSettings:
     """The settings of Anonymize (``task = "anonymize"``) and Hide (``"hide"``), validated once when built.
@@ -194,12 +160,10 @@ class ProtectionSettings:
             raise ValueError(f"strength must be in (0, 1], got {self.strength}")
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau must be in [0, 1], got {self.tau}")
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise ValueError(f"steps must be a whole number >= 1, got {self.steps!r}")
-        if int(self.num_outputs) != self.num_outputs or self.num_outputs < 1:
-            raise ValueError(f"num_outputs must be a whole number >= 1, got {self.num_outputs!r}")
-        if self.redetect_every < 0:
-            raise ValueError(f"redetect_every must be >= 0, got {self.redetect_every}")
+        for name, low in (("seed", 0), ("steps", 1), ("num_outputs", 1), ("redetect_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
 
     def face_choice(self, job: CropJob) -> FaceChoice:
         if job.crop.face_index >= 0:  # a face crop: the face it was cut around, where the photo's detection put it

@@ -323,22 +323,6 @@ def full_size_plan(faces: list, indices, height: int, width: int) -> Plan:
     return Plan(height, width, 0, FULL_SIZE, tuple(face_crop(faces[i], i, height, width, options) for i in indices))
 
 
-def one_photo_plan(image: torch.Tensor, face_model, options: PipelineOptions | None, resolution: int, method: str,
-                   max_faces: int | None = None) -> tuple[torch.Tensor, Plan]:
-    """(the photo (H, W, 3), its plan) for a method that protects one photo; ``max_faces``: how many faces the method
-    can protect at once (one for a method moving one face's embedding), refused beyond with what to choose.
-    Unconnected options choose the largest face for such a method, all faces otherwise."""
-    from ..guidance.working_image import check_resolution, single_image
-    if options is None:
-        options = PipelineOptions(faces="largest" if max_faces == 1 else "all")
-    photo = single_image(image)[0].float()
-    plan = plan_photo(photo, face_model, options, check_resolution(resolution))
-    if max_faces is not None and len(plan.crops) > max_faces:
-        raise ValueError(f"{method} protects {max_faces} face(s) at a time and {len(plan.crops)} are chosen: set the "
-                         "pipeline's faces to largest, or to indices with one index (0 is the largest face)")
-    return photo, plan
-
-
 def mask_plan(photo: torch.Tensor, mask: torch.Tensor, options: PipelineOptions | None, resolution: int) -> Plan:
     """The plan of one crop around a MASK's white region (a method told where to work instead of finding a face)."""
     from ..guidance.face.base import Face

@@ -164,6 +164,9 @@ def test_diff_privacy_settings_are_checked_once_when_built():
         ProtectionSettings("hide", 0, 50, 0.6, float("nan"))
     with pytest.raises(ValueError, match="task"):
         ProtectionSettings("blur", 0, 50, 0.6, 0.4)
+    for bad in (float("nan"), float("inf"), 2.5, 0):
+        with pytest.raises(ValueError, match="steps must be a whole number"):
+            ProtectionSettings("hide", 0, bad, 0.6, 0.4)
     with pytest.raises(ValueError, match="given settings for anonymize"):
         HIDE.run([], contract.Models(), ProtectionSettings("anonymize", 0, 50, 0.6, 0.4))
     assert ANONYMIZE.settings_type is ProtectionSettings

@@ -402,6 +402,9 @@ def test_a_face_the_first_detector_lost_but_another_still_finds_may_change_pixel
     s = dict(max_range=12.0, epsilon=0.5, iterations=120, check_every=1, step="sign")
     tight = dh.hide_from_detectors(img, targets, "all", settings=dh.HideSettings(region_other=1.2, **s))
     assert tight.hidden["toy"] == [True] and not all(tight.hidden["wide"])   # wide: the toy's box and its own
+    for bad in (float("nan"), float("inf"), 0.5):
+        with pytest.raises(ValueError, match="region_other"):
+            dh.HideSettings(region_other=bad, **s)
     wide = dh.hide_from_detectors(img, targets, "all", settings=dh.HideSettings(**s))
     assert wide.hidden["toy"] == [True] and all(wide.hidden["wide"])
     d = wide.delta.abs().amax(-1)
