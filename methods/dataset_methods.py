@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..guidance.working_image import MAX_SIDE
 from . import contract, deid_dataset
 from .dataset import (COMMON, PIPELINE, Method, Protected, Setting, load_checkpoint, load_face_model, pick_device,
                       pipeline_options)
@@ -76,7 +77,7 @@ def _check_anonymize(settings: dict) -> None:
 
 
 DIFFUSION = {**COMMON, **PIPELINE,
-             "resolution": Setting(int, 512, 64, 4096, help="the working size of each face crop, a multiple of 8"),
+             "resolution": Setting(int, 512, 64, MAX_SIDE, help="the working size of each face crop, a multiple of 8"),
              "prompt": Setting(str, "a photo of a person")}
 
 METHODS: dict[str, Method] = {

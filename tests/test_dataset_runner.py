@@ -203,6 +203,8 @@ def test_settings_are_checked_before_anything_starts_naming_the_setting(tmp_path
              ("diff-privacy-anonymize", {**ckpt, "strength": "0"}, "strength='0' must be > 0"),
              ("diff-privacy-anonymize", {**ckpt, "crop_factor": "0.5"}, "crop_factor='0.5' must be >= 1"),
              ("diff-privacy-anonymize", {**ckpt, "mask_grow": "4"}, "mask_grow must be between 1 .* crop_factor"),
+             ("diff-privacy-anonymize", {**ckpt, "resolution": "4096"}, "resolution='4096' must be <= 2048"),
+             ("diffusion-de-id", {**ckpt, "resolution": "4096"}, "resolution='4096' must be <= 2048"),
              ("diffusion-de-id", {**ckpt, "mode": "squash"}, "mode='squash' must be one of face crops, whole frame"),
              ("diffusion-de-id", {**ckpt, "faces": "3"}, "faces='3' must be one of all, largest"),
              ("diffusion-de-id", {**ckpt, "lr": "nan"}, "lr='nan' must be a finite number"),
