@@ -75,14 +75,16 @@ class DiffPrivacyHideFromDetectors:
                                       "soon as the faces are gone, so a larger range often ends with a smaller "
                                       "change.",
                                       default=12.0, min=0.5, max=32.0, step=0.5)),
-            "epsilon": ("FLOAT", tip("The largest step a pixel takes per iteration (0-255 scale): textured pixels "
-                                     "move up to epsilon, flat skin less (the SSIM-shaped step; a face still found "
-                                     "after half the iterations switches to the thesis's sign steps, every pixel by "
-                                     "epsilon). Smaller steps with more iterations hide better at the same range "
-                                     "(thesis Fig. 3.6).",
+            "epsilon": ("FLOAT", tip("The largest step a pixel takes per iteration (0-255 scale): pixels where SSIM "
+                                     "shows a change least (textured, bright) move up to epsilon, flat skin and dark "
+                                     "hair less (the SSIM-shaped step; a face still found after half the iterations "
+                                     "recruits more pixels). Smaller steps with more iterations hide better at the "
+                                     "same range (thesis Fig. 3.6).",
                                      default=0.5, min=0.05, max=8.0, step=0.05)),
-            "iterations": ("INT", tip("At most this many steps; stops as soon as every private face is gone "
-                                      "(large faces can need 60 or more).",
+            "iterations": ("INT", tip("At most this many steps until every private face is gone (large faces can "
+                                      "need 60 or more); then 40 more lower SSIM's loss where the faces stay "
+                                      "hidden (the polish: every result measured reached SSIM 0.98 or more but one; "
+                                      "README).",
                                       default=200, min=1, max=1000)),
             "region": ("FLOAT", tip("Change only pixels within this many times each private face's box (about its "
                                     "centre): 1.2 hid every face measured with far less change than perturbing the "
