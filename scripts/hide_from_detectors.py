@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--robust", action="store_true")
     ap.add_argument("--step", default=HideSettings.step, choices=["ssim", "sign"],
                     help="ssim: the SSIM-shaped step (default); sign: the thesis's FGSM step")
+    ap.add_argument("--polish", type=int, default=HideSettings.polish,
+                    help="iterations after every face is gone spent lowering SSIM's loss (0: none, as before issue 28's "
+                         "polish)")
     ap.add_argument("--region", type=float, default=HideSettings.region,
                     help="change only pixels within this many times each private face's box (0: anywhere)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many photos per folder (0: all)")
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     targets = load_attack_targets(args.detectors.split(","))
     settings = HideSettings(epsilon=args.epsilon, max_range=args.range, iterations=args.iterations, robust=args.robust,
-                            region=args.region, step=args.step)
+                            region=args.region, step=args.step, polish=args.polish)
     attacked = {t.name for t in targets}
     transfer = transfer_detectors([t for t in args.transfer.split(",") if t and t not in attacked]) \
         if args.evaluate else {}
