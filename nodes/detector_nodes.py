@@ -83,7 +83,7 @@ class DiffPrivacyHideFromDetectors:
                                      default=0.5, min=0.05, max=8.0, step=0.05)),
             "iterations": ("INT", tip("At most this many steps until every private face is gone (large faces can "
                                       "need 60 or more); then 40 more lower SSIM's loss where the faces stay "
-                                      "hidden (the polish: every result measured reached SSIM 0.98 or more but one; "
+                                      "hidden (the polish: every photo measured reached SSIM 0.98 or more; "
                                       "README).",
                                       default=200, min=1, max=1000)),
             "region": ("FLOAT", tip("Change only pixels within this many times each private face's box (about its "

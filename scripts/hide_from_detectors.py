@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step", default=HideSettings.step, choices=["ssim", "sign"],
                     help="ssim: the SSIM-shaped step (default); sign: the thesis's FGSM step")
     ap.add_argument("--polish", type=int, default=HideSettings.polish,
-                    help="iterations after every face is gone spent lowering SSIM's loss (0: none, as before issue 28's "
-                         "polish)")
+                    help="iterations after every face is gone spent lowering SSIM's loss (0: none, as before "
+                         "issue 28's polish)")
     ap.add_argument("--region", type=float, default=HideSettings.region,
                     help="change only pixels within this many times each private face's box (0: anywhere)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many photos per folder (0: all)")
