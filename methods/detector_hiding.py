@@ -398,6 +398,8 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
     weight = change_weight(x0)
     face_masks = [region_mask(ref_private[i:i + 1], max(s.region, s.region_other), *x0.shape[2:]).to(x0.device) > 0
                   for i in range(len(ref_private))] if s.region else [torch.ones_like(x0[:, :1], dtype=torch.bool)]
+    narrow_masks = [region_mask(ref_private[i:i + 1], s.region, *x0.shape[2:]).to(x0.device) > 0
+                    for i in range(len(ref_private))] if s.region else face_masks   # the polish, a face not widened
     # Visibility of an iterate: SSIM's loss summed over its windows, on the saved image.
     best = (-1, -1, math.inf, x0, None, None)   # (hidden count, kept count, visibility, x, hidden, found)
     log, first = [], None
@@ -517,8 +519,7 @@ def hide_from_detectors(image: torch.Tensor, targets: Sequence[AttackTarget], pr
                 gone_m = torch.zeros_like(active)
                 for i, g in enumerate(gone):
                     if g:
-                        m = face_masks[i] if widened[i] else region_mask(ref_private[i:i + 1], s.region,
-                                                                          *x0.shape[2:]).to(x0.device) > 0
+                        m = face_masks[i] if widened[i] else narrow_masks[i]
                         gone_m = torch.maximum(gone_m, m.to(gone_m.dtype))
                 gone_m = gone_m * (1 - active)
             else:
