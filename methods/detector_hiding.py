@@ -55,7 +55,8 @@ Per-face stop: after each check, a private face gone from every target stops mov
 leaves the gradient mask) while the others go on; it moves again if a later check finds it.
 
 Polish (``polish`` iterations, 40 by default, after every face is gone): a gone face's pixels, everywhere it
-may have changed (``region_other`` x its box), step down the gradient of SSIM's own loss, sum over
+may have changed (``region`` x its box, ``region_other`` x for a face that was given the wider region; never a
+pixel the attack itself could not have moved), step down the gradient of SSIM's own loss, sum over
 windows of 1 - SSIM (``ssim_loss``, the evaluation's SSIM exactly), shaped as above (the 90th
 percentile moves by eps); where that step would raise the detection loss (g_ssim . g_detect < 0) its
 component along g_detect is removed, so to first order the faces stay as hidden as they were. The
